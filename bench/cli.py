@@ -1,0 +1,128 @@
+"""``specdec bench``: interleaved, side-by-side timing of HF baselines and specdec drafters."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import click
+
+from bench.datasets import BUILTIN_QUESTIONS, DatasetError, read_spec_bench, select
+from bench.methods import MethodError, known_methods, make_method
+
+
+class BenchError(click.ClickException):
+    """One error line, exit status 2."""
+
+    exit_code = 2
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.command("bench")
+@click.option("--dataset", type=click.Path(dir_okay=False), default=None,
+              help="Spec-Bench JSONL file (default: the built-in prompt set).")
+@click.option("--categories", default=None, help="Comma list of tasks or categories to keep.")
+@click.option("--limit-per-category", type=int, default=None, help="First N questions of each task.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=None, help="Skip questions whose prompt is longer.")
+@click.option("--methods", default="baseline,hf-pld,recycling", show_default=True,
+              help=f"Comma list from: {', '.join(known_methods())}.")
+@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--draft-model", default=None, help="Draft model for hf-assisted.")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Repeat the whole interleaved pass.")
+@click.option("--state", type=click.Choice(["hot", "cold"]), default="hot", show_default=True,
+              help="Keep drafter state across questions (hot) or reset it per question (cold).")
+@click.option("--tree-budget", type=int, default=None, help="Draft nodes per step for specdec methods.")
+@click.option("--pld-tokens", type=int, default=4, show_default=True, help="prompt_lookup_num_tokens for hf-pld.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
+def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
+          draft_model, repeats, state, tree_budget, pld_tokens, json_path, markdown_path, plot_path):
+    """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
+    import torch
+
+    from bench import report
+    from bench.harness import run_benchmark, summarize
+    from specdec.models import load_default_model, load_model
+    from specdec.prompts import encode_chat
+
+    method_names = _split(methods) or []
+    unknown = [m for m in method_names if m not in known_methods()]
+    if unknown or not method_names:
+        raise BenchError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known_methods())}")
+    if max_new_tokens < 1 or repeats < 1:
+        raise BenchError("--max-new-tokens and --repeats must be >= 1")
+    if "hf-assisted" in method_names and not draft_model:
+        raise BenchError("method hf-assisted needs --draft-model")
+    try:
+        questions = read_spec_bench(dataset) if dataset else list(BUILTIN_QUESTIONS)
+        questions = select(questions, _split(categories), limit_per_category)
+    except DatasetError as err:
+        raise BenchError(str(err)) from None
+
+    model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+    draft = load_model(draft_model, dtype=dtype)[0] if draft_model else None
+    skipped = 0
+    if max_prompt_tokens is not None:
+        kept = [q for q in questions if encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}]).shape[1]
+                <= max_prompt_tokens]
+        skipped = len(questions) - len(kept)
+        questions = kept
+        if not questions:
+            raise BenchError(f"every question is longer than --max-prompt-tokens {max_prompt_tokens}")
+    try:
+        built = [make_method(name, model, tokenizer, draft_model=draft, pld_tokens=pld_tokens,
+                             tree_budget=tree_budget) for name in method_names]
+    except (MethodError, ValueError) as err:
+        raise BenchError(str(err)) from None
+
+    config = {
+        "model": model_path or "SmolLM2-135M-Instruct (embedded)",
+        "dtype": dtype,
+        "dataset": dataset or "built-in",
+        "questions": len(questions),
+        "skipped_long_prompts": skipped,
+        "max_new_tokens": max_new_tokens,
+        "methods": method_names,
+        "repeats": repeats,
+        "state": state,
+        "tree_budget": tree_budget,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+    if skipped:
+        click.echo(f"skipped {skipped} question(s) longer than {max_prompt_tokens} prompt tokens", err=True)
+
+    warmup = BUILTIN_QUESTIONS[0]
+    for method in built:
+        method.generate(encode_chat(tokenizer, [{"role": "user", "content": warmup.turns[0]}]), 16)
+        if state == "cold":
+            method.reset()
+
+    from rich.progress import Progress
+
+    total = len(questions) * len(built) * repeats
+    with Progress(console=_stderr_console(), transient=True) as progress:
+        task = progress.add_task("benchmarking", total=total)
+        records = run_benchmark(built, questions, tokenizer, max_new_tokens, repeats, state,
+                                on_record=lambda r: progress.advance(task), model=model)
+    summary = summarize(records)
+    report.print_table(summary, title=f"specdec bench: {config['model']}, {dtype}, {len(questions)} questions, "
+                                      f"{max_new_tokens} new tokens, state {state}")
+    if json_path:
+        report.write_json(json_path, config, records, summary)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as out:
+            out.write(report.markdown(summary, config))
+    if plot_path:
+        report.plot(plot_path, summary, title=f"{config['model']}, {dtype}")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr)

@@ -1,0 +1,99 @@
+"""Decoding methods compared by `specdec bench`: HF baselines and specdec drafters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from drafters import DRAFTERS
+from specdec import SpeculativeDecoder
+
+HF_METHODS = ("baseline", "hf-pld", "hf-assisted")
+
+
+class MethodError(ValueError):
+    """An unknown or unusable method name."""
+
+
+@dataclass
+class Generation:
+    """One generate call: the new token ids and, for specdec, the number of verify steps."""
+
+    new_ids: list[int]
+    steps: int | None
+
+
+class Method:
+    """A named way to generate greedily from a prompt."""
+
+    def __init__(self, name: str, run: Callable[[torch.Tensor, int], Generation], reset=None) -> None:
+        self.name = name
+        self._run = run
+        self._reset = reset
+
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        """Greedy continuation of ``prompt_ids`` (``[1, L]``)."""
+        return self._run(prompt_ids, max_new_tokens)
+
+    def reset(self) -> None:
+        """Forget learned drafter state (no-op for stateless methods)."""
+        if self._reset is not None:
+            self._reset()
+
+
+def known_methods() -> list[str]:
+    return list(HF_METHODS) + sorted(DRAFTERS)
+
+
+def _hf_method(name: str, model, **generate_kwargs) -> Method:
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.generation_config.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+
+    @torch.inference_mode()
+    def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+        out = model.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **generate_kwargs,
+        )
+        return Generation(out[0, prompt_ids.shape[1] :].tolist(), None)
+
+    return Method(name, run)
+
+
+def make_method(
+    name: str,
+    model,
+    tokenizer,
+    *,
+    draft_model=None,
+    pld_tokens: int = 4,
+    tree_budget: int | None = None,
+) -> Method:
+    """Build the method called ``name`` (see `known_methods`)."""
+    if name == "baseline":
+        return _hf_method(name, model)
+    if name == "hf-pld":
+        return _hf_method(name, model, prompt_lookup_num_tokens=pld_tokens)
+    if name == "hf-assisted":
+        if draft_model is None:
+            raise MethodError("method hf-assisted needs --draft-model")
+        return _hf_method(name, model, assistant_model=draft_model)
+    if name in DRAFTERS:
+        options = {} if tree_budget is None else {"tree_budget": tree_budget}
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, **options)
+
+        def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+            out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
+            return Generation(out.sequences[0, prompt_ids.shape[1] :].tolist(), out.spec_stats.steps)
+
+        return Method(name, run, reset=decoder.reset)
+    raise MethodError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")

@@ -1,0 +1,99 @@
+"""Benchmark reports: a terminal table, JSON, Markdown and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.harness import Record
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rows(summary: dict[str, dict]) -> list[list[str]]:
+    """Table rows: method, category, new tokens, seconds, tok/s, speedup, MAT, identical, max logit gap
+    at a divergence from the baseline."""
+    table = []
+    for method, figures in summary.items():
+        for category, cat in list(figures["per_category"].items()) + [("overall", figures)]:
+            table.append([
+                method,
+                category,
+                str(cat["new_tokens"]),
+                _fmt(cat["seconds"], ".1f"),
+                _fmt(cat["tok_per_s"], ".1f"),
+                _fmt(cat["speedup"], ".2f") + ("x" if cat["speedup"] is not None else ""),
+                _fmt(cat["mat"], ".2f"),
+                _fmt(None if cat["identical_fraction"] is None else 100 * cat["identical_fraction"], ".0f")
+                + ("%" if cat["identical_fraction"] is not None else ""),
+                _fmt(cat["max_divergence_margin"], ".3f"),
+            ])
+    return table
+
+
+HEADER = ["method", "category", "new tokens", "seconds", "tok/s", "speedup", "MAT", "identical", "max gap"]
+
+
+def print_table(summary: dict[str, dict], title: str = "") -> None:
+    """A readable table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for i, name in enumerate(HEADER):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    previous = None
+    for row in rows(summary):
+        if previous is not None and row[0] != previous:
+            table.add_section()
+        previous = row[0]
+        table.add_row(*row, style="bold" if row[1] == "overall" else None)
+    Console(width=120).print(table)
+
+
+def markdown(summary: dict[str, dict], config: dict) -> str:
+    """A Markdown table with the run's configuration as a caption."""
+    caption = ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
+    lines = [f"_{caption}_", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: str | Path, config: dict, records: list[Record], summary: dict) -> None:
+    """``{"config", "results", "summary"}`` as documented for ``specdec bench --json``."""
+    payload = {"config": config, "results": [r.as_json() for r in records], "summary": summary}
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def plot(path: str | Path, summary: dict[str, dict], title: str = "") -> None:
+    """Bars of speedup over baseline per category and method, and of MAT per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(summary)
+    categories = list(next(iter(summary.values()))["per_category"]) + ["overall"]
+    fig, (ax_speed, ax_mat) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(categories))
+    for i, method in enumerate(methods):
+        per = summary[method]["per_category"]
+        values = [(per[c] if c != "overall" else summary[method])["speedup"] or 0.0 for c in categories]
+        ax_speed.bar(x + i * width - 0.4 + width / 2, values, width, label=method)
+    ax_speed.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax_speed.set_xticks(x, categories, rotation=30, ha="right")
+    ax_speed.set_ylabel("speedup over baseline (tok/s ratio)")
+    ax_speed.legend(fontsize=8)
+    mats = [summary[m]["mat"] or 0.0 for m in methods]
+    ax_mat.bar(methods, mats, color="tab:green")
+    ax_mat.set_ylabel("mean accepted tokens per step")
+    ax_mat.tick_params(axis="x", rotation=30)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

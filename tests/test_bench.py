@@ -1,0 +1,138 @@
+"""The benchmark harness: datasets, interleaving, summary arithmetic, CLI errors and JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bench.datasets import BUILTIN_QUESTIONS, DatasetError, Question, read_spec_bench, select
+from bench.harness import Record, first_difference, interleave, summarize
+from specdec.cli import main
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) if not isinstance(r, str) else r for r in rows) + "\n")
+    return path
+
+
+def test_read_spec_bench_multi_turn_and_tasks(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["a", "b"]},
+        {"question_id": "t1", "category": "translation", "turns": ["c"]},
+    ])
+    questions = read_spec_bench(path)
+    assert questions[0] == Question("81", "writing", ("a", "b"))
+    assert [q.task for q in questions] == ["mt_bench", "translation"]
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (["{not json"], "not valid JSON"),
+        ([{"question_id": 1, "turns": ["x"]}], "missing field"),
+        ([{"question_id": 1, "category": "qa", "turns": []}], "non-empty list"),
+        ([{"question_id": 1, "category": "qa", "turns": [3]}], "non-empty list"),
+        (["[1, 2]"], "JSON object"),
+        ([""], "no questions"),
+    ],
+)
+def test_bad_dataset_files(tmp_path, rows, message):
+    with pytest.raises(DatasetError, match=message):
+        read_spec_bench(write_jsonl(tmp_path / "bad.jsonl", rows))
+    with pytest.raises(DatasetError, match="not found"):
+        read_spec_bench(tmp_path / "missing.jsonl")
+
+
+def test_select_filters_and_limits():
+    questions = [Question(str(i), c, ("t",)) for i, c in enumerate(["qa", "qa", "qa", "writing", "coding", "rag"])]
+    assert [q.question_id for q in select(questions, limit_per_category=2)] == ["0", "1", "3", "4", "5"]
+    assert [q.question_id for q in select(questions, ["mt_bench"], 1)] == ["3"]
+    assert [q.question_id for q in select(questions, ["coding", "rag"])] == ["4", "5"]
+    with pytest.raises(DatasetError, match="unknown category"):
+        select(questions, ["poetry"])
+    with pytest.raises(DatasetError, match="empty"):
+        select([], None, None)
+
+
+def test_builtin_set_covers_the_promised_kinds():
+    tasks = {q.task for q in BUILTIN_QUESTIONS}
+    assert {"chat", "code", "summarization", "translation", "qa", "math_reasoning"} <= tasks
+    assert len(BUILTIN_QUESTIONS) >= 12
+
+
+def test_interleave_order():
+    qs = [Question("a", "qa", ("x",)), Question("b", "qa", ("y",))]
+    order = [(r, q.question_id, m) for r, q, m in interleave(["A", "B", "C"], qs, 2)]
+    assert order[:6] == [(0, "a", "A"), (0, "a", "B"), (0, "a", "C"), (0, "b", "A"), (0, "b", "B"), (0, "b", "C")]
+    assert len(order) == 12 and order[6] == (1, "a", "A")
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_summary_arithmetic_on_hand_made_records():
+    records = [
+        Record("baseline", "1", "qa", 100, 10.0, None),
+        Record("baseline", "2", "rag", 50, 10.0, None),
+        Record("recycling", "1", "qa", 100, 5.0, 50, identical=True, first_diff=None),
+        Record("recycling", "2", "rag", 50, 2.0, 20, identical=False, first_diff=7),
+    ]
+    summary = summarize(records)
+    base, spec = summary["baseline"], summary["recycling"]
+    assert base["tok_per_s"] == pytest.approx(150 / 20)
+    assert spec["tok_per_s"] == pytest.approx(150 / 7)
+    assert spec["speedup"] == pytest.approx((150 / 7) / (150 / 20))
+    assert spec["mat"] == pytest.approx(150 / 70)
+    assert spec["identical_fraction"] == pytest.approx(0.5)
+    assert spec["per_category"]["qa"]["speedup"] == pytest.approx(2.0)
+    assert spec["per_category"]["rag"]["speedup"] == pytest.approx(5.0)
+    assert spec["per_category"]["rag"]["mat"] == pytest.approx(2.5)
+    assert base["mat"] is None and base["identical_fraction"] is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "baseline,warp-drive"], "unknown method"),
+        (["--dataset", "/nonexistent.jsonl"], "not found"),
+        (["--categories", "poetry"], "unknown category"),
+        (["--methods", "hf-assisted"], "draft-model"),
+    ],
+)
+def test_cli_errors_exit_2_without_traceback(args, message):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_json_schema_on_tiny_model(tmp_path, tiny_model_dir):
+    dataset = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["hello there", "and again"]},
+        {"question_id": 2, "category": "qa", "turns": ["what is this"]},
+    ])
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--dataset", str(dataset),
+        "--max-new-tokens", "6", "--methods", "baseline,hf-pld,recycling", "--json", str(out),
+        "--markdown", str(tmp_path / "out.md"), "--plot", str(tmp_path / "out.png"),
+    ])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"config", "results", "summary"}
+    assert len(payload["results"]) == 6
+    for row in payload["results"]:
+        assert {"method", "question_id", "category", "new_tokens", "seconds", "steps", "identical"} <= set(row)
+    assert set(payload["summary"]) == {"baseline", "hf-pld", "recycling"}
+    for figures in payload["summary"].values():
+        assert {"tok_per_s", "speedup", "mat", "identical_fraction", "per_category"} <= set(figures)
+        assert set(figures["per_category"]) == {"mt_bench", "qa"}
+    assert payload["summary"]["recycling"]["identical_fraction"] == 1.0
+    assert payload["summary"]["recycling"]["mat"] >= 1.0
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| recycling |" in (tmp_path / "out.md").read_text()

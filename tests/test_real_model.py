@@ -1,0 +1,66 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: greedy equality with model.generate in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.datasets import read_spec_bench
+from specdec import SpeculativeDecoder, load_default_model
+from specdec.prompts import encode_chat
+
+DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
+PER_TASK = 5
+MAX_PROMPT_TOKENS = 400
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return load_default_model(dtype=torch.float32)
+
+
+def dev_prompts(tokenizer, count: int = 20) -> list[tuple[str, torch.Tensor]]:
+    """The first prompts of each Spec-Bench task that fit ``MAX_PROMPT_TOKENS`` (first turns)."""
+    if not DEV.is_file():
+        pytest.skip(f"Spec-Bench dev file not found at {DEV}")
+    chosen: list[tuple[str, torch.Tensor]] = []
+    per_task: dict[str, int] = {}
+    for question in read_spec_bench(DEV):
+        ids = encode_chat(tokenizer, [{"role": "user", "content": question.turns[0]}])
+        if ids.shape[1] > MAX_PROMPT_TOKENS or per_task.get(question.task, 0) >= PER_TASK:
+            continue
+        per_task[question.task] = per_task.get(question.task, 0) + 1
+        chosen.append((f"{question.task}/{question.question_id}", ids))
+    return chosen[:count]
+
+
+def test_greedy_identical_to_hf_on_dev_prompts(real_model):
+    model, tokenizer = real_model
+    prompts = dev_prompts(tokenizer)
+    assert len(prompts) == 20 and len({name.split("/")[0] for name, _ in prompts}) >= 4
+    decoder = SpeculativeDecoder(model, tokenizer)  # hot drafter state across prompts
+    mismatches, steps, new_tokens = [], 0, 0
+    for name, ids in prompts:
+        with torch.inference_mode():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=128)
+        out = decoder.generate(ids, max_new_tokens=128, return_dict_in_generate=True)
+        if not torch.equal(out.sequences, ref):
+            mismatches.append(name)
+        steps += out.spec_stats.steps
+        new_tokens += out.spec_stats.new_tokens
+    assert mismatches == []
+    assert new_tokens / steps > 1.2  # recycling must actually be accepting drafts on real text
+
+
+def test_cli_generate_runs_default_model():
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "Say hello in French.", "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert "mean accepted tokens per step" in result.output

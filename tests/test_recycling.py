@@ -1,0 +1,84 @@
+"""Token Recycling drafter: expansion tables, updates, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drafters import DraftContext, TokenRecycling, VerifyFeedback, make_drafter
+from trees import TreeShape, wide_shallow
+
+
+def ctx(*tokens: int) -> DraftContext:
+    return DraftContext(np.array(tokens, dtype=np.int64))
+
+
+def drafter_with(rows: dict[int, list[int]], vocab: int = 20, k: int = 3, shape=None) -> TokenRecycling:
+    drafter = TokenRecycling(vocab, k=k, shape=shape)
+    for token, successors in rows.items():
+        drafter.succ[token, : len(successors)] = successors
+    return drafter
+
+
+def test_expands_shape_breadth_first():
+    shape = wide_shallow([2, 2, 1], rates=[0.5, 0.3, 0.1])
+    drafter = drafter_with({1: [4, 5, 6], 4: [7, 8, 9], 5: [10, 11, 12], 7: [13, 14, 15]}, shape=shape)
+    tree = drafter.propose(ctx(0, 1), budget=10)
+    # depth 1: successors 0 and 1 of the root (token 1); depth 2: two best slots (4's rank 0 and 1);
+    # depth 3: rank 0 under token 7
+    assert tree.tokens.tolist() == [4, 5, 7, 8, 13]
+    assert tree.parents.tolist() == [-1, -1, 0, 0, 2]
+    assert tree.scores.tolist() == pytest.approx(shape.log_prior.tolist())
+
+
+def test_unknown_rows_and_duplicate_siblings_are_dropped():
+    drafter = drafter_with({1: [4, 4, 6], 4: [-1, 9, 9]}, shape=wide_shallow([3, 3], rates=[0.5, 0.3, 0.2]))
+    tree = drafter.propose(ctx(1), budget=10)
+    assert tree.tokens.tolist() == [4, 6, 9]
+    assert tree.parents.tolist() == [-1, -1, 0]
+    assert len(drafter_with({}).propose(ctx(3), budget=8)) == 0
+
+
+def test_budget_caps_the_tree():
+    drafter = drafter_with({1: [2, 3, 4], 2: [5, 6, 7], 3: [8, 9, 10]})
+    for budget in (0, 1, 4, 7):
+        tree = drafter.propose(ctx(1), budget=budget)
+        assert len(tree) == budget
+        assert all(p < i for i, p in enumerate(tree.parents.tolist()))
+
+
+def test_observe_overwrites_rows_and_committed_rows_win():
+    drafter = TokenRecycling(20, k=2)
+    feedback = VerifyFeedback(
+        tokens=np.array([3, 5, 3]),  # token 3 rejected first, then committed
+        topk_ids=np.array([[1, 2], [6, 7], [8, 9]]),
+        committed=np.array([False, True, True]),
+    )
+    drafter.observe(feedback)
+    assert drafter.succ[3].tolist() == [8, 9]
+    assert drafter.succ[5].tolist() == [6, 7]
+    assert drafter.succ[4].tolist() == [-1, -1]
+
+
+def test_state_round_trip_and_reset(tmp_path):
+    drafter = drafter_with({1: [2, 3, 4], 2: [5, 6, 7]})
+    path = tmp_path / "recycling.pt"
+    drafter.save(path)
+    other = TokenRecycling(20, k=3)
+    other.load(path)
+    a, b = drafter.propose(ctx(1), 6), other.propose(ctx(1), 6)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+    other.reset()
+    assert len(other.propose(ctx(1), 6)) == 0
+    with pytest.raises(ValueError, match="shape"):
+        TokenRecycling(21, k=3).load_state_dict(drafter.state_dict())
+
+
+def test_constructor_and_registry_errors():
+    with pytest.raises(ValueError, match="vocab_size"):
+        TokenRecycling(0)
+    with pytest.raises(ValueError, match="rank"):
+        TokenRecycling(10, k=2, shape=TreeShape(np.array([-1]), np.array([3]), np.array([0.0])))
+    with pytest.raises(ValueError, match="drafter must be one of"):
+        make_drafter("nope", 10)

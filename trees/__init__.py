@@ -1,0 +1,15 @@
+"""Token trees: pure data structures for speculative decoding (no model state)."""
+
+from trees.shapes import DEFAULT_RANK_PRIOR, TreeShape, best_first, chain, wide_shallow
+from trees.tree import ROOT, TokenTree, merge
+
+__all__ = [
+    "DEFAULT_RANK_PRIOR",
+    "ROOT",
+    "TokenTree",
+    "TreeShape",
+    "best_first",
+    "chain",
+    "merge",
+    "wide_shallow",
+]

@@ -1,0 +1,254 @@
+"""`TokenTree`: a draft token tree hanging below an implicit root.
+
+Index spaces used throughout specdec:
+
+* ``node_idx`` (0..n-1) indexes the draft nodes of a tree. ``parents[node_idx]`` is another
+  ``node_idx`` or ``-1`` for a child of the root.
+* ``slot_idx`` (0..n) indexes the verify forward's query tokens ``[root] + nodes``: slot 0 is the
+  root (the last committed token, whose KV is not in the cache yet) and slot ``node_idx + 1`` is
+  draft node ``node_idx``.
+
+A tree is pure data (CPU tensors); it never holds model state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ROOT = -1
+
+
+def _as_long(name: str, values) -> torch.Tensor:
+    tensor = torch.as_tensor(values)
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(tensor.shape)}")
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise ValueError(f"{name} must hold integers, got dtype {tensor.dtype}")
+    return tensor.to(torch.long)
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """A token tree in topological order (every parent precedes its children).
+
+    Attributes:
+        tokens: ``[n]`` int64 token ids of the draft nodes.
+        parents: ``[n]`` int64 ``node_idx`` of each node's parent, ``-1`` for children of the root.
+        scores: ``[n]`` float32 log of the estimated probability that the node is reached and
+            accepted (higher is better; a child never scores above its parent when built by
+            specdec's drafters).
+        sources: ``[n]`` int8 id of the drafter that proposed each node (for statistics).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor = None  # type: ignore[assignment]
+    sources: torch.Tensor = None  # type: ignore[assignment]
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tokens = _as_long("tokens", self.tokens)
+        parents = _as_long("parents", self.parents)
+        n = tokens.numel()
+        if parents.numel() != n:
+            raise ValueError(f"parents has {parents.numel()} entries but tokens has {n}")
+        scores = torch.zeros(n) if self.scores is None else torch.as_tensor(self.scores, dtype=torch.float32)
+        sources = torch.zeros(n, dtype=torch.int8) if self.sources is None else torch.as_tensor(self.sources)
+        if scores.shape != (n,):
+            raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
+        if sources.shape != (n,):
+            raise ValueError(f"sources must have shape ({n},), got {tuple(sources.shape)}")
+        if n:
+            if bool((tokens < 0).any()):
+                raise ValueError("tokens must be non-negative token ids")
+            if bool((parents < ROOT).any()) or bool((parents >= torch.arange(n)).any()):
+                raise ValueError("parents[i] must be -1 (root) or the index of an earlier node")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "sources", sources.to(torch.int8))
+
+    @classmethod
+    def empty(cls) -> "TokenTree":
+        """A tree with no draft nodes: verifying it is one step of plain decoding."""
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+    @classmethod
+    def chain(cls, tokens, scores=None, source: int = 0) -> "TokenTree":
+        """A single path: node i is the parent of node i+1."""
+        tokens = _as_long("tokens", tokens)
+        n = tokens.numel()
+        return cls(tokens, torch.arange(n) - 1, scores, torch.full((n,), source, dtype=torch.int8))
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def depths(self) -> torch.Tensor:
+        """``[n]`` depth of each node; children of the root have depth 1."""
+        if "depths" not in self._cache:
+            parents = self.parents.tolist()
+            depths: list[int] = []
+            for parent in parents:
+                depths.append(1 if parent == ROOT else depths[parent] + 1)
+            self._cache["depths"] = torch.tensor(depths, dtype=torch.long)
+        return self._cache["depths"]
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max()) if len(self) else 0
+
+    def children(self) -> list[list[int]]:
+        """``children()[slot_idx]`` lists the child ``node_idx`` of each slot (slot 0 = root)."""
+        if "children" not in self._cache:
+            kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
+            for node_idx, parent in enumerate(self.parents.tolist()):
+                kids[parent + 1].append(node_idx)
+            self._cache["children"] = kids
+        return self._cache["children"]
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """``[n+1, n+1]`` bool over slots: ``mask[i, j]`` iff slot j is slot i or one of its ancestors.
+
+        The root (slot 0) is an ancestor of every slot.
+        """
+        if "ancestors" not in self._cache:
+            n = len(self)
+            mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+            mask[:, 0] = True
+            mask[0, 0] = True
+            for node_idx, parent in enumerate(self.parents.tolist()):
+                slot = node_idx + 1
+                mask[slot] = mask[parent + 1]
+                mask[slot, slot] = True
+            self._cache["ancestors"] = mask
+        return self._cache["ancestors"]
+
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive mask ``[1, 1, n+1, prefix_len+n+1]`` for the verify forward over ``[root]+nodes``.
+
+        0 means attend, ``finfo(dtype).min`` means blocked: every slot sees the whole cached prefix,
+        itself and its ancestors. (A bool mask would be silently wrong under eager attention.)
+        """
+        if prefix_len < 0:
+            raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
+        anc = self.ancestor_mask()
+        n_slots = anc.shape[0]
+        mask = torch.zeros(n_slots, prefix_len + n_slots, dtype=dtype)
+        mask[:, prefix_len:].masked_fill_(~anc, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def position_ids(self, prefix_len: int) -> torch.Tensor:
+        """``[1, n+1]`` positions of ``[root]+nodes``: ``prefix_len + depth``."""
+        return (prefix_len + torch.cat([torch.zeros(1, dtype=torch.long), self.depths]))[None]
+
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf paths as lists of ``node_idx`` (one per leaf, in leaf order)."""
+        kids = self.children()
+        paths: list[list[int]] = []
+        for leaf in range(len(self)):
+            if kids[leaf + 1]:
+                continue
+            path = [leaf]
+            while self.parents[path[-1]] != ROOT:
+                path.append(int(self.parents[path[-1]]))
+            paths.append(path[::-1])
+        return paths
+
+    def path_to(self, node_idx: int) -> list[int]:
+        """``node_idx`` of the nodes from the root's child down to ``node_idx``."""
+        path = [node_idx]
+        parents = self.parents.tolist()
+        while parents[path[-1]] != ROOT:
+            path.append(parents[path[-1]])
+        return path[::-1]
+
+    # ------------------------------------------------------------------ transforms
+    def select(self, keep: torch.Tensor) -> "TokenTree":
+        """Sub-tree of the nodes where ``keep`` (bool ``[n]``) is true; must be ancestor-closed."""
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"keep must have shape ({len(self)},), got {tuple(keep.shape)}")
+        parent_kept = torch.where(self.parents >= 0, keep[self.parents.clamp(min=0)], torch.ones_like(keep))
+        if bool((keep & ~parent_kept).any()):
+            raise ValueError("keep is not ancestor-closed: a kept node has a dropped parent")
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        parents = self.parents[keep]
+        parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
+        return TokenTree(self.tokens[keep], parents, self.scores[keep], self.sources[keep])
+
+    def prune(self, budget: int) -> "TokenTree":
+        """Keep the ``budget`` best-scored nodes, ancestor-closed.
+
+        Nodes are taken best score first; a node is only taken after its parent (a node whose score
+        exceeds its parent's waits for the parent), so the result is always a valid tree.
+        """
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(f"budget must be a non-negative int, got {budget!r}")
+        n = len(self)
+        if budget >= n:
+            return self
+        # Ancestor-closed top-N: rank nodes by the minimum score along their root path.
+        effective = self.scores.tolist()
+        for node_idx, parent in enumerate(self.parents.tolist()):
+            if parent != ROOT:
+                effective[node_idx] = min(effective[node_idx], effective[parent])
+        # higher effective score first, then shallower, then earlier index
+        order = np.lexsort((np.arange(n), self.depths.numpy(), -np.asarray(effective)))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.from_numpy(order[:budget])] = True
+        return self.select(keep)
+
+    def to_networkx(self, root_token: int | None = None):
+        """A ``networkx.DiGraph`` of the tree (node 'root' plus one node per ``node_idx``)."""
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        graph.add_node("root", token=root_token)
+        for node_idx in range(len(self)):
+            graph.add_node(node_idx, token=int(self.tokens[node_idx]), score=float(self.scores[node_idx]))
+            parent = int(self.parents[node_idx])
+            graph.add_edge("root" if parent == ROOT else parent, node_idx)
+        return graph
+
+
+def merge(trees: list[TokenTree]) -> TokenTree:
+    """Trie union of several trees below the same root.
+
+    Equal tokens under the same parent become one node keeping the best score (and that node's
+    source). The result lists nodes in the order they are first met, so parents precede children.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    sources: list[int] = []
+    index: dict[tuple[int, int], int] = {}
+    for tree in trees:
+        local_to_merged: list[int] = []
+        for node_idx, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+            merged_parent = ROOT if parent == ROOT else local_to_merged[parent]
+            key = (merged_parent, token)
+            score = float(tree.scores[node_idx])
+            if key in index:
+                merged = index[key]
+                if score > scores[merged]:
+                    scores[merged] = score
+                    sources[merged] = int(tree.sources[node_idx])
+            else:
+                merged = len(tokens)
+                index[key] = merged
+                tokens.append(token)
+                parents.append(merged_parent)
+                scores.append(score)
+                sources.append(int(tree.sources[node_idx]))
+            local_to_merged.append(merged)
+    return TokenTree(
+        torch.tensor(tokens, dtype=torch.long),
+        torch.tensor(parents, dtype=torch.long),
+        torch.tensor(scores, dtype=torch.float32),
+        torch.tensor(sources, dtype=torch.int8),
+    )
