@@ -8,7 +8,7 @@ import sys
 import click
 
 from bench.datasets import BUILTIN_QUESTIONS, DatasetError, read_spec_bench, select
-from bench.methods import MethodError, known_methods, make_method
+from bench.methods import MethodError, is_known, known_methods, make_method
 
 
 class BenchError(click.ClickException):
@@ -29,10 +29,11 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--max-prompt-tokens", type=int, default=None, help="Skip questions whose prompt is longer.")
 @click.option("--methods", default="baseline,hf-pld,recycling", show_default=True,
-              help=f"Comma list from: {', '.join(known_methods())}.")
+              help=f"Comma list from: {', '.join(known_methods())}; drafters combine with '+' "
+                   "(recycling+ngram).")
 @click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--draft-model", default=None, help="Draft model for hf-assisted.")
+@click.option("--draft-model", default=None, help="Draft model (same vocabulary) for hf-assisted and 'model'.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Repeat the whole interleaved pass.")
 @click.option("--state", type=click.Choice(["hot", "cold"]), default="hot", show_default=True,
               help="Keep drafter state across questions (hot) or reset it per question (cold).")
@@ -52,13 +53,14 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     from specdec.prompts import encode_chat
 
     method_names = _split(methods) or []
-    unknown = [m for m in method_names if m not in known_methods()]
+    unknown = [m for m in method_names if not is_known(m)]
     if unknown or not method_names:
         raise BenchError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known_methods())}")
     if max_new_tokens < 1 or repeats < 1:
         raise BenchError("--max-new-tokens and --repeats must be >= 1")
-    if "hf-assisted" in method_names and not draft_model:
-        raise BenchError("method hf-assisted needs --draft-model")
+    needs_draft = [m for m in method_names if m == "hf-assisted" or "model" in m.split("+")]
+    if needs_draft and not draft_model:
+        raise BenchError(f"method {needs_draft[0]} needs --draft-model")
     try:
         questions = read_spec_bench(dataset) if dataset else list(BUILTIN_QUESTIONS)
         questions = select(questions, _split(categories), limit_per_category)

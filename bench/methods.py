@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from drafters import DRAFTERS
+from drafters import DRAFTERS, drafter_names
 from specdec import SpeculativeDecoder
 
 HF_METHODS = ("baseline", "hf-pld", "hf-assisted")
@@ -44,7 +44,18 @@ class Method:
 
 
 def known_methods() -> list[str]:
+    """HF methods and specdec drafters (drafters also combine with ``+``, e.g. ``recycling+ngram``)."""
     return list(HF_METHODS) + sorted(DRAFTERS)
+
+
+def is_known(name: str) -> bool:
+    if name in HF_METHODS:
+        return True
+    try:
+        drafter_names(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _hf_method(name: str, model, **generate_kwargs) -> Method:
@@ -87,9 +98,11 @@ def make_method(
         if draft_model is None:
             raise MethodError("method hf-assisted needs --draft-model")
         return _hf_method(name, model, assistant_model=draft_model)
-    if name in DRAFTERS:
+    if is_known(name):
+        if "model" in drafter_names(name) and draft_model is None:
+            raise MethodError(f"method {name} needs --draft-model")
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, **options)
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, draft_model=draft_model, **options)
 
         def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
             out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)

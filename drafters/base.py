@@ -18,9 +18,14 @@ class DraftContext:
     Attributes:
         token_ids: ``[L]`` int64 committed token ids (prompt + generated); the last one is the root
             of the tree to propose, i.e. the token whose successors are drafted.
+        sequence_id: identifies the sequence being decoded; within one sequence every context
+            extends the previous one, so drafters may index it incrementally.
+        prompt_len: how many of ``token_ids`` are the prompt.
     """
 
     token_ids: np.ndarray
+    sequence_id: int = 0
+    prompt_len: int = 0
 
     @property
     def root(self) -> int:

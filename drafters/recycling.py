@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.stats import AcceptanceStats
 from trees import TokenTree, TreeShape, best_first
 
 UNKNOWN = -1  # a successor slot never observed
@@ -67,14 +68,16 @@ class TokenRecycling(Drafter):
         vocab_size: the target's vocabulary size (rows of the successor matrix).
         k: successors kept per token (columns).
         shape: a fixed `TreeShape` to fill (then pruned by prior score to the budget); ``None``
-            fills a best-first shape of ``SLOTS_PER_NODE * budget`` slots from the default per-rank
-            acceptance prior and keeps the ``budget`` best nodes that have known tokens.
+            makes the tree dynamic: a best-first shape of ``SLOTS_PER_NODE * budget`` slots grown
+            from the per-(depth, rank) acceptance rates learned online (refreshed every
+            ``REFRESH_STEPS`` verifications), keeping the ``budget`` best nodes with known tokens.
     """
 
     name = "recycling"
     # Slots in the default shape per node of budget: spare slots stand in for unknown successors
     # and duplicate siblings, and the best-scored nodes are kept.
     SLOTS_PER_NODE = 2
+    REFRESH_STEPS = 32
 
     def __init__(self, vocab_size: int, k: int = 8, shape: TreeShape | None = None) -> None:
         if vocab_size <= 0:
@@ -88,14 +91,20 @@ class TokenRecycling(Drafter):
         self.feedback_topk = k
         self.shape = shape
         self._shapes: dict[int, TreeShape] = {}
+        self._shapes_at_step = 0
+        self.stats = AcceptanceStats(max_rank=k)
+        self.source_id = 0
         self.succ = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [V, k] token ids
 
     def shape_for(self, budget: int) -> TreeShape:
         """The shape filled for a given node budget."""
         if self.shape is not None:
             return self.shape
+        if self.stats.steps - self._shapes_at_step >= self.REFRESH_STEPS:
+            self._shapes.clear()
+            self._shapes_at_step = self.stats.steps
         if budget not in self._shapes:
-            self._shapes[budget] = best_first(budget * self.SLOTS_PER_NODE, max_rank=self.k)
+            self._shapes[budget] = best_first(budget * self.SLOTS_PER_NODE, rates=self.stats.rates(), max_rank=self.k)
         return self._shapes[budget]
 
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
@@ -104,11 +113,15 @@ class TokenRecycling(Drafter):
         if budget <= 0 or len(shape) == 0 or not 0 <= root < self.vocab_size:
             return TokenTree.empty()
         tokens, parents, scores, n = _expand(self.succ, root, shape.parents, shape.ranks, shape.log_prior)
-        tree = TokenTree(torch.from_numpy(tokens[:n]), torch.from_numpy(parents[:n]), torch.from_numpy(scores[:n]))
+        tree = TokenTree(torch.from_numpy(tokens[:n]), torch.from_numpy(parents[:n]), torch.from_numpy(scores[:n]),
+                         torch.full((n,), self.source_id, dtype=torch.int8))
         return tree.prune(budget)
 
     def observe(self, feedback: VerifyFeedback) -> None:
-        """Overwrite the rows of every verified token with the target's top-k; later rows win."""
+        """Overwrite the rows of every verified token with the target's top-k (later rows win) and
+        update the acceptance statistics."""
+        if feedback.tree is not None:
+            self.stats.update(feedback.tree, feedback.accepted_nodes, source=self.source_id)
         tokens = np.asarray(feedback.tokens, dtype=np.int64)
         if tokens.size == 0:
             return
@@ -120,9 +133,13 @@ class TokenRecycling(Drafter):
 
     def reset(self) -> None:
         self.succ.fill(UNKNOWN)
+        self.stats.reset()
+        self._shapes.clear()
+        self._shapes_at_step = 0
 
     def state_dict(self) -> dict:
-        return {"succ": torch.from_numpy(self.succ.copy()), "vocab_size": self.vocab_size, "k": self.k}
+        return {"succ": torch.from_numpy(self.succ.copy()), "vocab_size": self.vocab_size, "k": self.k,
+                "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         succ = torch.as_tensor(state["succ"]).numpy()
@@ -131,3 +148,7 @@ class TokenRecycling(Drafter):
                 f"state has a successor matrix of shape {succ.shape}, this drafter needs {(self.vocab_size, self.k)}"
             )
         self.succ[...] = succ
+        if "stats" in state:
+            self.stats.load_state_dict(state["stats"])
+        self._shapes.clear()
+        self._shapes_at_step = self.stats.steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,10 @@ class SpeculativeDecoder:
     Args:
         model: a transformers causal LM (batch size 1, CPU).
         tokenizer: optional, used by callers that pass text.
-        drafter: a registered drafter name (``"recycling"``) or a `Drafter` instance.
+        drafter: a registered drafter name (``"recycling"``, ``"ngram"``, ``"model"``), several
+            joined by ``+`` for a hybrid (``"recycling+ngram"``), or a `Drafter` instance.
         tree_budget: draft nodes verified per step (0 = plain decoding).
-        drafter_options: passed to the drafter's constructor when ``drafter`` is a name.
+        draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class SpeculativeDecoder:
         tokenizer=None,
         drafter: str | Drafter = "recycling",
         tree_budget: int = DEFAULT_TREE_BUDGET,
-        **drafter_options,
+        draft_model=None,
     ) -> None:
         from specdec.validation import check_tree_budget, vocab_size_of
 
@@ -85,9 +87,10 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size_of(model)
         self.logits_size = int(model.get_output_embeddings().weight.shape[0])
-        self.drafter = make_drafter(drafter, self.logits_size, **drafter_options)
+        self.drafter = make_drafter(drafter, self.logits_size, draft_model=draft_model)
         self.tree_budget = check_tree_budget(tree_budget)
         self._lock = threading.Lock()
+        self._sequences = itertools.count()
 
     def reset(self) -> None:
         """Forget what the drafter learned."""
@@ -121,9 +124,11 @@ class SpeculativeDecoder:
             root = int(prompt[-1])
             stats.prefill_seconds = time.perf_counter() - started
 
+            sequence_id = next(self._sequences)
             finished = False
             while not finished:
-                tree = self._propose(DraftContext(committed[:n_committed]), tree_budget)
+                ctx = DraftContext(committed[:n_committed], sequence_id, prompt.numel())
+                tree = self._propose(ctx, tree_budget)
                 logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
                 acceptance = accept_greedy(tree, logits.argmax(-1).tolist())
                 emitted, finished = cut_at_stop(

@@ -29,22 +29,25 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model, drafter: str) -> SpeculativeDecoder:
+def decoder_for(model, drafter: str, draft_model=None) -> SpeculativeDecoder:
     """The decoder cached for ``model`` and drafter name: drafter state persists between calls."""
     per_model = _DECODERS.setdefault(model, {})
-    if drafter not in per_model:
-        per_model[drafter] = SpeculativeDecoder(model, drafter=drafter)
-    return per_model[drafter]
+    key = (drafter, None if draft_model is None else id(draft_model))
+    if key not in per_model:
+        per_model[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model)
+    return per_model[key]
 
 
-def generate(model, input_ids, *, drafter: str | Drafter = "recycling", **kwargs):
+def generate(model, input_ids, *, drafter: str | Drafter = "recycling", draft_model=None, **kwargs):
     """Speculative greedy generation; returns what ``model.generate(do_sample=False)`` returns.
 
     Args:
         model: a transformers causal LM.
         input_ids: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt.
-        drafter: a drafter name or `Drafter` instance; named drafters keep their state per model
-            across calls (use `SpeculativeDecoder` to hold state explicitly).
+        drafter: a drafter name (``"recycling"``, ``"ngram"``, ``"model"``, or several joined by
+            ``+``) or a `Drafter` instance; named drafters keep their state per model across calls
+            (use `SpeculativeDecoder` to hold state explicitly).
+        draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
         max_new_tokens: tokens to generate at most (default from ``model.generation_config``).
         eos_token_id: int or list of ints ending generation (default from the generation config);
             the EOS token is returned, nothing after it.
@@ -57,7 +60,7 @@ def generate(model, input_ids, *, drafter: str | Drafter = "recycling", **kwargs
     if isinstance(drafter, Drafter):
         decoder = SpeculativeDecoder(model, drafter=drafter)
     else:
-        decoder = decoder_for(model, drafter)
+        decoder = decoder_for(model, drafter, draft_model)
     return run_generate(decoder, input_ids, **kwargs)
 
 

@@ -136,3 +136,18 @@ def test_bench_json_schema_on_tiny_model(tmp_path, tiny_model_dir):
     assert payload["summary"]["recycling"]["mat"] >= 1.0
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
     assert "| recycling |" in (tmp_path / "out.md").read_text()
+
+
+def test_divergence_margin_is_the_logit_gap(model):
+    import torch
+
+    from bench.harness import divergence_margin
+
+    prompt = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7, 11]])).logits[0, -1]
+    best, second = logits.topk(2).indices.tolist()
+    reference = Record("baseline", "q", "qa", 2, 1.0, None, turns=[(prompt, [11, best])])
+    other = Record("recycling", "q", "qa", 2, 1.0, 2, turns=[(prompt, [11, second])])
+    assert divergence_margin(model, reference, other) == pytest.approx(float(logits[best] - logits[second]), abs=1e-4)
+    assert divergence_margin(model, reference, reference) is None

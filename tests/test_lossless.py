@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import specdec
+from drafters import ModelDrafter
 from specdec import SpeculativeDecoder
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 
@@ -110,3 +111,36 @@ def test_other_vocab_model():
     prompt = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(1))
     ref = _reference(model, prompt, 33)
     assert torch.equal(specdec.generate(model, prompt, max_new_tokens=33, eos_token_id=-1), ref)
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "recycling+ngram"])
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 33])
+def test_ngram_and_hybrid_match_hf_greedy(model, drafter, max_new_tokens):
+    # a repetitive prompt so n-gram matches exist
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 5, 6]])
+    ref = _reference(model, prompt, max_new_tokens)
+    decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=10)
+    for _ in range(2):  # the second run also drafts from the cross-request store
+        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=-1)
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("relation", ["copy", "unrelated"])
+def test_model_drafter_matches_hf_greedy(model, relation):
+    draft = model if relation == "copy" else tiny_llama(seed=11)
+    prompt = PROMPTS[2]
+    ref = _reference(model, prompt, 33)
+    decoder = SpeculativeDecoder(model, drafter="model", draft_model=draft, tree_budget=12)
+    out = decoder.generate(prompt, max_new_tokens=33, eos_token_id=-1, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    if relation == "copy":
+        assert out.spec_stats.mean_accepted_tokens >= 2.5  # a copy of the target drafts what it will say
+        chain = ModelDrafter(draft, vocab_size=96, top_k=1, beam=1, max_depth=8)  # every drafted token accepted
+        out = SpeculativeDecoder(model, drafter=chain, tree_budget=12).generate(
+            prompt, max_new_tokens=33, eos_token_id=-1, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+        assert out.spec_stats.accepted_lengths == [9, 9, 9, 6]
+    else:
+        assert out.spec_stats.mean_accepted_tokens < 1.5
+    assert torch.equal(specdec.generate(model, prompt, drafter="model+recycling", draft_model=draft,
+                                        max_new_tokens=33, eos_token_id=-1), ref)

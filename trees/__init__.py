@@ -1,6 +1,6 @@
 """Token trees: pure data structures for speculative decoding (no model state)."""
 
-from trees.shapes import DEFAULT_RANK_PRIOR, TreeShape, best_first, chain, wide_shallow
+from trees.shapes import DEFAULT_RANK_PRIOR, TreeShape, best_first, chain, expected_accepted, sequoia, wide_shallow
 from trees.tree import ROOT, TokenTree, merge
 
 __all__ = [
@@ -10,6 +10,8 @@ __all__ = [
     "TreeShape",
     "best_first",
     "chain",
+    "expected_accepted",
+    "sequoia",
     "merge",
     "wide_shallow",
 ]

@@ -1,0 +1,144 @@
+"""Draft-model drafter: a small causal LM with the target's vocabulary grows the tree.
+
+The tree grows by cumulative draft probability, EAGLE-2 style: each depth expands the best
+``beam`` frontier nodes with one batched draft forward (tree mask among the drafted tokens), every
+expanded node offers its ``top_k`` children, and the best ``budget`` nodes overall are kept
+(ancestor-closed because a child's log-probability never exceeds its parent's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.stats import AcceptanceStats
+from trees import ROOT, TokenTree
+
+
+def logits_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+class ModelDrafter(Drafter):
+    """Drafts with ``draft_model``, keeping its KV cache in step with the committed tokens.
+
+    Args:
+        draft_model: a transformers causal LM whose vocabulary equals the target's.
+        vocab_size: the target's logits size (checked against the draft model's).
+        top_k: children offered by each expanded node.
+        beam: frontier nodes expanded per depth.
+        max_depth: deepest drafted node.
+    """
+
+    name = "model"
+
+    def __init__(self, draft_model, vocab_size: int, top_k: int = 4, beam: int = 4, max_depth: int = 8) -> None:
+        if draft_model is None:
+            raise ValueError("the model drafter needs draft_model=<a causal LM with the target's vocabulary>")
+        draft_vocab = logits_size(draft_model)
+        if draft_vocab != vocab_size:
+            raise ValueError(
+                f"draft_model has a vocabulary of {draft_vocab} tokens but the target has {vocab_size}: "
+                "the model drafter needs a draft model with the same vocabulary"
+            )
+        if top_k < 1 or beam < 1 or max_depth < 1:
+            raise ValueError("top_k, beam and max_depth must be >= 1")
+        self.draft_model = draft_model.eval()
+        self.vocab_size = vocab_size
+        self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
+        self.stats = AcceptanceStats()
+        self.source_id = 0
+        self.last_draft_seconds = 0.0
+        self._cache = None
+        self._cached_len = 0
+        self._sequence_id: int | None = None
+
+    # ------------------------------------------------------------------ draft cache
+    def _sync(self, ctx: DraftContext) -> torch.Tensor:
+        """Feed committed tokens the draft cache lacks (at least the root); log-probs after the root."""
+        from transformers import DynamicCache
+
+        if ctx.sequence_id != self._sequence_id or self._cache is None or self._cached_len >= len(ctx.token_ids):
+            self._cache = DynamicCache(config=self.draft_model.config)
+            self._cached_len = 0
+            self._sequence_id = ctx.sequence_id
+        new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m]
+        out = self.draft_model(input_ids=new, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._cached_len = len(ctx.token_ids)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [V]
+
+    @torch.inference_mode()
+    def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
+        started = time.perf_counter()
+        if budget <= 0:
+            return TokenTree.empty()
+        root_logp = self._sync(ctx)
+        best = root_logp.topk(min(self.top_k, budget))
+        tokens: list[int] = best.indices.tolist()
+        parents: list[int] = [ROOT] * len(tokens)
+        scores: list[float] = best.values.tolist()
+        depths: list[int] = [1] * len(tokens)
+        ancestors: list[set[int]] = [{i} for i in range(len(tokens))]
+        fed: list[int] = []  # node_idx in the order their KV entered the draft cache
+        frontier = list(range(len(tokens)))[: self.beam]
+        for depth in range(2, self.max_depth + 1):
+            kth_best = sorted(scores, reverse=True)[budget - 1] if len(scores) >= budget else -np.inf
+            frontier = [f for f in frontier if scores[f] > kth_best]
+            if not frontier:
+                break
+            logp = self._expand(frontier, tokens, ancestors, depths, fed)  # [f, V]
+            top = logp.topk(self.top_k, dim=-1)
+            children: list[int] = []
+            for row, parent in enumerate(frontier):
+                for token, value in zip(top.indices[row].tolist(), top.values[row].tolist()):
+                    children.append(len(tokens))
+                    tokens.append(token)
+                    parents.append(parent)
+                    scores.append(scores[parent] + value)
+                    depths.append(depth)
+                    ancestors.append(ancestors[parent] | {children[-1]})
+            frontier = sorted(children, key=lambda c: -scores[c])[: self.beam]
+        if fed:
+            self._cache.crop(-len(fed))  # drafted tokens leave; committed ones stay
+        tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+                         torch.tensor(scores, dtype=torch.float32),
+                         torch.full((len(tokens),), self.source_id, dtype=torch.int8))
+        tree = tree.prune(budget)
+        self.last_draft_seconds = time.perf_counter() - started
+        return tree
+
+    def _expand(self, frontier, tokens, ancestors, depths, fed) -> torch.Tensor:
+        """One batched draft forward over the frontier nodes; returns their log-probs ``[f, V]``."""
+        dtype = self.draft_model.dtype
+        columns = fed + frontier
+        visible = torch.tensor([[c in ancestors[q] for c in columns] for q in frontier])  # [f, fed+f]
+        mask = torch.zeros(len(frontier), self._cached_len + len(columns), dtype=dtype)
+        mask[:, self._cached_len :].masked_fill_(~visible, torch.finfo(dtype).min)
+        positions = torch.tensor([[self._cached_len - 1 + depths[q] for q in frontier]])
+        out = self.draft_model(
+            input_ids=torch.tensor([[tokens[q] for q in frontier]]),
+            attention_mask=mask[None, None],
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        fed.extend(frontier)
+        return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+    # ------------------------------------------------------------------ learning
+    def observe(self, feedback: VerifyFeedback) -> None:
+        if feedback.tree is not None:
+            self.stats.update(feedback.tree, feedback.accepted_nodes, source=self.source_id)
+
+    def reset(self) -> None:
+        self.stats.reset()
+        self._cache, self._cached_len, self._sequence_id = None, 0, None
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state["stats"])

@@ -1,0 +1,174 @@
+"""n-gram, draft-model and hybrid drafters; acceptance statistics; dynamic shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
+from drafters.ngram import NGramIndex
+from drafters.stats import AcceptanceStats, sibling_ranks
+from trees import TokenTree, best_first, expected_accepted, sequoia
+
+
+def ctx(tokens, sequence_id=0, prompt_len=0) -> DraftContext:
+    return DraftContext(np.array(tokens, dtype=np.int64), sequence_id, prompt_len)
+
+
+def paths_of(tree: TokenTree) -> list[list[int]]:
+    return [tree.tokens[p].tolist() for p in tree.paths()]
+
+
+# ---------------------------------------------------------------- n-gram matcher tables
+def test_longest_match_wins():
+    drafter = NGramDrafter(min_n=1, max_n=3, max_matches=1, max_depth=3)
+    # suffix (1, 2, 3) occurred once (followed by 9 9 9); the unigram 3 also occurred before 7 7
+    tree = drafter.propose(ctx([1, 2, 3, 9, 9, 9, 3, 7, 7, 5, 1, 2, 3]), budget=8)
+    assert paths_of(tree) == [[9, 9, 9]]
+
+
+def test_several_continuations_form_a_trie_ranked_by_count():
+    drafter = NGramDrafter(min_n=1, max_n=2, max_matches=4, max_depth=2)
+    tokens = [5, 6, 1, 5, 6, 2, 5, 6, 1, 8, 5, 6]
+    tree = drafter.propose(ctx(tokens), budget=10)
+    first_level = tree.tokens[tree.parents == -1].tolist()
+    assert first_level[0] == 1 and set(first_level) == {1, 2}  # 1 follows (5, 6) twice, 2 once
+    assert sorted(map(tuple, paths_of(tree))) == [(1, 5), (1, 8), (2, 5)]
+    scores = dict(zip(tree.tokens.tolist(), tree.scores.tolist()))
+    assert scores[1] > scores[2]
+
+
+def test_no_match_and_short_prompt_give_empty_trees():
+    drafter = NGramDrafter(min_n=2, max_n=3)
+    assert len(drafter.propose(ctx([1, 2, 3, 4, 5]), budget=8)) == 0  # no repeated suffix
+    assert len(drafter.propose(ctx([7], sequence_id=1), budget=8)) == 0  # shorter than min_n
+    assert len(drafter.propose(ctx([1, 2, 1, 2], sequence_id=2), budget=0)) == 0
+
+
+def test_index_is_incremental_and_budget_respected():
+    drafter = NGramDrafter(min_n=1, max_n=3, max_matches=3, max_depth=6)
+    tokens = [4, 5, 6, 7, 8, 9, 4, 5]
+    drafter.propose(ctx(tokens), budget=3)
+    tree = drafter.propose(ctx(tokens + [6]), budget=3)
+    assert paths_of(tree) == [[7, 8, 9]]
+    assert len(drafter._context) == len(tokens) + 1
+
+
+def test_cross_request_store_drafts_repeated_outputs():
+    drafter = NGramDrafter(min_n=2, max_n=3, store_tokens=100)
+    drafter.propose(ctx([1, 2, 10, 11, 12, 13, 14], sequence_id=0, prompt_len=2), budget=4)
+    tree = drafter.propose(ctx([3, 10, 11], sequence_id=1, prompt_len=3), budget=4)
+    assert paths_of(tree) == [[12, 13, 14]]
+    tiny = NGramDrafter(min_n=2, max_n=3, store_tokens=5)
+    tiny.propose(ctx([1, 10, 11, 12, 13, 14, 15, 16], sequence_id=0, prompt_len=1), budget=4)
+    tiny.propose(ctx([2, 30, 31, 32], sequence_id=1, prompt_len=1), budget=4)
+    tiny.propose(ctx([3], sequence_id=2, prompt_len=1), budget=4)
+    assert sum(len(s) + 1 for s in tiny._stored) <= 5
+
+
+def test_ngram_index_boundaries():
+    index = NGramIndex(1, 2)
+    index.extend([1, 2, -1, 1, 3])
+    assert index.continuations((1,), depth=3, limit=5) == [[3], [2]]
+
+
+def test_ngram_state_round_trip():
+    drafter = NGramDrafter(min_n=2, max_n=2)
+    drafter.propose(ctx([1, 2, 10, 11, 12], sequence_id=0, prompt_len=2), budget=4)
+    drafter.propose(ctx([5], sequence_id=1, prompt_len=1), budget=4)
+    other = NGramDrafter(min_n=2, max_n=2)
+    other.load_state_dict(drafter.state_dict())
+    a = drafter.propose(ctx([9, 10, 11], sequence_id=2), budget=4)
+    b = other.propose(ctx([9, 10, 11], sequence_id=2), budget=4)
+    assert paths_of(a) == paths_of(b) == [[12]]
+
+
+# ---------------------------------------------------------------- statistics and shapes
+def test_sibling_ranks_and_stats_update():
+    tree = TokenTree([5, 6, 7, 8], [-1, -1, 0, 0], [-1.0, -0.5, -2.0, -3.0])
+    assert sibling_ranks(tree).tolist() == [1, 0, 0, 1]
+    stats = AcceptanceStats(max_depth=4, max_rank=4, decay=1.0, prior=(0.5, 0.5, 0.5, 0.5), prior_weight=0.0)
+    stats.update(tree, accepted_nodes=[0, 2])
+    assert stats.reached[0, :2].tolist() == [1.0, 1.0] and stats.accepted[0, :2].tolist() == [0.0, 1.0]
+    assert stats.reached[1, :2].tolist() == [1.0, 1.0] and stats.accepted[1, :2].tolist() == [1.0, 0.0]
+    stats.update(tree, accepted_nodes=[])  # depth-2 nodes are not reached now
+    assert stats.reached[1, :2].tolist() == [1.0, 1.0]
+    assert stats.rates()[0, 1] == pytest.approx(0.5)
+
+
+def test_stats_forget_and_filter_by_source():
+    tree = TokenTree([5, 6], [-1, -1], [-1.0, -2.0], torch.tensor([0, 1]))
+    stats = AcceptanceStats(decay=0.5, prior_weight=0.0)
+    for _ in range(10):
+        stats.update(tree, [0], source=1)  # node 0 belongs to source 0: ignored
+    assert stats.reached[0, 0] == 0.0 and stats.reached[0, 1] > 0 and stats.accepted[0, 1] == 0.0
+    assert stats.reached[0, 1] < 2.0  # geometric forgetting
+
+
+@pytest.mark.parametrize("budget", [1, 5, 12, 30])
+def test_sequoia_matches_best_first_when_depth_is_free(budget):
+    rates = np.array([0.6, 0.2, 0.1, 0.05])
+    dp = sequoia(budget, rates, max_depth=budget, max_rank=4)
+    greedy = best_first(budget, rates, max_depth=budget, max_rank=4)
+    assert len(dp) == len(greedy) == budget
+    assert expected_accepted(dp) == pytest.approx(expected_accepted(greedy), rel=1e-5)
+
+
+def test_sequoia_respects_depth_and_beats_wide_shallow():
+    rates = np.array([[0.9, 0.05], [0.9, 0.05], [0.9, 0.05], [0.9, 0.05]])
+    shape = sequoia(6, rates, max_depth=3, max_rank=2)
+    assert shape.depths.max() <= 3 and len(shape) == 6
+    chain_value = sum(0.9 ** d for d in range(1, 4))
+    assert expected_accepted(shape) > chain_value
+    for node, parent in enumerate(shape.parents):
+        assert parent < node
+
+
+def test_recycling_learns_a_deeper_tree_when_top1_is_always_accepted():
+    drafter = TokenRecycling(16, k=4)
+    drafter.succ[:] = (np.arange(16)[:, None] + np.arange(1, 5)[None, :]) % 16
+    shallow = drafter.propose(ctx([1]), budget=8)
+    always_accepted_chain = TokenTree.chain([2, 3, 4, 5, 6, 7, 8, 9])
+    for _ in range(drafter.REFRESH_STEPS):
+        drafter.stats.update(always_accepted_chain, accepted_nodes=range(8))
+    deep = drafter.propose(ctx([1]), budget=8)
+    assert deep.max_depth > shallow.max_depth
+
+
+# ---------------------------------------------------------------- hybrid and model drafters
+def test_hybrid_merges_and_names():
+    drafter = make_drafter("recycling+ngram", 32)
+    assert isinstance(drafter, HybridDrafter) and drafter.name == "recycling+ngram"
+    drafter.members[0].succ[3, :2] = [7, 8]
+    tree = drafter.propose(ctx([3, 9, 9, 3]), budget=8)  # ngram: 3 -> 9 ; recycling: 3 -> 7, 8
+    assert set(tree.tokens[tree.parents == -1].tolist()) == {7, 8, 9}
+    assert set(tree.sources.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="distinct"):
+        HybridDrafter([NGramDrafter(), NGramDrafter()])
+    with pytest.raises(ValueError, match="drafter must be one of"):
+        make_drafter("recycling+warp", 32)
+
+
+def test_model_drafter_vocab_check(model):
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(ValueError, match="vocabulary of 50 tokens but the target has 96"):
+        ModelDrafter(tiny_llama(vocab_size=50), vocab_size=96)
+    with pytest.raises(ValueError, match="draft_model"):
+        make_drafter("model", 96)
+
+
+def test_model_drafter_copy_of_target_drafts_the_greedy_path(model):
+    from tests.conftest import hf_greedy
+
+    prompt = torch.tensor([[5, 9, 11, 4]])
+    ref = hf_greedy(model, prompt, 6)[0].tolist()
+    drafter = ModelDrafter(model, vocab_size=96, top_k=2, beam=2, max_depth=6)
+    tree = drafter.propose(ctx(prompt[0].tolist()), budget=12)
+    assert ref[4:8] in [p[:4] for p in paths_of(tree)]
+    assert len(tree) <= 12 and all(p < i for i, p in enumerate(tree.parents.tolist()))
+    for node, parent in enumerate(tree.parents.tolist()):  # scores fall along paths
+        if parent >= 0:
+            assert tree.scores[node] <= tree.scores[parent] + 1e-6
+    assert drafter._cache.get_seq_length() == prompt.shape[1]  # drafted tokens were cropped
