@@ -39,11 +39,12 @@ def _split(value: str | None) -> list[str] | None:
               help="Keep drafter state across questions (hot) or reset it per question (cold).")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per step for specdec methods.")
 @click.option("--pld-tokens", type=int, default=4, show_default=True, help="prompt_lookup_num_tokens for hf-pld.")
+@click.option("--explain", is_flag=True, help="Print the scheduler's cost curve and per-drafter acceptance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
-          draft_model, repeats, state, tree_budget, pld_tokens, json_path, markdown_path, plot_path):
+          draft_model, repeats, state, tree_budget, pld_tokens, explain, json_path, markdown_path, plot_path):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
@@ -115,6 +116,8 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     summary = summarize(records)
     report.print_table(summary, title=f"specdec bench: {config['model']}, {dtype}, {len(questions)} questions, "
                                       f"{max_new_tokens} new tokens, state {state}")
+    if explain:
+        report.print_explanation(built, records)
     if json_path:
         report.write_json(json_path, config, records, summary)
     if markdown_path:

@@ -26,6 +26,9 @@ class Record:
     seconds: float
     steps: int | None
     identical: bool | None = None
+    draft_seconds: float | None = None
+    drafted_tokens: int | None = None
+    per_drafter: dict | None = None
     first_diff: int | None = None
     divergence_margin: float | None = None
     repeat: int = 0
@@ -52,13 +55,13 @@ def interleave(methods: list[str], questions: list[Question], repeats: int) -> I
 def answer(method: Method, tokenizer, question: Question, max_new_tokens: int):
     """All turns of ``question``, each with the method's own earlier answers in the history.
 
-    Returns ``(turns, seconds, steps)``: each turn's prompt ids and new ids, the seconds spent
-    inside generate calls, and the verify steps (None for methods that do not report them).
+    Returns ``(turns, seconds, stats)``: each turn's prompt ids and new ids, the seconds spent
+    inside generate calls, and the specdec statistics of every turn (empty for HF methods).
     """
     history: list[dict[str, str]] = []
     turns: list[tuple[torch.Tensor, list[int]]] = []
     seconds = 0.0
-    steps: int | None = 0
+    stats = []
     for turn in question.turns:
         history.append({"role": "user", "content": turn})
         prompt = encode_chat(tokenizer, history)
@@ -66,9 +69,10 @@ def answer(method: Method, tokenizer, question: Question, max_new_tokens: int):
         generation = method.generate(prompt, max_new_tokens)
         seconds += time.perf_counter() - started
         turns.append((prompt, generation.new_ids))
-        steps = None if steps is None or generation.steps is None else steps + generation.steps
+        if generation.stats is not None:
+            stats.append(generation.stats)
         history.append({"role": "assistant", "content": tokenizer.decode(generation.new_ids, skip_special_tokens=True)})
-    return turns, seconds, steps
+    return turns, seconds, stats
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -120,9 +124,18 @@ def run_benchmark(
         method = by_name[name]
         if state == "cold":
             method.reset()
-        turns, seconds, steps = answer(method, tokenizer, question, max_new_tokens)
+        turns, seconds, stats = answer(method, tokenizer, question, max_new_tokens)
         record = Record(name, question.question_id, question.task, sum(len(t[1]) for t in turns), seconds,
-                        steps, repeat=repeat, turns=turns)
+                        sum(s.steps for s in stats) if stats else None, repeat=repeat, turns=turns)
+        if stats:
+            record.draft_seconds = sum(s.draft_seconds for s in stats)
+            record.drafted_tokens = sum(s.drafted_tokens for s in stats)
+            record.per_drafter = {}
+            for s in stats:
+                for drafter, counts in s.per_drafter.items():
+                    mine = record.per_drafter.setdefault(drafter, {"proposed": 0, "accepted": 0})
+                    mine["proposed"] += counts["proposed"]
+                    mine["accepted"] += counts["accepted"]
         if name == BASELINE:
             baselines[(repeat, question.question_id)] = record
         reference = baselines.get((repeat, question.question_id))
@@ -151,6 +164,10 @@ def _figures(records: list[Record]) -> dict:
         if stepped and sum(r.steps for r in stepped) else None,
         "identical_fraction": sum(r.identical for r in compared) / len(compared) if compared else None,
         "max_divergence_margin": max(margins) if margins else None,
+        "draft_ms_per_step": 1e3 * sum(r.draft_seconds for r in stepped) / sum(r.steps for r in stepped)
+        if stepped and sum(r.steps for r in stepped) else None,
+        "mean_tree_size": sum(r.drafted_tokens for r in stepped) / sum(r.steps for r in stepped)
+        if stepped and sum(r.steps for r in stepped) else None,
     }
 
 

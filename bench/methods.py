@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from drafters import DRAFTERS, drafter_names
-from specdec import SpeculativeDecoder
+from specdec import AUTO, SpeculativeDecoder, SpecStats
 
 HF_METHODS = ("baseline", "hf-pld", "hf-assisted")
 
@@ -19,10 +19,14 @@ class MethodError(ValueError):
 
 @dataclass
 class Generation:
-    """One generate call: the new token ids and, for specdec, the number of verify steps."""
+    """One generate call: the new token ids and, for specdec, its statistics."""
 
     new_ids: list[int]
-    steps: int | None
+    stats: SpecStats | None = None
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.stats is None else self.stats.steps
 
 
 class Method:
@@ -32,6 +36,7 @@ class Method:
         self.name = name
         self._run = run
         self._reset = reset
+        self.decoder: SpeculativeDecoder | None = None
 
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
         """Greedy continuation of ``prompt_ids`` (``[1, L]``)."""
@@ -45,11 +50,11 @@ class Method:
 
 def known_methods() -> list[str]:
     """HF methods and specdec drafters (drafters also combine with ``+``, e.g. ``recycling+ngram``)."""
-    return list(HF_METHODS) + sorted(DRAFTERS)
+    return list(HF_METHODS) + [AUTO] + sorted(DRAFTERS)
 
 
 def is_known(name: str) -> bool:
-    if name in HF_METHODS:
+    if name in HF_METHODS or name == AUTO:
         return True
     try:
         drafter_names(name)
@@ -75,7 +80,7 @@ def _hf_method(name: str, model, **generate_kwargs) -> Method:
             pad_token_id=pad,
             **generate_kwargs,
         )
-        return Generation(out[0, prompt_ids.shape[1] :].tolist(), None)
+        return Generation(out[0, prompt_ids.shape[1] :].tolist())
 
     return Method(name, run)
 
@@ -88,6 +93,7 @@ def make_method(
     draft_model=None,
     pld_tokens: int = 4,
     tree_budget: int | None = None,
+    scheduler=None,
 ) -> Method:
     """Build the method called ``name`` (see `known_methods`)."""
     if name == "baseline":
@@ -99,14 +105,17 @@ def make_method(
             raise MethodError("method hf-assisted needs --draft-model")
         return _hf_method(name, model, assistant_model=draft_model)
     if is_known(name):
-        if "model" in drafter_names(name) and draft_model is None:
+        if name != AUTO and "model" in drafter_names(name) and draft_model is None:
             raise MethodError(f"method {name} needs --draft-model")
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, draft_model=draft_model, **options)
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, draft_model=draft_model, scheduler=scheduler,
+                                     **options)
 
         def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
             out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
-            return Generation(out.sequences[0, prompt_ids.shape[1] :].tolist(), out.spec_stats.steps)
+            return Generation(out.sequences[0, prompt_ids.shape[1] :].tolist(), out.spec_stats)
 
-        return Method(name, run, reset=decoder.reset)
+        method = Method(name, run, reset=decoder.reset)
+        method.decoder = decoder
+        return method
     raise MethodError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")

@@ -13,8 +13,9 @@ def _fmt(value, spec: str) -> str:
 
 
 def rows(summary: dict[str, dict]) -> list[list[str]]:
-    """Table rows: method, category, new tokens, seconds, tok/s, speedup, MAT, identical, max logit gap
-    at a divergence from the baseline."""
+    """Table rows: method, category, new tokens, seconds, tok/s, speedup, MAT (mean accepted tokens
+    per verify step), identical to baseline, max logit gap at a divergence from the baseline, mean
+    verified tree size, drafting ms per step."""
     table = []
     for method, figures in summary.items():
         for category, cat in list(figures["per_category"].items()) + [("overall", figures)]:
@@ -29,11 +30,14 @@ def rows(summary: dict[str, dict]) -> list[list[str]]:
                 _fmt(None if cat["identical_fraction"] is None else 100 * cat["identical_fraction"], ".0f")
                 + ("%" if cat["identical_fraction"] is not None else ""),
                 _fmt(cat["max_divergence_margin"], ".3f"),
+                _fmt(cat["mean_tree_size"], ".1f"),
+                _fmt(cat["draft_ms_per_step"], ".2f"),
             ])
     return table
 
 
-HEADER = ["method", "category", "new tokens", "seconds", "tok/s", "speedup", "MAT", "identical", "max gap"]
+HEADER = ["method", "category", "new tokens", "seconds", "tok/s", "speedup", "MAT", "identical", "max gap",
+          "tree", "draft ms"]
 
 
 def print_table(summary: dict[str, dict], title: str = "") -> None:
@@ -97,3 +101,31 @@ def plot(path: str | Path, summary: dict[str, dict], title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def print_explanation(methods, records: list[Record]) -> None:
+    """Per specdec method: nodes proposed / accepted by each drafter and the scheduler's beliefs."""
+    from rich.console import Console
+
+    console = Console(width=120)
+    for method in methods:
+        if method.decoder is None:
+            continue
+        totals: dict[str, dict[str, int]] = {}
+        for record in records:
+            if record.method != method.name or not record.per_drafter:
+                continue
+            for drafter, counts in record.per_drafter.items():
+                mine = totals.setdefault(drafter, {"proposed": 0, "accepted": 0})
+                mine["proposed"] += counts["proposed"]
+                mine["accepted"] += counts["accepted"]
+        console.print(f"[bold]{method.name}[/bold]")
+        for drafter, counts in totals.items():
+            rate = counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0
+            console.print(f"  {drafter}: {counts['accepted']} of {counts['proposed']} verified nodes accepted "
+                          f"({100 * rate:.1f}%)")
+        beliefs = method.decoder.scheduler.explain()
+        console.print(f"  scheduler: calibration {beliefs['calibration']}, overhead {beliefs['overhead_ms']} ms/step")
+        console.print("  verify ms by tree size (context 512): " + ", ".join(
+            f"{size}: {ms}" for size, ms in beliefs["verify_ms"].items() if ms is not None))
+        console.print(f"  measured sizes (steps): {beliefs['measured_buckets']}")

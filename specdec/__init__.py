@@ -1,13 +1,15 @@
 """specdec: lossless speculative decoding with token trees for Hugging Face causal LMs."""
 
-from specdec.engine import DEFAULT_TREE_BUDGET, SpeculativeDecoder, SpecStats
+from specdec.engine import AUTO, SpeculativeDecoder, SpecStats
 from specdec.generate import SpeculativeGenerateOutput, generate
 from specdec.models import load_default_model, load_model
+from specdec.scheduler import Scheduler
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TREE_BUDGET",
+    "AUTO",
+    "Scheduler",
     "SpecStats",
     "SpeculativeDecoder",
     "SpeculativeGenerateOutput",

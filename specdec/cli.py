@@ -16,8 +16,8 @@ def main() -> None:
 @click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--drafter", default="recycling", show_default=True)
-@click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step.")
+@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
+@click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
 def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: int, drafter: str,
              tree_budget: int | None) -> None:
     """Answer PROMPT (with the chat template) and print speed statistics."""

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from drafters import DraftContext, Drafter, VerifyFeedback, make_drafter
+from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
 from specdec import kv
+from specdec.scheduler import Scheduler
 from specdec.verify import Acceptance, accept_greedy, tree_forward
 from trees import TokenTree
 
-DEFAULT_TREE_BUDGET = 12
+AUTO = "auto"
 
 
 @dataclass
@@ -32,8 +33,12 @@ class SpecStats:
     drafted_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
+    per_drafter: dict[str, dict[str, int]] = field(default_factory=dict)
+    scheduler: dict | None = None
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -47,6 +52,11 @@ class SpecStats:
             "drafted_tokens": self.drafted_tokens,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
+            "draft_ms_per_step": 1e3 * self.draft_seconds / self.steps if self.steps else 0.0,
+            "verify_ms_per_step": 1e3 * self.verify_seconds / self.steps if self.steps else 0.0,
+            "mean_tree_size": sum(self.tree_sizes) / self.steps if self.steps else 0.0,
+            "per_drafter": self.per_drafter,
+            "scheduler": self.scheduler,
         }
 
 
@@ -61,25 +71,39 @@ def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[l
     return block[:room], len(block) >= room
 
 
+def resolve_drafter_name(drafter: str | Drafter, draft_model=None) -> str | Drafter:
+    """``"auto"`` means every available drafter: recycling and n-gram, plus the model drafter
+    when a draft model is given."""
+    if drafter == AUTO:
+        return "recycling+ngram" + ("+model" if draft_model is not None else "")
+    return drafter
+
+
 class SpeculativeDecoder:
     """Speculative greedy decoding for one HF causal LM, with drafter state kept across calls.
 
     Args:
         model: a transformers causal LM (batch size 1, CPU).
         tokenizer: optional, used by callers that pass text.
-        drafter: a registered drafter name (``"recycling"``, ``"ngram"``, ``"model"``), several
-            joined by ``+`` for a hybrid (``"recycling+ngram"``), or a `Drafter` instance.
-        tree_budget: draft nodes verified per step (0 = plain decoding).
+        drafter: ``"auto"`` (every available drafter, merged), a registered drafter name
+            (``"recycling"``, ``"ngram"``, ``"model"``), several joined by ``+`` for a hybrid
+            (``"recycling+ngram"``), or a `Drafter` instance.
+        tree_budget: draft nodes verified per step; ``None`` lets the `Scheduler` choose each step
+            from measured costs and learned acceptance (0 = plain decoding).
         draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
+        scheduler: a `Scheduler` to use (and share); a new one by default.
+        clock: the time source for step timings (seconds; tests inject a fake one).
     """
 
     def __init__(
         self,
         model,
         tokenizer=None,
-        drafter: str | Drafter = "recycling",
-        tree_budget: int = DEFAULT_TREE_BUDGET,
+        drafter: str | Drafter = AUTO,
+        tree_budget: int | None = None,
         draft_model=None,
+        scheduler: Scheduler | None = None,
+        clock=time.perf_counter,
     ) -> None:
         from specdec.validation import check_tree_budget, vocab_size_of
 
@@ -87,13 +111,18 @@ class SpeculativeDecoder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size_of(model)
         self.logits_size = int(model.get_output_embeddings().weight.shape[0])
-        self.drafter = make_drafter(drafter, self.logits_size, draft_model=draft_model)
-        self.tree_budget = check_tree_budget(tree_budget)
+        self.drafter = make_drafter(resolve_drafter_name(drafter, draft_model), self.logits_size,
+                                    draft_model=draft_model)
+        self.tree_budget = None if tree_budget is None else check_tree_budget(tree_budget)
+        self.scheduler = scheduler if scheduler is not None else Scheduler()
+        members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
+        self._source_names = {getattr(m, "source_id", 0): m.name for m in members}
+        self.clock = clock
         self._lock = threading.Lock()
         self._sequences = itertools.count()
 
     def reset(self) -> None:
-        """Forget what the drafter learned."""
+        """Forget what the drafter learned (the scheduler's cost measurements are kept)."""
         self.drafter.reset()
 
     def generate(self, input_ids, **kwargs):
@@ -107,8 +136,11 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int):
-        """Generate up to ``max_new_tokens`` after ``prompt`` (``[L]`` int64). Returns (new ids, stats)."""
+    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int | None):
+        """Generate up to ``max_new_tokens`` after ``prompt`` (``[L]`` int64). Returns (new ids, stats).
+
+        ``tree_budget=None`` lets the scheduler size every tree.
+        """
         with self._lock:
             stats = SpecStats()
             committed = np.empty(prompt.numel() + max_new_tokens + 1, dtype=np.int64)
@@ -118,37 +150,59 @@ class SpeculativeDecoder:
             if max_new_tokens == 0:
                 return new_tokens, stats
 
-            started = time.perf_counter()
+            started = self.clock()
             cache = DynamicCache(config=self.model.config)
             prefix_len = self._prefill(cache, prompt)
             root = int(prompt[-1])
-            stats.prefill_seconds = time.perf_counter() - started
+            stats.prefill_seconds = self.clock() - started
 
             sequence_id = next(self._sequences)
             finished = False
             while not finished:
+                step_started = self.clock()
                 ctx = DraftContext(committed[:n_committed], sequence_id, prompt.numel())
-                tree = self._propose(ctx, tree_budget)
+                tree = self._propose(ctx, prefix_len, tree_budget)
+                drafted = self.clock()
                 logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
+                verified = self.clock()
                 acceptance = accept_greedy(tree, logits.argmax(-1).tolist())
                 emitted, finished = cut_at_stop(
                     acceptance.tokens(tree), max_new_tokens - len(new_tokens), eos_ids
                 )
                 kv.compact(cache, prefix_len, acceptance.kept_slots)
-                prefix_len += len(acceptance.kept_slots)
                 self._observe(tree, root, logits, acceptance)
+                self.scheduler.record(
+                    len(tree), prefix_len, verified - drafted,
+                    (drafted - step_started) + (self.clock() - verified),
+                    float(torch.exp(tree.scores).sum()), len(acceptance.accepted_nodes),
+                )
+                prefix_len += len(acceptance.kept_slots)
 
                 committed[n_committed : n_committed + len(emitted)] = emitted
                 n_committed += len(emitted)
                 new_tokens.extend(emitted)
                 root = acceptance.bonus_token
-                stats.steps += 1
-                stats.tree_sizes.append(len(tree))
-                stats.accepted_lengths.append(len(emitted))
-                stats.drafted_tokens += len(tree)
+                self._count(stats, tree, acceptance, emitted, drafted - step_started, verified - drafted)
             stats.new_tokens = len(new_tokens)
-            stats.decode_seconds = time.perf_counter() - started - stats.prefill_seconds
+            stats.decode_seconds = self.clock() - started - stats.prefill_seconds
+            stats.scheduler = self.scheduler.explain(prefix_len)
             return new_tokens, stats
+
+    def _count(self, stats: SpecStats, tree: TokenTree, acceptance: Acceptance, emitted: list[int],
+               draft_seconds: float, verify_seconds: float) -> None:
+        stats.steps += 1
+        stats.tree_sizes.append(len(tree))
+        stats.accepted_lengths.append(len(emitted))
+        stats.drafted_tokens += len(tree)
+        stats.draft_seconds += draft_seconds
+        stats.verify_seconds += verify_seconds
+        sources = tree.sources.tolist()
+        for node_idx, source in enumerate(sources):
+            entry = stats.per_drafter.setdefault(self._source_names.get(source, str(source)),
+                                                 {"proposed": 0, "accepted": 0})
+            entry["proposed"] += 1
+        for node_idx in acceptance.accepted_nodes:
+            stats.per_drafter[self._source_names.get(sources[node_idx], str(sources[node_idx]))]["accepted"] += 1
 
     def _prefill(self, cache, prompt: torch.Tensor) -> int:
         """Cache all prompt tokens but the last (the first root); seed the drafter. Returns the cache length."""
@@ -170,17 +224,19 @@ class SpeculativeDecoder:
             )
         return context.numel()
 
-    def _propose(self, ctx: DraftContext, budget: int) -> TokenTree:
-        if budget == 0:
-            return TokenTree.empty()
-        tree = self.drafter.propose(ctx, budget)
-        return tree.prune(budget) if len(tree) > budget else tree
+    def _propose(self, ctx: DraftContext, context_len: int, budget: int | None) -> TokenTree:
+        """The drafter's tree, pruned to ``budget`` or to the size the scheduler picks."""
+        ask = self.scheduler.draft_budget() if budget is None else budget
+        tree = self.drafter.propose(ctx, ask) if ask else TokenTree.empty()
+        if budget is None:
+            size = self.scheduler.choose_size(torch.exp(tree.scores).numpy(), context_len)
+        else:
+            size = budget
+        return tree.prune(size) if len(tree) > size else tree
 
     def _observe(self, tree: TokenTree, root: int, logits: torch.Tensor, acceptance: Acceptance) -> None:
         """Tell the drafter what the target predicted at every slot; committed slots last."""
         k = self.drafter.feedback_topk
-        if not k:
-            return
         kept = acceptance.kept_slots
         rejected = sorted(set(range(len(tree) + 1)) - set(kept))
         order = torch.tensor(rejected + kept, dtype=torch.long)
@@ -190,7 +246,8 @@ class SpeculativeDecoder:
         self.drafter.observe(
             VerifyFeedback(
                 tokens=slot_tokens[order].numpy(),
-                topk_ids=logits.index_select(0, order).topk(k, dim=-1).indices.numpy(),  # [n+1, k]
+                topk_ids=logits.index_select(0, order).topk(k, dim=-1).indices.numpy()  # [n+1, k]
+                if k else np.zeros((order.numel(), 0), dtype=np.int64),
                 committed=committed,
                 tree=tree,
                 accepted_nodes=acceptance.accepted_nodes,

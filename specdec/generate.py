@@ -38,21 +38,23 @@ def decoder_for(model, drafter: str, draft_model=None) -> SpeculativeDecoder:
     return per_model[key]
 
 
-def generate(model, input_ids, *, drafter: str | Drafter = "recycling", draft_model=None, **kwargs):
+def generate(model, input_ids, *, drafter: str | Drafter = "auto", draft_model=None, **kwargs):
     """Speculative greedy generation; returns what ``model.generate(do_sample=False)`` returns.
 
     Args:
         model: a transformers causal LM.
         input_ids: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt.
-        drafter: a drafter name (``"recycling"``, ``"ngram"``, ``"model"``, or several joined by
-            ``+``) or a `Drafter` instance; named drafters keep their state per model across calls
+        drafter: ``"auto"`` (every available drafter under the scheduler), a drafter name
+            (``"recycling"``, ``"ngram"``, ``"model"``, or several joined by ``+``) or a
+            `Drafter` instance; named drafters keep their state per model across calls
             (use `SpeculativeDecoder` to hold state explicitly).
         draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
         max_new_tokens: tokens to generate at most (default from ``model.generation_config``).
         eos_token_id: int or list of ints ending generation (default from the generation config);
             the EOS token is returned, nothing after it.
         attention_mask: optional all-ones mask (padding is not supported).
-        tree_budget: draft nodes per verify step (default the decoder's).
+        tree_budget: draft nodes per verify step (default the decoder's: ``None`` lets the
+            scheduler choose each step).
         return_dict_in_generate: return a `SpeculativeGenerateOutput` with ``.sequences`` and
             ``.spec_stats`` instead of the ``[1, L + new]`` LongTensor.
         do_sample: only ``False`` (greedy) is supported for now.
@@ -92,7 +94,7 @@ def run_generate(
             max_new_tokens = max(0, (config.max_length or 20) - prompt.numel())
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     eos_ids = check_eos_token_id(config.eos_token_id if eos_token_id is None else eos_token_id, decoder.vocab_size)
-    budget = decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget)
+    budget = decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget)  # None: scheduled
 
     new_tokens, stats = decoder.decode(prompt, max_new_tokens, eos_ids, budget)
     sequences = torch.cat([prompt, torch.tensor(new_tokens, dtype=torch.long)])[None]  # [1, L + new]

@@ -79,8 +79,10 @@ def test_summary_arithmetic_on_hand_made_records():
     records = [
         Record("baseline", "1", "qa", 100, 10.0, None),
         Record("baseline", "2", "rag", 50, 10.0, None),
-        Record("recycling", "1", "qa", 100, 5.0, 50, identical=True, first_diff=None),
-        Record("recycling", "2", "rag", 50, 2.0, 20, identical=False, first_diff=7),
+        Record("recycling", "1", "qa", 100, 5.0, 50, identical=True, first_diff=None, draft_seconds=0.05,
+               drafted_tokens=400),
+        Record("recycling", "2", "rag", 50, 2.0, 20, identical=False, first_diff=7, draft_seconds=0.02,
+               drafted_tokens=160),
     ]
     summary = summarize(records)
     base, spec = summary["baseline"], summary["recycling"]
@@ -92,7 +94,9 @@ def test_summary_arithmetic_on_hand_made_records():
     assert spec["per_category"]["qa"]["speedup"] == pytest.approx(2.0)
     assert spec["per_category"]["rag"]["speedup"] == pytest.approx(5.0)
     assert spec["per_category"]["rag"]["mat"] == pytest.approx(2.5)
-    assert base["mat"] is None and base["identical_fraction"] is None
+    assert spec["draft_ms_per_step"] == pytest.approx(1e3 * 0.07 / 70)
+    assert spec["mean_tree_size"] == pytest.approx(8.0)
+    assert base["mat"] is None and base["identical_fraction"] is None and base["draft_ms_per_step"] is None
 
 
 @pytest.mark.parametrize(
