@@ -78,6 +78,7 @@ class ModelDrafter(Drafter):
         root_logp = self._sync(ctx)
         best = root_logp.topk(min(self.top_k, budget))
         tokens: list[int] = best.indices.tolist()
+        ranks: list[int] = list(range(len(tokens)))
         parents: list[int] = [ROOT] * len(tokens)
         scores: list[float] = best.values.tolist()
         depths: list[int] = [1] * len(tokens)
@@ -93,8 +94,9 @@ class ModelDrafter(Drafter):
             top = logp.topk(self.top_k, dim=-1)
             children: list[int] = []
             for row, parent in enumerate(frontier):
-                for token, value in zip(top.indices[row].tolist(), top.values[row].tolist()):
+                for rank, (token, value) in enumerate(zip(top.indices[row].tolist(), top.values[row].tolist())):
                     children.append(len(tokens))
+                    ranks.append(rank)
                     tokens.append(token)
                     parents.append(parent)
                     scores.append(scores[parent] + value)
@@ -105,7 +107,8 @@ class ModelDrafter(Drafter):
             self._cache.crop(-len(fed))  # drafted tokens leave; committed ones stay
         tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
                          torch.tensor(scores, dtype=torch.float32),
-                         torch.full((len(tokens),), self.source_id, dtype=torch.int8))
+                         torch.full((len(tokens),), self.source_id, dtype=torch.int8),
+                         torch.tensor(ranks, dtype=torch.long))
         tree = tree.prune(budget)
         self.last_draft_seconds = time.perf_counter() - started
         return tree

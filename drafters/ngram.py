@@ -199,15 +199,13 @@ class NGramDrafter(Drafter):
 def with_rank_scores(tree: TokenTree, rates: np.ndarray, source: int) -> TokenTree:
     """The same tree with scores = sum of log per-(depth, rank) rates along each path.
 
-    ``tree.scores`` on input rank siblings (higher = better).
+    ``tree.ranks`` (by default derived from the input scores) index the rates.
     """
-    from drafters.stats import sibling_ranks
-
-    ranks = np.minimum(sibling_ranks(tree), rates.shape[1] - 1)
+    ranks = np.minimum(tree.ranks.numpy(), rates.shape[1] - 1)
     depths = np.minimum(tree.depths.numpy(), rates.shape[0]) - 1
     edge = np.log(np.maximum(rates[depths, ranks], 1e-6))
     scores = np.empty(len(tree), dtype=np.float32)
     for node_idx, parent in enumerate(tree.parents.tolist()):
         scores[node_idx] = edge[node_idx] + (scores[parent] if parent != ROOT else 0.0)
     return TokenTree(tree.tokens, tree.parents, torch.from_numpy(scores),
-                     torch.full((len(tree),), source, dtype=torch.int8))
+                     torch.full((len(tree),), source, dtype=torch.int8), tree.ranks)

@@ -24,14 +24,15 @@ def _expand(succ, root, shape_parents, shape_ranks, shape_scores):  # pragma: no
     """Fill a shape from the successor matrix.
 
     Drops slots whose successor is unknown, duplicate siblings and everything below a dropped
-    slot. Returns (tokens, parents, scores, n) where parents are renumbered into the kept nodes'
-    ``node_idx`` space.
+    slot. Returns (tokens, parents, scores, ranks, n) where parents are renumbered into the kept
+    nodes' ``node_idx`` space and ranks are successor columns.
     """
     n_shape = shape_parents.shape[0]
     kept_index = np.full(n_shape, -1, np.int64)
     tokens = np.empty(n_shape, np.int64)
     parents = np.empty(n_shape, np.int64)
     scores = np.empty(n_shape, np.float32)
+    ranks = np.empty(n_shape, np.int64)
     n = 0
     for slot in range(n_shape):
         parent_slot = shape_parents[slot]
@@ -57,8 +58,9 @@ def _expand(succ, root, shape_parents, shape_ranks, shape_scores):  # pragma: no
         tokens[n] = token
         parents[n] = parent_node
         scores[n] = shape_scores[slot]
+        ranks[n] = shape_ranks[slot]
         n += 1
-    return tokens, parents, scores, n
+    return tokens, parents, scores, ranks, n
 
 
 class TokenRecycling(Drafter):
@@ -112,9 +114,9 @@ class TokenRecycling(Drafter):
         root = ctx.root
         if budget <= 0 or len(shape) == 0 or not 0 <= root < self.vocab_size:
             return TokenTree.empty()
-        tokens, parents, scores, n = _expand(self.succ, root, shape.parents, shape.ranks, shape.log_prior)
+        tokens, parents, scores, ranks, n = _expand(self.succ, root, shape.parents, shape.ranks, shape.log_prior)
         tree = TokenTree(torch.from_numpy(tokens[:n]), torch.from_numpy(parents[:n]), torch.from_numpy(scores[:n]),
-                         torch.full((n,), self.source_id, dtype=torch.int8))
+                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(ranks[:n]))
         return tree.prune(budget)
 
     def observe(self, feedback: VerifyFeedback) -> None:

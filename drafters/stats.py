@@ -8,24 +8,8 @@ import torch
 from trees import DEFAULT_RANK_PRIOR, ROOT, TokenTree
 
 
-def sibling_ranks(tree: TokenTree) -> np.ndarray:
-    """``[n]`` rank of each node among its siblings by score (0 = best; ties by node order)."""
-    n = len(tree)
-    parents = tree.parents.numpy()
-    scores = tree.scores.numpy()
-    order = np.lexsort((np.arange(n), -scores, parents))  # grouped by parent, best score first
-    ranks = np.empty(n, dtype=np.int64)
-    previous_parent, rank = None, 0
-    for node_idx in order:
-        parent = parents[node_idx]
-        rank = rank + 1 if parent == previous_parent else 0
-        ranks[node_idx] = rank
-        previous_parent = parent
-    return ranks
-
-
 class AcceptanceStats:
-    """How often a node at (depth, sibling rank) is accepted once its parent was.
+    """How often a node at (depth, rank) is accepted once its parent was (rank: `TokenTree.ranks`).
 
     Counts decay by ``decay`` per observed step, so the estimate follows a changing text. Rates
     are smoothed towards a prior worth ``prior_weight`` observations.
@@ -67,7 +51,7 @@ class AcceptanceStats:
         if source is not None:
             reached &= tree.sources.numpy() == source
         depth = np.minimum(tree.depths.numpy(), self.max_depth) - 1
-        rank = np.minimum(sibling_ranks(tree), self.max_rank - 1)
+        rank = np.minimum(tree.ranks.numpy(), self.max_rank - 1)
         np.add.at(self.reached, (depth[reached], rank[reached]), 1.0)
         np.add.at(self.accepted, (depth[reached], rank[reached]), accepted[reached].astype(np.float64))
 

@@ -8,7 +8,7 @@ import torch
 
 from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
 from drafters.ngram import NGramIndex
-from drafters.stats import AcceptanceStats, sibling_ranks
+from drafters.stats import AcceptanceStats
 from trees import TokenTree, best_first, expected_accepted, sequoia
 
 
@@ -87,7 +87,7 @@ def test_ngram_state_round_trip():
 # ---------------------------------------------------------------- statistics and shapes
 def test_sibling_ranks_and_stats_update():
     tree = TokenTree([5, 6, 7, 8], [-1, -1, 0, 0], [-1.0, -0.5, -2.0, -3.0])
-    assert sibling_ranks(tree).tolist() == [1, 0, 0, 1]
+    assert tree.ranks.tolist() == [1, 0, 0, 1]  # default ranks: among siblings by score
     stats = AcceptanceStats(max_depth=4, max_rank=4, decay=1.0, prior=(0.5, 0.5, 0.5, 0.5), prior_weight=0.0)
     stats.update(tree, accepted_nodes=[0, 2])
     assert stats.reached[0, :2].tolist() == [1.0, 1.0] and stats.accepted[0, :2].tolist() == [0.0, 1.0]

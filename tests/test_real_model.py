@@ -38,22 +38,31 @@ def dev_prompts(tokenizer, count: int = 20) -> list[tuple[str, torch.Tensor]]:
     return chosen[:count]
 
 
-def test_greedy_identical_to_hf_on_dev_prompts(real_model):
+@pytest.fixture(scope="module")
+def references(real_model):
+    """HF greedy outputs (128 new tokens) for the 20 dev prompts, computed once."""
     model, tokenizer = real_model
     prompts = dev_prompts(tokenizer)
     assert len(prompts) == 20 and len({name.split("/")[0] for name, _ in prompts}) >= 4
-    decoder = SpeculativeDecoder(model, tokenizer)  # hot drafter state across prompts
+    with torch.inference_mode():
+        return [(name, ids, model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=128)) for name, ids in prompts]
+
+
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "auto"])
+def test_greedy_identical_to_hf_on_dev_prompts(real_model, references, drafter):
+    """``auto`` is the recycling+ngram hybrid under the scheduler."""
+    model, tokenizer = real_model
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)  # hot drafter state across prompts
     mismatches, steps, new_tokens = [], 0, 0
-    for name, ids in prompts:
-        with torch.inference_mode():
-            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=128)
+    for name, ids, ref in references:
         out = decoder.generate(ids, max_new_tokens=128, return_dict_in_generate=True)
         if not torch.equal(out.sequences, ref):
             mismatches.append(name)
         steps += out.spec_stats.steps
         new_tokens += out.spec_stats.new_tokens
     assert mismatches == []
-    assert new_tokens / steps > 1.2  # recycling must actually be accepting drafts on real text
+    assert new_tokens / steps > 1.2  # the drafter must actually be accepting drafts on real text
 
 
 def test_cli_generate_runs_default_model():

@@ -29,6 +29,7 @@ def test_expands_shape_breadth_first():
     # depth 3: rank 0 under token 7
     assert tree.tokens.tolist() == [4, 5, 7, 8, 13]
     assert tree.parents.tolist() == [-1, -1, 0, 0, 2]
+    assert tree.ranks.tolist() == [0, 1, 0, 1, 0]  # successor columns, used by the acceptance statistics
     assert tree.scores.tolist() == pytest.approx(shape.log_prior.tolist())
 
 

@@ -41,12 +41,16 @@ class TokenTree:
             accepted (higher is better; a child never scores above its parent when built by
             specdec's drafters).
         sources: ``[n]`` int8 id of the drafter that proposed each node (for statistics).
+        ranks: ``[n]`` int64 the node's rank among the candidates its drafter had for that parent
+            (Token Recycling: the successor column; default: rank among siblings by score). The
+            acceptance statistics are kept per (depth, rank).
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     scores: torch.Tensor = None  # type: ignore[assignment]
     sources: torch.Tensor = None  # type: ignore[assignment]
+    ranks: torch.Tensor = None  # type: ignore[assignment]
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +74,13 @@ class TokenTree:
         object.__setattr__(self, "parents", parents)
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "sources", sources.to(torch.int8))
+        if self.ranks is None:
+            ranks = torch.from_numpy(sibling_ranks(parents.numpy(), scores.numpy()))
+        else:
+            ranks = torch.as_tensor(self.ranks, dtype=torch.long)
+            if ranks.shape != (n,):
+                raise ValueError(f"ranks must have shape ({n},), got {tuple(ranks.shape)}")
+        object.__setattr__(self, "ranks", ranks)
 
     @classmethod
     def empty(cls) -> "TokenTree":
@@ -179,7 +190,7 @@ class TokenTree:
         new_index = torch.cumsum(keep.long(), 0) - 1
         parents = self.parents[keep]
         parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-        return TokenTree(self.tokens[keep], parents, self.scores[keep], self.sources[keep])
+        return TokenTree(self.tokens[keep], parents, self.scores[keep], self.sources[keep], self.ranks[keep])
 
     def prune(self, budget: int) -> "TokenTree":
         """Keep the ``budget`` best-scored nodes, ancestor-closed.
@@ -226,6 +237,7 @@ def merge(trees: list[TokenTree]) -> TokenTree:
     parents: list[int] = []
     scores: list[float] = []
     sources: list[int] = []
+    ranks: list[int] = []
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         local_to_merged: list[int] = []
@@ -238,6 +250,7 @@ def merge(trees: list[TokenTree]) -> TokenTree:
                 if score > scores[merged]:
                     scores[merged] = score
                     sources[merged] = int(tree.sources[node_idx])
+                    ranks[merged] = int(tree.ranks[node_idx])
             else:
                 merged = len(tokens)
                 index[key] = merged
@@ -245,10 +258,26 @@ def merge(trees: list[TokenTree]) -> TokenTree:
                 parents.append(merged_parent)
                 scores.append(score)
                 sources.append(int(tree.sources[node_idx]))
+                ranks.append(int(tree.ranks[node_idx]))
             local_to_merged.append(merged)
     return TokenTree(
         torch.tensor(tokens, dtype=torch.long),
         torch.tensor(parents, dtype=torch.long),
         torch.tensor(scores, dtype=torch.float32),
         torch.tensor(sources, dtype=torch.int8),
+        torch.tensor(ranks, dtype=torch.long),
     )
+
+
+def sibling_ranks(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``[n]`` rank of each node among its siblings by score (0 = best; ties by node order)."""
+    n = len(parents)
+    order = np.lexsort((np.arange(n), -scores, parents))  # grouped by parent, best score first
+    ranks = np.empty(n, dtype=np.int64)
+    previous_parent, rank = None, 0
+    for node_idx in order:
+        parent = parents[node_idx]
+        rank = rank + 1 if parent == previous_parent else 0
+        ranks[node_idx] = rank
+        previous_parent = parent
+    return ranks
