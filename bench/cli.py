@@ -28,7 +28,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--limit-per-category", type=int, default=None, help="First N questions of each task.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--max-prompt-tokens", type=int, default=None, help="Skip questions whose prompt is longer.")
-@click.option("--methods", default="baseline,hf-pld,recycling", show_default=True,
+@click.option("--methods", default="baseline,hf-pld,recycling,auto", show_default=True,
               help=f"Comma list from: {', '.join(known_methods())}; drafters combine with '+' "
                    "(recycling+ngram).")
 @click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")

@@ -196,13 +196,14 @@ class SpeculativeDecoder:
         stats.drafted_tokens += len(tree)
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
-        sources = tree.sources.tolist()
-        for node_idx, source in enumerate(sources):
-            entry = stats.per_drafter.setdefault(self._source_names.get(source, str(source)),
+        sources = tree.sources.numpy()
+        proposed = np.bincount(sources, minlength=len(self._source_names))
+        accepted = np.bincount(sources[list(acceptance.accepted_nodes)], minlength=len(proposed))
+        for source in np.flatnonzero(proposed):
+            entry = stats.per_drafter.setdefault(self._source_names.get(int(source), str(source)),
                                                  {"proposed": 0, "accepted": 0})
-            entry["proposed"] += 1
-        for node_idx in acceptance.accepted_nodes:
-            stats.per_drafter[self._source_names.get(sources[node_idx], str(sources[node_idx]))]["accepted"] += 1
+            entry["proposed"] += int(proposed[source])
+            entry["accepted"] += int(accepted[source])
 
     def _prefill(self, cache, prompt: torch.Tensor) -> int:
         """Cache all prompt tokens but the last (the first root); seed the drafter. Returns the cache length."""

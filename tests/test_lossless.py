@@ -121,8 +121,12 @@ def test_ngram_and_hybrid_match_hf_greedy(model, drafter, max_new_tokens):
     ref = _reference(model, prompt, max_new_tokens)
     decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=10)
     for _ in range(2):  # the second run also drafts from the cross-request store
-        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=-1)
-        assert torch.equal(out, ref)
+        out = decoder.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=-1, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref)
+    per_drafter = out.spec_stats.per_drafter
+    assert set(per_drafter) <= set(drafter.split("+"))
+    assert sum(c["proposed"] for c in per_drafter.values()) == out.spec_stats.drafted_tokens
+    assert all(0 <= c["accepted"] <= c["proposed"] for c in per_drafter.values())
 
 
 @pytest.mark.parametrize("relation", ["copy", "unrelated"])
