@@ -6,6 +6,7 @@ store of this drafter's previous outputs, so content repeated across requests is
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 import numpy as np
@@ -45,8 +46,10 @@ class NGramIndex:
                     break
                 self.ends.setdefault(key, []).append(end)
 
-    def continuations(self, suffix: tuple[int, ...], depth: int, limit: int, before: int | None = None):
-        """Up to ``limit`` continuations (most recent first) of earlier occurrences of ``suffix``.
+    def continuations(self, suffix: tuple[int, ...], depth: int, limit: int, before: int | None = None,
+                      earliest_too: bool = False):
+        """Up to ``limit`` continuations of earlier occurrences of ``suffix``, most recent first
+        (with ``earliest_too``: alternately the most recent and the earliest remaining one).
 
         Only occurrences ending before position ``before`` count (default: anywhere but the very
         end); each continuation stops at ``depth`` tokens or a sequence boundary.
@@ -55,10 +58,10 @@ class NGramIndex:
         if not ends:
             return []
         before = len(self.tokens) - 1 if before is None else before
+        usable = ends[: bisect.bisect_left(ends, before)]  # ends are ascending
+        order = _alternate(usable) if earliest_too else reversed(usable)
         found = []
-        for end in reversed(ends):
-            if end >= before:
-                continue
+        for end in order:
             continuation = self.tokens[end + 1 : end + 1 + depth]
             if BOUNDARY in continuation:
                 continuation = continuation[: continuation.index(BOUNDARY)]
@@ -67,6 +70,16 @@ class NGramIndex:
             if len(found) >= limit:
                 break
         return found
+
+
+def _alternate(ends: list[int]):
+    """Most recent, earliest, second most recent, second earliest, ..."""
+    low, high = 0, len(ends) - 1
+    while low <= high:
+        yield ends[high]
+        if low < high:
+            yield ends[low]
+        low, high = low + 1, high - 1
 
 
 class NGramDrafter(Drafter):
@@ -84,12 +97,13 @@ class NGramDrafter(Drafter):
         max_depth: tokens drafted per continuation.
         store_tokens: size of the cross-request store of previous outputs (0 disables it);
             the oldest outputs are evicted first.
+        earliest_too: also take the earliest occurrences (alternating with the most recent).
     """
 
     name = "ngram"
 
     def __init__(self, vocab_size: int | None = None, min_n: int = 1, max_n: int = 4, max_matches: int = 6,
-                 max_depth: int = 8, store_tokens: int = 20_000) -> None:
+                 max_depth: int = 8, store_tokens: int = 20_000, earliest_too: bool = False) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         if max_matches < 1 or max_depth < 1:
@@ -100,6 +114,7 @@ class NGramDrafter(Drafter):
         self.min_n, self.max_n = min_n, max_n
         self.max_matches, self.max_depth = max_matches, max_depth
         self.store_tokens = store_tokens
+        self.earliest_too = earliest_too
         self.stats = AcceptanceStats(prior=(0.5, 0.15, 0.08, 0.05, 0.03, 0.02, 0.015, 0.01))
         self.source_id = 0
         self._context = NGramIndex(min_n, max_n)
@@ -142,7 +157,7 @@ class NGramDrafter(Drafter):
             suffix = tuple(context[-n:])
             room = self.max_matches - len(matches)
             for index in (self._context, self._store):
-                for continuation in index.continuations(suffix, self.max_depth, room):
+                for continuation in index.continuations(suffix, self.max_depth, room, earliest_too=self.earliest_too):
                     matches.append((continuation, n))
                 room = self.max_matches - len(matches)
                 if room <= 0:

@@ -95,6 +95,7 @@ class TokenRecycling(Drafter):
         self._shapes: dict[int, TreeShape] = {}
         self._shapes_at_step = 0
         self.stats = AcceptanceStats(max_rank=k)
+        self._shape_rates = self.stats.rates()  # the rates the cached shapes were grown from
         self.source_id = 0
         self.succ = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [V, k] token ids
 
@@ -105,8 +106,9 @@ class TokenRecycling(Drafter):
         if self.stats.steps - self._shapes_at_step >= self.REFRESH_STEPS:
             self._shapes.clear()
             self._shapes_at_step = self.stats.steps
+            self._shape_rates = self.stats.rates()
         if budget not in self._shapes:
-            self._shapes[budget] = best_first(budget * self.SLOTS_PER_NODE, rates=self.stats.rates(), max_rank=self.k)
+            self._shapes[budget] = best_first(budget * self.SLOTS_PER_NODE, rates=self._shape_rates, max_rank=self.k)
         return self._shapes[budget]
 
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
@@ -138,10 +140,12 @@ class TokenRecycling(Drafter):
         self.stats.reset()
         self._shapes.clear()
         self._shapes_at_step = 0
+        self._shape_rates = self.stats.rates()
 
     def state_dict(self) -> dict:
         return {"succ": torch.from_numpy(self.succ.copy()), "vocab_size": self.vocab_size, "k": self.k,
-                "stats": self.stats.state_dict()}
+                "stats": self.stats.state_dict(), "shape_rates": torch.from_numpy(self._shape_rates.copy()),
+                "shapes_at_step": self._shapes_at_step}
 
     def load_state_dict(self, state: dict) -> None:
         succ = torch.as_tensor(state["succ"]).numpy()
@@ -152,5 +156,6 @@ class TokenRecycling(Drafter):
         self.succ[...] = succ
         if "stats" in state:
             self.stats.load_state_dict(state["stats"])
+            self._shape_rates = torch.as_tensor(state["shape_rates"]).numpy().copy()
+            self._shapes_at_step = int(state["shapes_at_step"])
         self._shapes.clear()
-        self._shapes_at_step = self.stats.steps

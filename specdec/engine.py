@@ -125,6 +125,28 @@ class SpeculativeDecoder:
         """Forget what the drafter learned (the scheduler's cost measurements are kept)."""
         self.drafter.reset()
 
+    def state_dict(self) -> dict:
+        """Everything learned: the drafters' state and the scheduler's statistics."""
+        return {"drafter": self.drafter.name, "drafter_state": self.drafter.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "vocab_size": self.logits_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("vocab_size") != self.logits_size or state.get("drafter") != self.drafter.name:
+            raise ValueError(
+                f"state was saved for drafter {state.get('drafter')!r} with a vocabulary of "
+                f"{state.get('vocab_size')} tokens; this decoder has {self.drafter.name!r} and {self.logits_size}"
+            )
+        self.drafter.load_state_dict(state["drafter_state"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save(self, path) -> None:
+        """Write `state_dict` to ``path`` (``torch.save``)."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        """Read a file written by `save`."""
+        self.load_state_dict(torch.load(path, weights_only=True))
+
     def generate(self, input_ids, **kwargs):
         """Greedy generation, token-identical to ``model.generate(do_sample=False)``.
 

@@ -172,3 +172,10 @@ def test_model_drafter_copy_of_target_drafts_the_greedy_path(model):
         if parent >= 0:
             assert tree.scores[node] <= tree.scores[parent] + 1e-6
     assert drafter._cache.get_seq_length() == prompt.shape[1]  # drafted tokens were cropped
+
+
+def test_earliest_too_alternates_recent_and_earliest():
+    index = NGramIndex(1, 1)
+    index.extend([7, 1, 7, 2, 7, 3, 7, 4, 7])
+    assert index.continuations((7,), depth=1, limit=4, earliest_too=True) == [[4], [1], [3], [2]]
+    assert index.continuations((7,), depth=1, limit=4) == [[4], [3], [2], [1]]

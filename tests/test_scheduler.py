@@ -131,3 +131,24 @@ def test_scheduler_extremes_keep_output(model, scheduler):
         assert torch.equal(out.sequences, ref)
     if scheduler.max_budget == 0:
         assert out.spec_stats.drafted_tokens == 0 and out.spec_stats.steps == 40
+
+
+def test_decoder_state_round_trip(model, tmp_path):
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    decoder = SpeculativeDecoder(model)
+    first = decoder.generate(prompt, max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True)
+    decoder.save(tmp_path / "state.pt")
+    restored = SpeculativeDecoder(model)
+    restored.load(tmp_path / "state.pt")
+    np.testing.assert_equal(restored.scheduler.state_dict(), decoder.scheduler.state_dict())
+    a = decoder.drafter.propose(*_ctx(first.sequences), 8)
+    b = restored.drafter.propose(*_ctx(first.sequences), 8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+    with pytest.raises(ValueError, match="drafter"):
+        SpeculativeDecoder(model, drafter="ngram").load(tmp_path / "state.pt")
+
+
+def _ctx(sequences):
+    from drafters import DraftContext
+
+    return (DraftContext(sequences[0].numpy(), sequence_id=99, prompt_len=8),)
