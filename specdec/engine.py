@@ -14,7 +14,8 @@ from transformers import DynamicCache
 from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
 from specdec import kv
 from specdec.scheduler import Scheduler
-from specdec.verify import Acceptance, accept_greedy, tree_forward
+from specdec.sampling import SamplingConfig, choose
+from specdec.verify import Acceptance, tree_forward
 from trees import TokenTree
 
 AUTO = "auto"
@@ -158,10 +159,11 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int | None):
+    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int | None,
+               sampling: SamplingConfig | None = None, generator: torch.Generator | None = None):
         """Generate up to ``max_new_tokens`` after ``prompt`` (``[L]`` int64). Returns (new ids, stats).
 
-        ``tree_budget=None`` lets the scheduler size every tree.
+        ``tree_budget=None`` lets the scheduler size every tree; ``sampling=None`` is plain greedy.
         """
         with self._lock:
             stats = SpecStats()
@@ -187,7 +189,7 @@ class SpeculativeDecoder:
                 drafted = self.clock()
                 logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
                 verified = self.clock()
-                acceptance = accept_greedy(tree, logits.argmax(-1).tolist())
+                acceptance = choose(tree, logits, torch.from_numpy(committed[:n_committed]), sampling, generator)
                 emitted, finished = cut_at_stop(
                     acceptance.tokens(tree), max_new_tokens - len(new_tokens), eos_ids
                 )

@@ -25,7 +25,11 @@ from specdec import SpeculativeDecoder
         (torch.tensor([[1, 2]]), {"tree_budget": 10_000}, ValueError, "tree_budget"),
         (torch.tensor([[1, 2]]), {"attention_mask": torch.tensor([[0, 1]])}, ValueError, "attention_mask"),
         (torch.tensor([[1, 2]]), {"eos_token_id": "x"}, TypeError, "eos_token_id"),
-        (torch.tensor([[1, 2]]), {"do_sample": True}, ValueError, "do_sample"),
+        (torch.tensor([[1, 2]]), {"do_sample": True, "temperature": 0.0}, ValueError, "temperature"),
+        (torch.tensor([[1, 2]]), {"do_sample": True, "top_p": 1.5}, ValueError, "top_p"),
+        (torch.tensor([[1, 2]]), {"do_sample": True, "top_k": -1}, ValueError, "top_k"),
+        (torch.tensor([[1, 2]]), {"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
+        (torch.tensor([[1, 2]]), {"do_sample": True, "generator": 3}, TypeError, "generator"),
         (torch.tensor([[1, 2]]), {"drafter": "nope"}, ValueError, "drafter must be one of"),
     ],
 )

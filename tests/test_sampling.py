@@ -1,0 +1,172 @@
+"""Sampling preserves the target distribution (chi-square with a negative control); greedy with
+repetition penalty equals HF."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import specdec
+from specdec.sampling import accept_sampled
+from specdec.verify import Acceptance
+from tests.conftest import tiny_llama
+from trees import TokenTree
+
+P_VALUE = 1e-3
+
+
+def chi_square_p(counts: dict, expected: dict, n: int) -> float:
+    cells = [c for c in expected if expected[c] * n >= 5]
+    observed = np.array([counts.get(c, 0) for c in cells] + [n - sum(counts.get(c, 0) for c in cells)], float)
+    probs = np.array([expected[c] for c in cells] + [1.0 - sum(expected[c] for c in cells)])
+    keep = probs * n > 1e-9
+    return float(chisquare(observed[keep], probs[keep] * n * observed[keep].sum() / (probs[keep] * n).sum()).pvalue)
+
+
+# ---------------------------------------------------------------- unit level: a Markov-chain "LM"
+V = 6
+RNG = np.random.default_rng(0)
+TARGET = torch.tensor(RNG.dirichlet(np.ones(V) * 0.7, size=V), dtype=torch.float32)  # P(next | last)
+DRAFT = torch.tensor(RNG.dirichlet(np.ones(V) * 0.7, size=V), dtype=torch.float32)
+
+
+def draft_tree(root: int) -> TokenTree:
+    """Widths 3 then 2: top-3 successors of the root under DRAFT, top-2 below the first two."""
+    first = DRAFT[root].topk(3).indices.tolist()
+    tokens, parents = list(first), [-1, -1, -1]
+    for parent in (0, 1):
+        for token in DRAFT[first[parent]].topk(2).indices.tolist():
+            tokens.append(token)
+            parents.append(parent)
+    return TokenTree(torch.tensor(tokens), torch.tensor(parents))
+
+
+def broken_accept(tree: TokenTree, probs: torch.Tensor, generator=None, threshold: float = 0.25) -> Acceptance:
+    """A plausible-looking but biased verifier: takes a child outright when the target likes it."""
+    children, slot, accepted = tree.children(), 0, []
+    while True:
+        liked = [c for c in children[slot] if probs[slot, tree.tokens[c]] > threshold]
+        if not liked:
+            return Acceptance(tuple(accepted), int(torch.multinomial(probs[slot], 1, generator=generator)))
+        accepted.append(liked[0])
+        slot = liked[0] + 1
+
+
+def sample_two(accept, trials: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    counts: dict = {}
+    for _ in range(trials):
+        out, root = [], 0
+        while len(out) < 2:
+            tree = draft_tree(root)
+            slots = torch.cat([torch.tensor([root]), tree.tokens])
+            result = accept(tree, TARGET[slots], generator)
+            out += result.tokens(tree)
+            root = out[-1]
+        key = tuple(out[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def markov_expected() -> dict:
+    return {(a, b): float(TARGET[0, a] * TARGET[a, b]) for a, b in itertools.product(range(V), repeat=2)}
+
+
+def test_delta_rule_matches_target_joint_distribution():
+    trials = 20_000
+    assert chi_square_p(sample_two(accept_sampled, trials, seed=1), markov_expected(), trials) > P_VALUE
+
+
+def test_broken_verifier_fails_the_same_test():
+    trials = 20_000
+    assert chi_square_p(sample_two(broken_accept, trials, seed=1), markov_expected(), trials) < 1e-6
+
+
+# ---------------------------------------------------------------- end to end on a tiny model
+SMALL_V = 8
+PROMPT = torch.tensor([[3, 4, 5, 3, 4]])
+SETTINGS = dict(temperature=0.8, top_k=6, top_p=0.95, repetition_penalty=1.3)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    model = tiny_llama(vocab_size=SMALL_V, seed=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.25)  # back to moderate logits: many tokens keep mass
+    return model
+
+
+def processed_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(SETTINGS["repetition_penalty"]),
+        TemperatureLogitsWarper(SETTINGS["temperature"]),
+        TopKLogitsWarper(SETTINGS["top_k"]),
+        TopPLogitsWarper(SETTINGS["top_p"]),
+    ])
+    with torch.no_grad():
+        scores = model(ids).logits[:, -1].float()
+    return torch.softmax(processors(ids, scores), dim=-1)[0]
+
+
+def exact_joint(model) -> dict:
+    first = processed_probs(model, PROMPT)
+    expected = {}
+    for a in range(SMALL_V):
+        if first[a] == 0:
+            continue
+        second = processed_probs(model, torch.cat([PROMPT, torch.tensor([[a]])], dim=1))
+        for b in range(SMALL_V):
+            expected[(a, b)] = float(first[a] * second[b])
+    return expected
+
+
+def sample_generate(model, trials: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    decoder = specdec.SpeculativeDecoder(model, tree_budget=6)
+    counts: dict = {}
+    for _ in range(trials):
+        out = decoder.generate(PROMPT, max_new_tokens=2, eos_token_id=-1, do_sample=True, generator=generator,
+                               **SETTINGS)
+        key = tuple(out[0, PROMPT.shape[1]:].tolist())
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_generate_sampling_matches_exact_distribution(small_model, monkeypatch):
+    trials = 1500
+    expected = exact_joint(small_model)
+    counts = sample_generate(small_model, trials, seed=7)
+    assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
+    assert chi_square_p(counts, expected, trials) > P_VALUE
+    monkeypatch.setattr("specdec.sampling.accept_sampled",
+                        lambda tree, probs, generator: broken_accept(tree, probs, generator, threshold=0.05))
+    assert chi_square_p(sample_generate(small_model, trials, seed=7), expected, trials) < 1e-6
+
+
+def test_seeded_sampling_is_repeatable(small_model):
+    def run(seed):
+        return specdec.generate(small_model, PROMPT, max_new_tokens=20, eos_token_id=-1, do_sample=True,
+                                generator=torch.Generator().manual_seed(seed), **SETTINGS)
+
+    assert torch.equal(run(3), run(3))
+    assert any(not torch.equal(run(3), run(s)) for s in (4, 5, 6))
+
+
+def test_greedy_with_repetition_penalty_matches_hf(model):
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=30,
+                         repetition_penalty=1.3, eos_token_id=-1, pad_token_id=0)
+    out = specdec.SpeculativeDecoder(model).generate(prompt, max_new_tokens=30, eos_token_id=-1,
+                                                     repetition_penalty=1.3)
+    assert torch.equal(out, ref)
