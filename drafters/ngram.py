@@ -136,15 +136,16 @@ class NGramDrafter(Drafter):
         """Add a finished output to the store, evicting the oldest beyond ``store_tokens``."""
         if not self.store_tokens or len(output) < self.min_n + 1:
             return
-        self._stored.append(list(output[-self.store_tokens :]))
-        if sum(len(s) + 1 for s in self._stored) > self.store_tokens:
-            while sum(len(s) + 1 for s in self._stored) > self.store_tokens:
-                self._stored.popleft()
-            self._store = NGramIndex(self.min_n, self.max_n)
-            for sequence in self._stored:
-                self._store.extend(sequence + [BOUNDARY])
-        else:
+        self._stored.append(list(output[-(self.store_tokens - 1) :]))
+        total = sum(len(s) + 1 for s in self._stored)  # +1: the boundary after each output
+        if total <= self.store_tokens:
             self._store.extend(self._stored[-1] + [BOUNDARY])
+            return
+        while total > self.store_tokens:
+            total -= len(self._stored.popleft()) + 1
+        self._store = NGramIndex(self.min_n, self.max_n)
+        for sequence in self._stored:
+            self._store.extend(sequence + [BOUNDARY])
 
     # ------------------------------------------------------------------ drafting
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:

@@ -149,9 +149,10 @@ class SpeculativeDecoder:
         self.load_state_dict(torch.load(path, weights_only=True))
 
     def generate(self, input_ids, **kwargs):
-        """Greedy generation, token-identical to ``model.generate(do_sample=False)``.
+        """Generation with ``model.generate``'s semantics: greedy output is token-identical to
+        ``do_sample=False``; ``do_sample=True`` samples exactly the target's distribution.
 
-        Takes the arguments of `specdec.generate` except ``model`` and ``drafter``.
+        Takes the arguments of `specdec.generate` except ``model``, ``drafter`` and ``draft_model``.
         """
         from specdec.generate import run_generate
 

@@ -102,7 +102,6 @@ class Scheduler:
         self.steps = 0
         self.decisions = 0
         self.last_size = 0
-        self.history: list[int] = []
         self._lock = threading.Lock()
 
     @property
@@ -128,7 +127,6 @@ class Scheduler:
             if self.decisions % self.explore_every == 0:
                 size = self._neighbour(size, len(values), up=(self.decisions // self.explore_every) % 2 == 1)
             self.last_size = size
-            self.history.append(size)
             return size
 
     @staticmethod
