@@ -39,12 +39,17 @@ def _split(value: str | None) -> list[str] | None:
               help="Keep drafter state across questions (hot) or reset it per question (cold).")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per step for specdec methods.")
 @click.option("--pld-tokens", type=int, default=4, show_default=True, help="prompt_lookup_num_tokens for hf-pld.")
+@click.option("--sample", is_flag=True, help="Sample (do_sample=True) instead of greedy decoding, every method alike.")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature (--sample).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (--sample).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed for --sample (same per question for every method).")
 @click.option("--explain", is_flag=True, help="Print the scheduler's cost curve and per-drafter acceptance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
-          draft_model, repeats, state, tree_budget, pld_tokens, explain, json_path, markdown_path, plot_path):
+          draft_model, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
+          markdown_path, plot_path):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
@@ -59,6 +64,15 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         raise BenchError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known_methods())}")
     if max_new_tokens < 1 or repeats < 1:
         raise BenchError("--max-new-tokens and --repeats must be >= 1")
+    if sample and not temperature > 0:
+        raise BenchError(f"--temperature must be > 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise BenchError(f"--top-p must be in (0, 1], got {top_p}")
+    sampling = None
+    if sample:
+        sampling = {"do_sample": True, "temperature": temperature}
+        if top_p is not None:
+            sampling["top_p"] = top_p
     needs_draft = [m for m in method_names if m == "hf-assisted" or "model" in m.split("+")]
     if needs_draft and not draft_model:
         raise BenchError(f"method {needs_draft[0]} needs --draft-model")
@@ -80,7 +94,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
             raise BenchError(f"every question is longer than --max-prompt-tokens {max_prompt_tokens}")
     try:
         built = [make_method(name, model, tokenizer, draft_model=draft, pld_tokens=pld_tokens,
-                             tree_budget=tree_budget) for name in method_names]
+                             tree_budget=tree_budget, sampling=sampling) for name in method_names]
     except (MethodError, ValueError) as err:
         raise BenchError(str(err)) from None
 
@@ -95,6 +109,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         "repeats": repeats,
         "state": state,
         "tree_budget": tree_budget,
+        "decoding": "greedy" if sampling is None else {**sampling, "seed": seed},
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     if skipped:
@@ -102,7 +117,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
 
     warmup = BUILTIN_QUESTIONS[0]
     for method in built:
-        method.generate(encode_chat(tokenizer, [{"role": "user", "content": warmup.turns[0]}]), 16)
+        method.generate(encode_chat(tokenizer, [{"role": "user", "content": warmup.turns[0]}]), 16, seed)
         if state == "cold":
             method.reset()
 
@@ -112,10 +127,12 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     with Progress(console=_stderr_console(), transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         records = run_benchmark(built, questions, tokenizer, max_new_tokens, repeats, state,
-                                on_record=lambda r: progress.advance(task), model=model)
+                                on_record=lambda r: progress.advance(task), model=model,
+                                seed=seed if sample else None)
     summary = summarize(records)
-    report.print_table(summary, title=f"specdec bench: {config['model']}, {dtype}, {len(questions)} questions, "
-                                      f"{max_new_tokens} new tokens, state {state}")
+    decoding = "greedy" if sampling is None else f"sampling T={temperature}" + (f" top-p={top_p}" if top_p else "")
+    report.print_table(summary, title=f"specdec bench: {config['model']}, {dtype}, {decoding}, {len(questions)} "
+                                      f"questions, {max_new_tokens} new tokens, state {state}")
     if explain:
         report.print_explanation(built, records)
     if json_path:

@@ -52,8 +52,10 @@ def interleave(methods: list[str], questions: list[Question], repeats: int) -> I
                 yield repeat, question, method
 
 
-def answer(method: Method, tokenizer, question: Question, max_new_tokens: int):
+def answer(method: Method, tokenizer, question: Question, max_new_tokens: int, seed: int | None = None):
     """All turns of ``question``, each with the method's own earlier answers in the history.
+
+    ``seed`` (sampled methods) seeds turn ``i`` with ``seed + i``: every method sees the same seeds.
 
     Returns ``(turns, seconds, stats)``: each turn's prompt ids and new ids, the seconds spent
     inside generate calls, and the specdec statistics of every turn (empty for HF methods).
@@ -62,11 +64,11 @@ def answer(method: Method, tokenizer, question: Question, max_new_tokens: int):
     turns: list[tuple[torch.Tensor, list[int]]] = []
     seconds = 0.0
     stats = []
-    for turn in question.turns:
+    for i, turn in enumerate(question.turns):
         history.append({"role": "user", "content": turn})
         prompt = encode_chat(tokenizer, history)
         started = time.perf_counter()
-        generation = method.generate(prompt, max_new_tokens)
+        generation = method.generate(prompt, max_new_tokens, None if seed is None else seed + i)
         seconds += time.perf_counter() - started
         turns.append((prompt, generation.new_ids))
         if generation.stats is not None:
@@ -111,11 +113,14 @@ def run_benchmark(
     state: str = "hot",
     on_record: Callable[[Record], None] | None = None,
     model=None,
+    seed: int | None = None,
 ) -> list[Record]:
     """Interleaved run of every method on every question.
 
-    Each record is compared with the baseline's output for the same question and repeat; with
-    ``model`` given, divergent records also get their `divergence_margin` (computed untimed).
+    Greedy runs (``seed=None``): each record is compared with the baseline's output for the same
+    question and repeat; with ``model`` given, divergent records also get their
+    `divergence_margin` (computed untimed). Sampled runs (``seed`` given, methods built with
+    sampling settings) seed each question identically for every method and compare nothing.
     """
     by_name = {m.name: m for m in methods}
     records: list[Record] = []
@@ -124,7 +129,8 @@ def run_benchmark(
         method = by_name[name]
         if state == "cold":
             method.reset()
-        turns, seconds, stats = answer(method, tokenizer, question, max_new_tokens)
+        question_seed = None if seed is None else seed + 1000 * (repeat * len(questions) + questions.index(question))
+        turns, seconds, stats = answer(method, tokenizer, question, max_new_tokens, question_seed)
         record = Record(name, question.question_id, question.task, sum(len(t[1]) for t in turns), seconds,
                         sum(s.steps for s in stats) if stats else None, repeat=repeat, turns=turns)
         if stats:
@@ -139,7 +145,7 @@ def run_benchmark(
         if name == BASELINE:
             baselines[(repeat, question.question_id)] = record
         reference = baselines.get((repeat, question.question_id))
-        if reference is not None:
+        if reference is not None and seed is None:
             record.first_diff = first_difference(reference.output_ids, record.output_ids)
             record.identical = record.first_diff is None
             if not record.identical and model is not None:

@@ -32,15 +32,16 @@ class Generation:
 class Method:
     """A named way to generate greedily from a prompt."""
 
-    def __init__(self, name: str, run: Callable[[torch.Tensor, int], Generation], reset=None) -> None:
+    def __init__(self, name: str, run: Callable[[torch.Tensor, int, int | None], Generation], reset=None) -> None:
         self.name = name
         self._run = run
         self._reset = reset
         self.decoder: SpeculativeDecoder | None = None
 
-    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
-        """Greedy continuation of ``prompt_ids`` (``[1, L]``)."""
-        return self._run(prompt_ids, max_new_tokens)
+    def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, seed: int | None = None) -> Generation:
+        """Continuation of ``prompt_ids`` (``[1, L]``): greedy, or sampled with ``seed`` when the
+        method was built with sampling settings."""
+        return self._run(prompt_ids, max_new_tokens, seed)
 
     def reset(self) -> None:
         """Forget learned drafter state (no-op for stateless methods)."""
@@ -63,7 +64,7 @@ def is_known(name: str) -> bool:
     return True
 
 
-def _hf_method(name: str, model, **generate_kwargs) -> Method:
+def _hf_method(name: str, model, sampling: dict | None, **generate_kwargs) -> Method:
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.generation_config.eos_token_id
@@ -71,11 +72,13 @@ def _hf_method(name: str, model, **generate_kwargs) -> Method:
         pad = pad[0]
 
     @torch.inference_mode()
-    def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
+    def run(prompt_ids: torch.Tensor, max_new_tokens: int, seed: int | None) -> Generation:
+        if sampling and seed is not None:
+            torch.manual_seed(seed)
         out = model.generate(
             prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
-            do_sample=False,
+            **(sampling or {"do_sample": False}),
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             **generate_kwargs,
@@ -94,16 +97,21 @@ def make_method(
     pld_tokens: int = 4,
     tree_budget: int | None = None,
     scheduler=None,
+    sampling: dict | None = None,
 ) -> Method:
-    """Build the method called ``name`` (see `known_methods`)."""
+    """Build the method called ``name`` (see `known_methods`).
+
+    ``sampling`` (e.g. ``{"do_sample": True, "temperature": 0.7}``) makes every method sample with
+    those ``generate`` settings; ``None`` is greedy.
+    """
     if name == "baseline":
-        return _hf_method(name, model)
+        return _hf_method(name, model, sampling)
     if name == "hf-pld":
-        return _hf_method(name, model, prompt_lookup_num_tokens=pld_tokens)
+        return _hf_method(name, model, sampling, prompt_lookup_num_tokens=pld_tokens)
     if name == "hf-assisted":
         if draft_model is None:
             raise MethodError("method hf-assisted needs --draft-model")
-        return _hf_method(name, model, assistant_model=draft_model)
+        return _hf_method(name, model, sampling, assistant_model=draft_model)
     if is_known(name):
         if name != AUTO and "model" in drafter_names(name) and draft_model is None:
             raise MethodError(f"method {name} needs --draft-model")
@@ -111,8 +119,10 @@ def make_method(
         decoder = SpeculativeDecoder(model, tokenizer, drafter=name, draft_model=draft_model, scheduler=scheduler,
                                      **options)
 
-        def run(prompt_ids: torch.Tensor, max_new_tokens: int) -> Generation:
-            out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
+        def run(prompt_ids: torch.Tensor, max_new_tokens: int, seed: int | None) -> Generation:
+            options = {"do_sample": False} if not sampling else {**sampling, "generator": seed}
+            out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                   **options)
             return Generation(out.sequences[0, prompt_ids.shape[1] :].tolist(), out.spec_stats)
 
         method = Method(name, run, reset=decoder.reset)

@@ -3,7 +3,9 @@
 from specdec.engine import AUTO, SpeculativeDecoder, SpecStats
 from specdec.generate import SpeculativeGenerateOutput, generate
 from specdec.models import load_default_model, load_model
+from specdec.patching import is_patched, patch, patched, unpatch
 from specdec.scheduler import Scheduler
+from specdec.validation import UnsupportedGeneration
 
 __version__ = "0.1.0"
 
@@ -13,7 +15,12 @@ __all__ = [
     "SpecStats",
     "SpeculativeDecoder",
     "SpeculativeGenerateOutput",
+    "UnsupportedGeneration",
     "generate",
+    "is_patched",
     "load_default_model",
     "load_model",
+    "patch",
+    "patched",
+    "unpatch",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +15,7 @@ from transformers import DynamicCache
 from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
 from specdec import kv
 from specdec.scheduler import Scheduler
-from specdec.sampling import SamplingConfig, choose
+from specdec.sampling import NodeRule, choose
 from specdec.verify import Acceptance, tree_forward
 from trees import TokenTree
 
@@ -26,7 +27,8 @@ class SpecStats:
     """What one generation did.
 
     ``mean_accepted_tokens`` (MAT) is the mean number of tokens committed per verify forward,
-    bonus token included (plain decoding scores 1.0).
+    bonus token included (plain decoding scores 1.0). ``max_tree_width`` is the most children any
+    slot of a verified tree had.
     """
 
     steps: int = 0
@@ -37,6 +39,7 @@ class SpecStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)
+    max_tree_width: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
     per_drafter: dict[str, dict[str, int]] = field(default_factory=dict)
     scheduler: dict | None = None
@@ -56,9 +59,50 @@ class SpecStats:
             "draft_ms_per_step": 1e3 * self.draft_seconds / self.steps if self.steps else 0.0,
             "verify_ms_per_step": 1e3 * self.verify_seconds / self.steps if self.steps else 0.0,
             "mean_tree_size": sum(self.tree_sizes) / self.steps if self.steps else 0.0,
+            "max_tree_width": self.max_tree_width,
             "per_drafter": self.per_drafter,
             "scheduler": self.scheduler,
         }
+
+
+@dataclass
+class DecodeRequest:
+    """One generation for `SpeculativeDecoder.decode`.
+
+    Attributes:
+        prompt: ``[L]`` int64 prompt ids (L >= 1).
+        max_new_tokens: tokens to generate at most.
+        eos_ids: token ids that end generation (the EOS token is emitted).
+        tree_budget: draft nodes per step; ``None`` lets the scheduler choose.
+        rule: per-node logits processors and greedy/sampled choice; ``None`` is plain argmax.
+        generator: RNG for sampling.
+        stop: ``stop(ids [1, L + i], scores [1, V]) -> bool`` checked after every new token
+            (HF stopping-criteria protocol); generation ends after the first token where it is true.
+        on_tokens: called with each step's new tokens as soon as they are accepted (streaming).
+        keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` that chose
+            each new token (``output_scores`` / ``output_logits``).
+    """
+
+    prompt: torch.Tensor
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    tree_budget: int | None = None
+    rule: NodeRule | None = None
+    generator: torch.Generator | None = None
+    stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+    keep_scores: bool = False
+    keep_logits: bool = False
+
+
+@dataclass
+class DecodeResult:
+    """New tokens, statistics, and (when asked) the per-token scores and logits (float32 ``[V]``)."""
+
+    tokens: list[int]
+    stats: SpecStats
+    scores: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
 
 
 def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[list[int], bool]:
@@ -119,6 +163,7 @@ class SpeculativeDecoder:
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
         self._source_names = {getattr(m, "source_id", 0): m.name for m in members}
         self.clock = clock
+        self.last_stats: SpecStats | None = None
         self._lock = threading.Lock()
         self._sequences = itertools.count()
 
@@ -148,32 +193,31 @@ class SpeculativeDecoder:
         """Read a file written by `save`."""
         self.load_state_dict(torch.load(path, weights_only=True))
 
-    def generate(self, input_ids, **kwargs):
+    def generate(self, inputs=None, *args, **kwargs):
         """Generation with ``model.generate``'s semantics: greedy output is token-identical to
         ``do_sample=False``; ``do_sample=True`` samples exactly the target's distribution.
 
-        Takes the arguments of `specdec.generate` except ``model``, ``drafter`` and ``draft_model``.
+        Takes the arguments of `specdec.generate` except ``model``, ``drafter`` and ``draft_model``;
+        the statistics of the last call are also kept in ``last_stats``.
         """
         from specdec.generate import run_generate
 
-        return run_generate(self, input_ids, **kwargs)
+        return run_generate(self, inputs, *args, **kwargs)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def decode(self, prompt: torch.Tensor, max_new_tokens: int, eos_ids: frozenset[int], tree_budget: int | None,
-               sampling: SamplingConfig | None = None, generator: torch.Generator | None = None):
-        """Generate up to ``max_new_tokens`` after ``prompt`` (``[L]`` int64). Returns (new ids, stats).
-
-        ``tree_budget=None`` lets the scheduler size every tree; ``sampling=None`` is plain greedy.
-        """
+    def decode(self, request: DecodeRequest) -> DecodeResult:
+        """Generate after ``request.prompt``: one target forward per step, until EOS, a stop
+        criterion or ``max_new_tokens``."""
         with self._lock:
-            stats = SpecStats()
-            committed = np.empty(prompt.numel() + max_new_tokens + 1, dtype=np.int64)
+            prompt = request.prompt
+            result = DecodeResult(tokens=[], stats=SpecStats())
+            stats = result.stats
+            committed = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
             committed[: prompt.numel()] = prompt.numpy()
             n_committed = prompt.numel()
-            new_tokens: list[int] = []
-            if max_new_tokens == 0:
-                return new_tokens, stats
+            if request.max_new_tokens == 0:
+                return result
 
             started = self.clock()
             cache = DynamicCache(config=self.model.config)
@@ -186,14 +230,22 @@ class SpeculativeDecoder:
             while not finished:
                 step_started = self.clock()
                 ctx = DraftContext(committed[:n_committed], sequence_id, prompt.numel())
-                tree = self._propose(ctx, prefix_len, tree_budget)
+                tree = self._propose(ctx, prefix_len, request.tree_budget)
                 drafted = self.clock()
                 logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
                 verified = self.clock()
-                acceptance = choose(tree, logits, torch.from_numpy(committed[:n_committed]), sampling, generator)
+                acceptance, scores = choose(tree, logits, torch.from_numpy(committed[:n_committed]),
+                                            request.rule, request.generator)
                 emitted, finished = cut_at_stop(
-                    acceptance.tokens(tree), max_new_tokens - len(new_tokens), eos_ids
+                    acceptance.tokens(tree), request.max_new_tokens - len(result.tokens), request.eos_ids
                 )
+                committed[n_committed : n_committed + len(emitted)] = emitted
+                path_slots = acceptance.kept_slots[: len(emitted)]  # slot whose scores chose each token
+                if request.stop is not None:
+                    emitted, stopped = self._cut_at_criteria(request.stop, committed, n_committed, emitted,
+                                                             logits if scores is None else scores, path_slots)
+                    finished = finished or stopped
+                    path_slots = path_slots[: len(emitted)]
                 kv.compact(cache, prefix_len, acceptance.kept_slots)
                 self._observe(tree, root, logits, acceptance)
                 self.scheduler.record(
@@ -203,20 +255,36 @@ class SpeculativeDecoder:
                 )
                 prefix_len += len(acceptance.kept_slots)
 
-                committed[n_committed : n_committed + len(emitted)] = emitted
                 n_committed += len(emitted)
-                new_tokens.extend(emitted)
+                result.tokens.extend(emitted)
                 root = acceptance.bonus_token
+                if request.keep_scores:
+                    result.scores.extend((logits if scores is None else scores).float()[path_slots].unbind())
+                if request.keep_logits:
+                    result.logits.extend(logits.float()[path_slots].unbind())
                 self._count(stats, tree, acceptance, emitted, drafted - step_started, verified - drafted)
-            stats.new_tokens = len(new_tokens)
+                if request.on_tokens is not None:
+                    request.on_tokens(emitted)
+            stats.new_tokens = len(result.tokens)
             stats.decode_seconds = self.clock() - started - stats.prefill_seconds
             stats.scheduler = self.scheduler.explain(prefix_len)
-            return new_tokens, stats
+            return result
+
+    @staticmethod
+    def _cut_at_criteria(stop, committed: np.ndarray, n_committed: int, emitted: list[int],
+                         scores: torch.Tensor, path_slots: list[int]) -> tuple[list[int], bool]:
+        """Check ``stop`` after every emitted token, as plain decoding would; cut after the first hit."""
+        for i, slot in enumerate(path_slots):
+            ids = torch.from_numpy(committed[: n_committed + i + 1])[None]  # [1, L + i + 1]
+            if stop(ids, scores[slot : slot + 1].float()):
+                return emitted[: i + 1], True
+        return emitted, False
 
     def _count(self, stats: SpecStats, tree: TokenTree, acceptance: Acceptance, emitted: list[int],
                draft_seconds: float, verify_seconds: float) -> None:
         stats.steps += 1
         stats.tree_sizes.append(len(tree))
+        stats.max_tree_width = max(stats.max_tree_width, max(map(len, tree.children())))
         stats.accepted_lengths.append(len(emitted))
         stats.drafted_tokens += len(tree)
         stats.draft_seconds += draft_seconds

@@ -1,4 +1,11 @@
-"""The public ``generate()``: HF-compatible arguments and return types over `SpeculativeDecoder`."""
+"""The public ``generate()``: ``model.generate``'s arguments and return types over `SpeculativeDecoder`.
+
+Arguments are merged exactly as transformers merges them (kwargs > ``generation_config`` > the
+model's generation config > defaults), and the logits processors and stopping criteria are the
+ones transformers itself builds from them, so every option that applies to one unpadded sequence
+behaves as in ``model.generate``: processors run per tree node with that node's history, and
+stopping criteria are checked after every accepted token.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,22 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from drafters import Drafter
-from specdec.engine import SpeculativeDecoder, SpecStats
-from specdec.sampling import SamplingConfig
+from specdec.engine import DecodeRequest, SpeculativeDecoder, SpecStats
+from specdec.sampling import NodeRule
 from specdec.validation import (
+    UnsupportedGeneration,
     check_attention_mask,
     check_eos_token_id,
+    check_generator,
     check_input_ids,
     check_max_new_tokens,
+    check_sampling_values,
     check_tree_budget,
 )
 
@@ -39,101 +52,192 @@ def decoder_for(model, drafter: str, draft_model=None) -> SpeculativeDecoder:
     return per_model[key]
 
 
-def generate(model, input_ids, *, drafter: str | Drafter = "auto", draft_model=None, **kwargs):
-    """Speculative generation; returns what ``model.generate`` returns for the same arguments.
+def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_model=None, **kwargs):
+    """Speculative generation; takes and returns what ``model.generate`` does for one sequence.
 
     Greedy output is token-identical to ``model.generate(do_sample=False)``; sampled output has
     exactly the target's distribution.
 
     Args:
         model: a transformers causal LM.
-        input_ids: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt.
+        inputs: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt; ``input_ids=``
+            works too. Batch size 1, no padding.
+        *args: ``model.generate``'s other positional arguments (``generation_config``,
+            ``logits_processor``, ``stopping_criteria``, ...).
         drafter: ``"auto"`` (every available drafter under the scheduler), a drafter name
             (``"recycling"``, ``"ngram"``, ``"model"``, or several joined by ``+``) or a
             `Drafter` instance; named drafters keep their state per model across calls
             (use `SpeculativeDecoder` to hold state explicitly).
         draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
-        max_new_tokens: tokens to generate at most (default from ``model.generation_config``).
-        eos_token_id: int or list of ints ending generation (default from the generation config);
-            the EOS token is returned, nothing after it.
-        attention_mask: optional all-ones mask (padding is not supported).
-        tree_budget: draft nodes per verify step (default the decoder's: ``None`` lets the
-            scheduler choose each step).
-        return_dict_in_generate: return a `SpeculativeGenerateOutput` with ``.sequences`` and
-            ``.spec_stats`` instead of the ``[1, L + new]`` LongTensor.
-        do_sample: sample instead of greedy (default ``False``; the model's generation config is not
-            consulted for this flag).
-        temperature, top_k, top_p, min_p: sampling warpers; unset ones default to the generation
-            config's values, as in ``model.generate``.
-        repetition_penalty: applied per tree node with that node's own history (greedy or sampled).
-        generator: a ``torch.Generator`` for repeatable sampling (default: torch's global RNG).
+        **kwargs: any ``model.generate`` keyword that applies to one sequence: ``generation_config``,
+            ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``min_length``, ``do_sample``,
+            ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
+            ``no_repeat_ngram_size``, ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``,
+            ``eos_token_id`` (int or list), ``pad_token_id``, ``stop_strings`` with ``tokenizer=``,
+            ``max_time``, ``streamer``, ``logits_processor``, ``stopping_criteria``,
+            ``prefix_allowed_tokens_fn``, ``return_dict_in_generate``, ``output_scores``,
+            ``output_logits``, ``attention_mask`` (all ones); plus specdec's ``tree_budget`` (draft
+            nodes per step; default: the scheduler chooses) and ``generator`` (a
+            ``torch.Generator`` or an int seed for repeatable sampling).
+
+    Returns:
+        ``[1, L + new]`` LongTensor, or with ``return_dict_in_generate=True`` a
+        `SpeculativeGenerateOutput` (``sequences``, ``scores``, ``logits``, ``spec_stats``).
+
+    Raises:
+        UnsupportedGeneration: (a ``ValueError``) for beam search, contrastive search, batches,
+            padding, an assistant model, guidance or other modes that are not one sampled or
+            greedy sequence.
     """
     if isinstance(drafter, Drafter):
         decoder = SpeculativeDecoder(model, drafter=drafter)
     else:
         decoder = decoder_for(model, drafter, draft_model)
-    return run_generate(decoder, input_ids, **kwargs)
+    return run_generate(decoder, inputs, *args, **kwargs)
 
 
 def run_generate(
     decoder: SpeculativeDecoder,
-    input_ids,
-    *,
-    max_new_tokens: int | None = None,
-    eos_token_id=None,
-    attention_mask=None,
-    tree_budget: int | None = None,
-    return_dict_in_generate: bool = False,
-    do_sample: bool = False,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    generator: torch.Generator | None = None,
+    inputs=None,
     generation_config=None,
-    pad_token_id=None,
-    use_cache: bool = True,
+    logits_processor=None,
+    stopping_criteria=None,
+    prefix_allowed_tokens_fn=None,
+    synced_gpus=None,
+    assistant_model=None,
+    streamer=None,
+    negative_prompt_ids=None,
+    negative_prompt_attention_mask=None,
+    custom_generate=None,
+    *,
+    tree_budget: int | None = None,
+    generator: torch.Generator | int | None = None,
+    tokenizer=None,
+    **kwargs,
 ):
-    """Validate HF-style arguments, decode, and package the result (see `generate`)."""
-    config = generation_config if generation_config is not None else decoder.model.generation_config
-    do_sample = bool(do_sample or (generation_config is not None and generation_config.do_sample))
-    sampling = sampling_config(config, do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if not use_cache:
-        raise ValueError("use_cache=False is not supported: speculative decoding needs the KV cache")
-    prompt = check_input_ids(input_ids, decoder.vocab_size)
-    check_attention_mask(attention_mask, prompt.numel())
-    if max_new_tokens is None:
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = max(0, (config.max_length or 20) - prompt.numel())
-    max_new_tokens = check_max_new_tokens(max_new_tokens)
-    eos_ids = check_eos_token_id(config.eos_token_id if eos_token_id is None else eos_token_id, decoder.vocab_size)
-    budget = decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget)  # None: scheduled
-
-    new_tokens, stats = decoder.decode(prompt, max_new_tokens, eos_ids, budget, sampling, generator)
-    sequences = torch.cat([prompt, torch.tensor(new_tokens, dtype=torch.long)])[None]  # [1, L + new]
-    if return_dict_in_generate:
-        return SpeculativeGenerateOutput(sequences=sequences, spec_stats=stats)
-    return sequences
-
-
-def sampling_config(config, do_sample: bool, temperature, top_k, top_p, min_p, repetition_penalty) -> SamplingConfig | None:
-    """The per-node decoding rule, or None for plain greedy (no processors at all)."""
-    penalty = repetition_penalty if repetition_penalty is not None else getattr(config, "repetition_penalty", None)
-    if not do_sample:
-        return SamplingConfig(repetition_penalty=penalty) if penalty not in (None, 1.0) else None
-
-    def pick(value, name):
-        return value if value is not None else getattr(config, name, None)
-
-    return SamplingConfig(
-        do_sample=True,
-        temperature=1.0 if pick(temperature, "temperature") is None else pick(temperature, "temperature"),
-        top_k=pick(top_k, "top_k"),
-        top_p=pick(top_p, "top_p"),
-        min_p=pick(min_p, "min_p"),
-        repetition_penalty=penalty,
+    """``model.generate``'s signature over ``decoder`` (see `generate`)."""
+    for name, value in (("assistant_model", assistant_model), ("negative_prompt_ids", negative_prompt_ids),
+                        ("negative_prompt_attention_mask", negative_prompt_attention_mask),
+                        ("custom_generate", custom_generate), ("synced_gpus", synced_gpus or None)):
+        if value is not None:
+            raise UnsupportedGeneration(f"{name} is not supported by specdec's generate")
+    request, config = prepare_request(
+        decoder, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
+        tree_budget, generator, tokenizer if tokenizer is not None else decoder.tokenizer, kwargs,
     )
+    if streamer is not None:
+        streamer.put(request.prompt[None])  # [1, L], as model.generate does first
+        request.on_tokens = lambda tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
+    try:
+        result = decoder.decode(request)
+    finally:
+        if streamer is not None:
+            streamer.end()
+    decoder.last_stats = result.stats
+    sequences = torch.cat([request.prompt, torch.tensor(result.tokens, dtype=torch.long)])[None]  # [1, L + new]
+    if not config.return_dict_in_generate:
+        return sequences
+    return SpeculativeGenerateOutput(
+        sequences=sequences,
+        scores=tuple(row[None] for row in result.scores) if config.output_scores else None,  # [1, V] each
+        logits=tuple(row[None] for row in result.logits) if config.output_logits else None,
+        spec_stats=result.stats,
+    )
+
+
+def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logits_processor, stopping_criteria,
+                    prefix_allowed_tokens_fn, tree_budget, generator, tokenizer, kwargs: dict):
+    """Validate the arguments and build the `DecodeRequest` and the merged ``GenerationConfig``,
+    the way ``model.generate`` merges them. Raises before any model work."""
+    model = decoder.model
+    input_ids = kwargs.pop("input_ids", None)
+    if inputs is not None and input_ids is not None:
+        raise ValueError("pass the prompt once: as inputs or as input_ids, not both")
+    if "inputs_embeds" in kwargs:
+        raise UnsupportedGeneration("inputs_embeds is not supported: pass input_ids")
+    source = inputs if inputs is not None else input_ids
+    if source is None:
+        raise ValueError("input_ids is required: specdec needs a prompt of at least one token")
+    prompt = check_input_ids(source, decoder.vocab_size)
+    attention_mask = kwargs.pop("attention_mask", None)
+    check_attention_mask(attention_mask, prompt.numel())
+    if kwargs.get("max_new_tokens") is not None:
+        check_max_new_tokens(kwargs["max_new_tokens"])
+    no_new_tokens = kwargs.get("max_new_tokens") == 0
+    if no_new_tokens:  # transformers rejects 0; specdec returns the prompt unchanged
+        kwargs["max_new_tokens"] = 1
+    if "eos_token_id" in kwargs:
+        check_eos_token_id(kwargs["eos_token_id"], decoder.vocab_size)
+
+    has_default_max_length = (kwargs.get("max_length") is None
+                              and (generation_config is None or generation_config.max_length is None)
+                              and model.generation_config.max_length is None)
+    has_default_min_length = (kwargs.get("min_length") is None
+                              and (generation_config is None or generation_config.min_length is None)
+                              and model.generation_config.min_length is None)
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    for name in ("output_attentions", "output_hidden_states"):
+        if model_kwargs.pop(name, None):
+            raise UnsupportedGeneration(f"{name} is not supported by specdec's generate")
+    if model_kwargs:
+        raise TypeError(f"generate() got an unexpected keyword argument {next(iter(model_kwargs))!r}")
+    check_single_sequence_mode(config)
+
+    model._prepare_special_tokens(config, attention_mask is not None, device=prompt.device, batch_size=1)
+    eos_ids = check_eos_token_id(config.eos_token_id, decoder.vocab_size)
+    prompt_len = prompt.numel()
+    model._prepare_generated_length(config, has_default_max_length, has_default_min_length, "input_ids",
+                                    prompt_len, prompt[None])
+    model._validate_generated_length(config, prompt_len, has_default_max_length)
+    max_new_tokens = 0 if no_new_tokens else config.max_length - prompt_len
+    check_sampling_values(config)
+
+    processors = model._get_logits_processor(
+        generation_config=config, input_ids_seq_length=prompt_len, encoder_input_ids=prompt[None],
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, logits_processor=logits_processor or LogitsProcessorList(),
+        device=prompt.device, model_kwargs={},
+    )
+    criteria = [c for c in model._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
+                if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]  # both handled exactly by the loop
+    return DecodeRequest(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        tree_budget=decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget),
+        rule=NodeRule(list(processors), bool(config.do_sample)),
+        generator=check_generator(generator),
+        stop=_any_criterion(criteria) if criteria else None,
+        keep_scores=bool(config.return_dict_in_generate and config.output_scores),
+        keep_logits=bool(config.return_dict_in_generate and config.output_logits),
+    ), config
+
+
+def check_single_sequence_mode(config) -> None:
+    """Only greedy decoding and multinomial sampling of one sequence run speculatively."""
+    mode = config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        culprit = {
+            GenerationMode.CONTRASTIVE_SEARCH: "penalty_alpha", GenerationMode.ASSISTED_GENERATION:
+            "prompt_lookup_num_tokens / assistant_early_exit", GenerationMode.CONSTRAINED_BEAM_SEARCH:
+            "constraints / force_words_ids",
+        }.get(mode, "num_beams")
+        raise UnsupportedGeneration(f"{mode.value.replace('_', ' ')} ({culprit}) is not supported by specdec; "
+                                    "it runs greedy decoding or sampling of one sequence")
+    if config.num_return_sequences not in (None, 1):
+        raise UnsupportedGeneration(f"num_return_sequences={config.num_return_sequences} is not supported: "
+                                    "specdec generates one sequence per call")
+    if config.guidance_scale not in (None, 1, 1.0):
+        raise UnsupportedGeneration("guidance_scale (classifier-free guidance) is not supported by specdec")
+    if getattr(config, "dola_layers", None) is not None:
+        raise UnsupportedGeneration("dola_layers (DoLa decoding) is not supported by specdec")
+    if config.token_healing:
+        raise UnsupportedGeneration("token_healing is not supported by specdec")
+    if config.use_cache is False:
+        raise ValueError("use_cache=False is not supported: speculative decoding needs the KV cache")
+
+
+def _any_criterion(criteria):
+    def stop(input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
+        return any(bool(criterion(input_ids, scores).any()) for criterion in criteria)
+
+    return stop

@@ -9,6 +9,11 @@ import torch
 MAX_TREE_BUDGET = 512
 
 
+class UnsupportedGeneration(ValueError):
+    """A ``generate()`` request specdec does not run speculatively (beam search, batches, padding,
+    an assistant model, ...). `specdec.patch` can hand these to transformers instead."""
+
+
 def vocab_size_of(model) -> int:
     """Number of token ids the model's embedding accepts."""
     return int(model.get_input_embeddings().num_embeddings)
@@ -26,7 +31,7 @@ def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
-            raise ValueError(
+            raise UnsupportedGeneration(
                 f"input_ids has batch size {input_ids.shape[0]}; specdec generates one sequence at a time "
                 "(batch size 1)"
             )
@@ -59,7 +64,7 @@ def check_attention_mask(attention_mask, prompt_len: int) -> None:
     if mask.numel() != prompt_len:
         raise ValueError(f"attention_mask has {mask.numel()} entries but the prompt has {prompt_len} tokens")
     if not bool((mask == 1).all()):
-        raise ValueError("attention_mask marks padding; pass the unpadded prompt (batch size 1 needs no padding)")
+        raise UnsupportedGeneration("attention_mask marks padding; pass the unpadded prompt (batch size 1 needs no padding)")
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
@@ -88,3 +93,27 @@ def check_eos_token_id(eos_token_id, vocab_size: int) -> frozenset[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return frozenset(i for i in ids if 0 <= i < vocab_size)
+
+
+def check_generator(generator) -> torch.Generator | None:
+    """A ``torch.Generator`` as given, or a new one seeded with an int."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
+
+
+def check_sampling_values(config) -> None:
+    """Range checks on a merged ``GenerationConfig`` (transformers ignores some out-of-range values)."""
+    if config.do_sample and config.temperature is not None and not config.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {config.temperature}")
+    if config.top_k is not None and (isinstance(config.top_k, bool) or not isinstance(config.top_k, int)
+                                     or config.top_k < 0):
+        raise ValueError(f"top_k must be a non-negative int, got {config.top_k!r}")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+    if config.min_p is not None and not 0 <= config.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {config.min_p}")
+    if config.repetition_penalty is not None and not config.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {config.repetition_penalty}")

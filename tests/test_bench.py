@@ -155,3 +155,48 @@ def test_divergence_margin_is_the_logit_gap(model):
     other = Record("recycling", "q", "qa", 2, 1.0, 2, turns=[(prompt, [11, second])])
     assert divergence_margin(model, reference, other) == pytest.approx(float(logits[best] - logits[second]), abs=1e-4)
     assert divergence_margin(model, reference, reference) is None
+
+
+def test_bench_sample_is_seeded_and_reports_mat(tmp_path, tiny_model_dir):
+    dataset = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["hello there", "and again"]},
+        {"question_id": 2, "category": "qa", "turns": ["what is this"]},
+    ])
+    payloads = []
+    for run in range(2):
+        out = tmp_path / f"sample{run}.json"
+        result = CliRunner().invoke(main, [
+            "bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--dataset", str(dataset),
+            "--max-new-tokens", "8", "--methods", "baseline,recycling", "--sample", "--temperature", "0.9",
+            "--json", str(out),
+        ])
+        assert result.exit_code == 0, result.output
+        assert "sampling T=0.9" in result.output
+        payloads.append(json.loads(out.read_text()))
+    payload = payloads[0]
+    assert payload["config"]["decoding"] == {"do_sample": True, "temperature": 0.9, "seed": 0}
+    assert all(row["identical"] is None for row in payload["results"])  # samples are not compared
+    assert payload["summary"]["recycling"]["mat"] >= 1.0 and payload["summary"]["recycling"]["speedup"] > 0
+    tokens = [[row["new_tokens"] for row in p["results"]] for p in payloads]
+    assert tokens[0] == tokens[1]
+
+
+def test_sampled_benchmark_repeats_outputs_with_the_same_seed(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.datasets import Question
+    from bench.harness import run_benchmark
+    from bench.methods import make_method
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    questions = [Question("a", "qa", ("hello there",)), Question("b", "qa", ("what is this", "and again"))]
+    sampling = {"do_sample": True, "temperature": 1.0}
+
+    def outputs(seed):
+        methods = [make_method(name, model, tokenizer, sampling=sampling) for name in ("baseline", "recycling")]
+        return [r.output_ids for r in run_benchmark(methods, questions, tokenizer, 12, seed=seed)]
+
+    first = outputs(5)
+    assert first == outputs(5)
+    assert first != outputs(6)

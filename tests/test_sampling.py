@@ -131,27 +131,35 @@ def exact_joint(model) -> dict:
     return expected
 
 
-def sample_generate(model, trials: int, seed: int) -> dict:
+def sample_generate(model, trials: int, seed: int, drafter: str = "auto", draft_model=None) -> tuple[dict, int]:
+    """Counts of the first two sampled tokens, and the widest tree level verified."""
     generator = torch.Generator().manual_seed(seed)
-    decoder = specdec.SpeculativeDecoder(model, tree_budget=6)
+    decoder = specdec.SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model, tree_budget=6)
     counts: dict = {}
+    widest = 0
     for _ in range(trials):
         out = decoder.generate(PROMPT, max_new_tokens=2, eos_token_id=-1, do_sample=True, generator=generator,
                                **SETTINGS)
         key = tuple(out[0, PROMPT.shape[1]:].tolist())
         counts[key] = counts.get(key, 0) + 1
-    return counts
+        widest = max(widest, decoder.last_stats.max_tree_width)
+    return counts, widest
 
 
-def test_generate_sampling_matches_exact_distribution(small_model, monkeypatch):
-    trials = 1500
+@pytest.mark.parametrize("drafter", ["auto", "recycling", "ngram", "model"])
+def test_generate_sampling_matches_exact_distribution(small_model, drafter, monkeypatch):
+    """Each drafter's trees (width > 1), then the same test with a biased verifier (must fail)."""
+    draft_model = tiny_llama(vocab_size=SMALL_V, seed=11) if drafter == "model" else None
+    trials = 1200
     expected = exact_joint(small_model)
-    counts = sample_generate(small_model, trials, seed=7)
+    counts, widest = sample_generate(small_model, trials, seed=7, drafter=drafter, draft_model=draft_model)
+    assert widest > 1
     assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
     assert chi_square_p(counts, expected, trials) > P_VALUE
     monkeypatch.setattr("specdec.sampling.accept_sampled",
                         lambda tree, probs, generator: broken_accept(tree, probs, generator, threshold=0.05))
-    assert chi_square_p(sample_generate(small_model, trials, seed=7), expected, trials) < 1e-6
+    broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model)
+    assert chi_square_p(broken, expected, trials // 2) < 1e-6
 
 
 def test_seeded_sampling_is_repeatable(small_model):

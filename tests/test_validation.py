@@ -29,7 +29,7 @@ from specdec import SpeculativeDecoder
         (torch.tensor([[1, 2]]), {"do_sample": True, "top_p": 1.5}, ValueError, "top_p"),
         (torch.tensor([[1, 2]]), {"do_sample": True, "top_k": -1}, ValueError, "top_k"),
         (torch.tensor([[1, 2]]), {"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
-        (torch.tensor([[1, 2]]), {"do_sample": True, "generator": 3}, TypeError, "generator"),
+        (torch.tensor([[1, 2]]), {"do_sample": True, "generator": "seed"}, TypeError, "generator"),
         (torch.tensor([[1, 2]]), {"drafter": "nope"}, ValueError, "drafter must be one of"),
     ],
 )
