@@ -1,4 +1,4 @@
-"""The ``specdec`` command line: ``generate`` and ``bench``."""
+"""The ``specdec`` command line: ``generate``, ``bench`` and ``bench-verify``."""
 
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
 def _add_bench() -> None:
     # The benchmark harness lives in the top-level `bench` package, which depends on specdec.
     from bench.cli import bench
+    from bench.verify_cost import bench_verify
 
     main.add_command(bench)
+    main.add_command(bench_verify)
 
 
 _add_bench()

@@ -138,6 +138,9 @@ class SpeculativeDecoder:
         draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
         scheduler: a `Scheduler` to use (and share); a new one by default.
         clock: the time source for step timings (seconds; tests inject a fake one).
+        tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
+            (default) when the extension builds and the model has plain full attention, ``True``
+            to require it, ``False`` for the model's own attention with an additive tree mask.
     """
 
     def __init__(
@@ -149,7 +152,9 @@ class SpeculativeDecoder:
         draft_model=None,
         scheduler: Scheduler | None = None,
         clock=time.perf_counter,
+        tree_kernel: bool | None = None,
     ) -> None:
+        from specdec.attention import tree_kernel_for
         from specdec.validation import check_tree_budget, vocab_size_of
 
         self.model = model
@@ -163,6 +168,7 @@ class SpeculativeDecoder:
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
         self._source_names = {getattr(m, "source_id", 0): m.name for m in members}
         self.clock = clock
+        self.kernel = tree_kernel_for(model, tree_kernel)
         self.last_stats: SpecStats | None = None
         self._lock = threading.Lock()
         self._sequences = itertools.count()
@@ -232,7 +238,7 @@ class SpeculativeDecoder:
                 ctx = DraftContext(committed[:n_committed], sequence_id, prompt.numel())
                 tree = self._propose(ctx, prefix_len, request.tree_budget)
                 drafted = self.clock()
-                logits = tree_forward(self.model, cache, root, tree, prefix_len)  # [n+1, V]
+                logits = tree_forward(self.model, cache, root, tree, prefix_len, self.kernel)  # [n+1, V]
                 verified = self.clock()
                 acceptance, scores = choose(tree, logits, torch.from_numpy(committed[:n_committed]),
                                             request.rule, request.generator)

@@ -9,25 +9,28 @@ import torch
 from trees import TokenTree
 
 
-def tree_forward(model, cache, root_token: int, tree: TokenTree, prefix_len: int) -> torch.Tensor:
+def tree_forward(model, cache, root_token: int, tree: TokenTree, prefix_len: int, kernel=None) -> torch.Tensor:
     """Run the target on ``[root] + tree.tokens`` after ``prefix_len`` cached tokens.
 
-    The tree's KV is appended to ``cache`` (compact it afterwards). Returns logits
-    ``[n+1, V]`` in slot order (slot 0 = root).
+    The tree's KV is appended to ``cache`` (compact it afterwards). With ``kernel`` (a
+    `specdec.attention.TreeKernel`) attention runs through ``torch.ops.specdec.tree_attention``
+    on the packed ancestor bits; otherwise through the model's own attention with an additive 4D
+    mask. Returns logits ``[n+1, V]`` in slot order (slot 0 = root).
     """
-    input_ids = torch.cat([torch.tensor([root_token]), tree.tokens])[None]  # [1, n+1]
-    if len(tree):
-        mask = tree.attention_mask(prefix_len, model.dtype)  # [1, 1, n+1, prefix_len+n+1]
-        position_ids = tree.position_ids(prefix_len)  # [1, n+1]
-    else:
-        mask, position_ids = None, torch.tensor([[prefix_len]])
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-    )
+    device = model.device
+    input_ids = torch.cat([torch.tensor([root_token]), tree.tokens])[None].to(device)  # [1, n+1]
+    position_ids = (tree.position_ids(prefix_len) if len(tree) else torch.tensor([[prefix_len]])).to(device)
+    if len(tree) and kernel is not None:
+        from specdec.attention import TREE_KWARG, TreeMeta
+
+        meta = TreeMeta(tree.packed_ancestor_mask().to(device), prefix_len)  # [n+1, ceil((n+1)/64)] int64
+        with kernel.active():
+            out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
+                        **{TREE_KWARG: meta})
+        return out.logits[0]
+    mask = tree.attention_mask(prefix_len, model.dtype).to(device) if len(tree) else None  # [1, 1, n+1, L+n+1]
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                use_cache=True)
     return out.logits[0]
 
 

@@ -1,5 +1,6 @@
 """Token trees: pure data structures for speculative decoding (no model state)."""
 
+from trees.bits import pack_rows, unpack_rows
 from trees.shapes import DEFAULT_RANK_PRIOR, TreeShape, best_first, chain, expected_accepted, sequoia, wide_shallow
 from trees.tree import ROOT, TokenTree, merge
 
@@ -13,5 +14,7 @@ __all__ = [
     "expected_accepted",
     "sequoia",
     "merge",
+    "pack_rows",
+    "unpack_rows",
     "wide_shallow",
 ]

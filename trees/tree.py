@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from trees.bits import pack_rows
+
 ROOT = -1
 
 
@@ -138,6 +140,12 @@ class TokenTree:
                 mask[slot, slot] = True
             self._cache["ancestors"] = mask
         return self._cache["ancestors"]
+
+    def packed_ancestor_mask(self) -> torch.Tensor:
+        """`ancestor_mask` bit-packed: ``[n+1, ceil((n+1) / 64)]`` int64 (see `trees.bits.pack_rows`)."""
+        if "packed_ancestors" not in self._cache:
+            self._cache["packed_ancestors"] = pack_rows(self.ancestor_mask())
+        return self._cache["packed_ancestors"]
 
     def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive mask ``[1, 1, n+1, prefix_len+n+1]`` for the verify forward over ``[root]+nodes``.

@@ -1,0 +1,135 @@
+// specdec operators: schemas (defined once, here) and the CPU implementations.
+//
+//   tree_attention(q [B, Hq, n, D], k [B, Hkv, S, D], v [B, Hkv, S, D], ancestors [n, W] int64,
+//                  prefix_len, scale) -> [B, n, Hq, D]
+//     Query i (tree slot i; slot 0 is the root) attends to every prefix key (key index <
+//     prefix_len) and to tree slot j (key index prefix_len + j) iff bit j of ancestors[i] is set
+//     (bit j of the packed row = word j / 64, bit j % 64). S == prefix_len + n. Grouped-query
+//     heads share K/V rows without expansion (query head h reads kv head h / (Hq / Hkv)).
+//
+//   kv_compact(keys[], values[], prefix_len, keep [m] int64) -> ()
+//     For every [B, H, S, D] cache tensor, in place: row prefix_len + i <- row prefix_len + keep[i]
+//     (keep strictly increasing, so rows only move towards the prefix). The caller narrows the
+//     tensors to prefix_len + m afterwards.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace specdec {
+
+namespace {
+
+inline bool sees_slot(const uint64_t* ancestors_row, int64_t slot) {
+  return (ancestors_row[slot >> 6] >> (slot & 63)) & 1ULL;
+}
+
+// Blocks the tree keys each query row may not see: scores [B, Hkv, G * n, prefix_len + n] float32,
+// row r is tree slot r % n. Only the last n columns are touched; the prefix stays visible.
+void mask_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, int64_t prefix_len, int64_t n) {
+  const int64_t rows = scores.numel() / scores.size(-1), seq = scores.size(-1), words = ancestors.size(1);
+  float* data = scores.data_ptr<float>();
+  const uint64_t* anc = reinterpret_cast<const uint64_t*>(ancestors.data_ptr<int64_t>());
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint64_t* anc_row = anc + (row % n) * words;
+      float* tree_scores = data + row * seq + prefix_len;
+      for (int64_t slot = 0; slot < n; ++slot) {
+        if (!sees_slot(anc_row, slot)) tree_scores[slot] = kNegInf;
+      }
+    }
+  });
+}
+
+void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& ancestors, int64_t prefix_len) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "tree_attention: q, k, v must be 4-D [B, H, len, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "tree_attention: k and v shapes differ");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "tree_attention: q, k, v must share a dtype");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "tree_attention: batch or head_dim mismatch");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "tree_attention: query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1), ")");
+  TORCH_CHECK(prefix_len >= 0 && k.size(2) == prefix_len + q.size(2),
+              "tree_attention: keys must hold prefix_len + n positions, got ", k.size(2), " for prefix_len ",
+              prefix_len, " and n ", q.size(2));
+  TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 2 && ancestors.size(0) == q.size(2) &&
+                  ancestors.size(1) * 64 >= q.size(2),
+              "tree_attention: ancestors must be int64 [n, ceil(n / 64)]");
+}
+
+// Grouped-query heads become rows: q [B, Hq, n, D] is viewed as [B, Hkv, G * n, D] (query head
+// h = kv head h / G), so each kv head's K/V is read once and never expanded. Scores come from one
+// float32 GEMM over all S keys, the tree part is masked in place from the ancestor bits (no [n, S]
+// mask exists), then softmax and a second GEMM with V.
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& ancestors, int64_t prefix_len, double scale) {
+  check_tree_attention_args(q, k, v, ancestors, prefix_len);
+  const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
+  if (q.numel() == 0) return at::empty({batch, n, q_heads, d}, q.options());
+  const auto queries = (q.to(at::kFloat) * scale).reshape({batch, kv_heads, q_heads / kv_heads * n, d});
+  auto scores = at::matmul(queries, k.to(at::kFloat).transpose(-1, -2)).contiguous();  // [B, Hkv, G*n, S]
+  mask_tree_keys(scores, ancestors.contiguous(), prefix_len, n);
+  const auto probs = at::_softmax(scores, -1, false);
+  const auto out = at::matmul(probs, v.to(at::kFloat));  // [B, Hkv, G*n, D]
+  return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
+}
+
+void kv_compact_cpu(at::TensorList keys, at::TensorList values, int64_t prefix_len, const at::Tensor& keep) {
+  TORCH_CHECK(keys.size() == values.size(), "kv_compact: as many key as value tensors expected");
+  TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1, "kv_compact: keep must be a 1-D int64 tensor");
+  const auto keep_c = keep.contiguous();
+  const int64_t* keep_ptr = keep_c.data_ptr<int64_t>();
+  const int64_t m = keep_c.numel();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(keep_ptr[i] >= i && (i == 0 || keep_ptr[i] > keep_ptr[i - 1]),
+                "kv_compact: keep must be strictly increasing and non-negative");
+  }
+  std::vector<at::Tensor> tensors(keys.begin(), keys.end());
+  tensors.insert(tensors.end(), values.begin(), values.end());
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "kv_compact: cache tensors must be [B, H, S, D] with unit last stride");
+    TORCH_CHECK(m == 0 || prefix_len + keep_ptr[m - 1] < t.size(2), "kv_compact: keep index out of range");
+  }
+  // Work items: (tensor, batch, head) rows of S x D, each moved independently.
+  std::vector<int64_t> offsets{0};
+  for (const auto& t : tensors) offsets.push_back(offsets.back() + t.size(0) * t.size(1));
+  at::parallel_for(0, offsets.back(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t which = std::upper_bound(offsets.begin(), offsets.end(), item) - offsets.begin() - 1;
+      const at::Tensor& t = tensors[which];
+      const int64_t local = item - offsets[which];
+      const int64_t b = local / t.size(1), h = local % t.size(1);
+      const int64_t row_bytes = t.size(3) * t.element_size();
+      char* base = static_cast<char*>(t.data_ptr()) + (b * t.stride(0) + h * t.stride(1)) * t.element_size();
+      const int64_t row_stride = t.stride(2) * t.element_size();
+      for (int64_t i = 0; i < m; ++i) {
+        if (keep_ptr[i] == i) continue;
+        std::memcpy(base + (prefix_len + i) * row_stride, base + (prefix_len + keep_ptr[i]) * row_stride, row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(specdec, m) {
+  m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor ancestors, int prefix_len, float scale) -> Tensor");
+  m.def("kv_compact(Tensor(a!)[] keys, Tensor(b!)[] values, int prefix_len, Tensor keep) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(specdec, CPU, m) {
+  m.impl("tree_attention", &tree_attention_cpu);
+  m.impl("kv_compact", &kv_compact_cpu);
+}
+
+}  // namespace specdec

@@ -1,0 +1,207 @@
+"""csrc operators: the CPU build against the pure-torch reference, opcheck, the HF attention
+hook, greedy equality with the extension on and off, fallbacks, and the CUDA sources compiling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+import specdec
+from specdec import ops
+from specdec.verify import tree_forward
+from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
+from tests.test_trees import random_tree
+from trees import TokenTree, pack_rows, unpack_rows
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    assert ops.load(), f"the CPU extension must build here: {ops.status()}"
+
+
+def test_pack_rows_round_trip():
+    rng = np.random.default_rng(0)
+    for cols in (1, 5, 63, 64, 65, 130):
+        mask = torch.from_numpy(rng.random((7, cols)) < 0.5)
+        packed = pack_rows(mask)
+        assert packed.dtype == torch.int64 and packed.shape == (7, -(-cols // 64))
+        assert torch.equal(unpack_rows(packed, cols), mask)
+    row = torch.zeros(1, 64, dtype=torch.bool)
+    row[0, 63] = True  # the sign bit
+    assert pack_rows(row).item() == -(2**63)
+
+
+def random_inputs(rng, batch, q_heads, kv_heads, n, prefix_len, dim, dtype, topological=True):
+    if topological:
+        mask = random_tree(rng, n - 1).ancestor_mask() if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+    else:  # any pattern the bits can express (every row sees itself, so softmax is defined)
+        mask = torch.from_numpy(rng.random((n, n)) < 0.4) | torch.eye(n, dtype=torch.bool)
+    seq = prefix_len + n
+    q = torch.randn(batch, q_heads, n, dim).to(dtype)
+    k = torch.randn(batch, kv_heads, seq, dim).to(dtype)
+    v = torch.randn(batch, kv_heads, seq, dim).to(dtype)
+    return q, k, v, pack_rows(mask)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 1, 17, 300, 1500])
+@pytest.mark.parametrize("group", [1, 3])
+def test_tree_attention_matches_reference(prefix_len, group):
+    rng = np.random.default_rng(prefix_len * 7 + group)
+    torch.manual_seed(prefix_len + group)
+    for n, dim, batch in ((1, 64, 1), (9, 13, 2), (33, 72, 1), (70, 40, 1)):
+        for topological in (True, False):
+            q, k, v, anc = random_inputs(rng, batch, 2 * group, 2, n, prefix_len, dim, torch.float32, topological)
+            scale = dim ** -0.5
+            ours = torch.ops.specdec.tree_attention(q, k, v, anc, prefix_len, scale)
+            assert ours.shape == (batch, n, 2 * group, dim)
+            torch.testing.assert_close(ours, ops.tree_attention_reference(q, k, v, anc, prefix_len, scale),
+                                       atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 17, 300])
+def test_tree_attention_bf16_is_close(prefix_len):
+    rng = np.random.default_rng(1)
+    q, k, v, anc = random_inputs(rng, 1, 9, 3, 24, prefix_len, 64, torch.bfloat16)
+    ours = torch.ops.specdec.tree_attention(q, k, v, anc, prefix_len, 0.125)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ops.tree_attention_reference(q, k, v, anc, prefix_len, 0.125).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_tree_attention_rejects_bad_shapes():
+    q, k, v, anc = random_inputs(np.random.default_rng(0), 1, 4, 2, 5, 10, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="prefix_len"):
+        torch.ops.specdec.tree_attention(q, k, v, anc, 11, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        torch.ops.specdec.tree_attention(q[:, :3], k, v, anc, 10, 0.25)
+    with pytest.raises(RuntimeError, match="ancestors"):
+        torch.ops.specdec.tree_attention(q, k, v, anc.int(), 10, 0.25)
+
+
+def test_kv_compact_matches_reference_on_narrowed_caches():
+    torch.manual_seed(0)
+    prefix_len, keep = 6, torch.tensor([0, 2, 3, 7])
+    layers = [torch.randn(1, 2, 20, 8)[:, :, :15] for _ in range(3)]  # narrowed views, as after a compaction
+    values = [torch.randn(1, 2, 15, 8) for _ in range(3)]
+    expected_k, expected_v = [t.clone() for t in layers], [t.clone() for t in values]
+    ops.kv_compact_reference(expected_k, expected_v, prefix_len, keep)
+    torch.ops.specdec.kv_compact(layers, values, prefix_len, keep)
+    for ours, ref in zip(layers + values, expected_k + expected_v):
+        assert torch.equal(ours[:, :, : prefix_len + 4], ref[:, :, : prefix_len + 4])
+    with pytest.raises(RuntimeError, match="strictly increasing"):
+        torch.ops.specdec.kv_compact(layers, values, prefix_len, torch.tensor([2, 1]))
+
+
+def test_opcheck():
+    q, k, v, anc = random_inputs(np.random.default_rng(2), 1, 6, 2, 7, 5, 16, torch.float32)
+    torch.library.opcheck(torch.ops.specdec.tree_attention.default, (q, k, v, anc, 5, 0.25))
+    keys = [torch.randn(1, 2, 12, 4) for _ in range(2)]
+    values = [torch.randn(1, 2, 12, 4) for _ in range(2)]
+    torch.library.opcheck(torch.ops.specdec.kv_compact.default, (keys, values, 4, torch.tensor([0, 3, 5])))
+
+
+def tiny_qwen2():
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_tree_forward_logits_equal_with_and_without_the_kernel(make_model):
+    model = make_model()
+    kernel = specdec.SpeculativeDecoder(model, tree_kernel=True).kernel
+    rng = np.random.default_rng(4)
+    prompt = torch.randint(3, 96, (1, 40))
+    for prefix_len in (0, 1, 39):
+        tree = random_tree(rng, 12, vocab=96)
+        logits = []
+        for use_kernel in (kernel, None):
+            cache = DynamicCache(config=model.config)
+            if prefix_len:
+                with torch.no_grad():
+                    model(prompt[:, :prefix_len], past_key_values=cache, use_cache=True)
+            with torch.no_grad():
+                logits.append(tree_forward(model, cache, int(prompt[0, prefix_len]), tree, prefix_len, use_kernel))
+        torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # switched back after each verify forward
+
+
+@pytest.mark.parametrize("tree_kernel", [True, False], ids=["extension", "sdpa-mask"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+def test_greedy_equality_with_extension_on_and_off(make_model, tree_kernel):
+    model = make_model()
+    prompt = torch.tensor([[5, 17, 33, 8, 41, 17, 33, 9]])
+    reference = hf_greedy(model, prompt, 40)
+    drafters = ["recycling", "ngram", "recycling+ngram", ScriptedDrafter(reference[0], depth=5),
+                ScriptedDrafter(reference[0], depth=5, corrupt=lambda step, d: (step + d) % 3 == 0)]
+    for drafter in drafters:
+        decoder = specdec.SpeculativeDecoder(model, drafter=drafter, tree_budget=10, tree_kernel=tree_kernel)
+        assert (decoder.kernel is not None) == tree_kernel
+        out = decoder.generate(prompt, max_new_tokens=40, eos_token_id=-1)
+        assert out.tolist() == reference.tolist(), drafter
+    assert decoder.last_stats.mean_accepted_tokens > 1.5
+
+
+def test_disable_env_forces_the_torch_path():
+    script = (
+        "import torch, specdec; from specdec import ops; from tests.conftest import tiny_llama, hf_greedy\n"
+        "assert not ops.load() and 'SPECDEC_DISABLE_EXT' in ops.status()\n"
+        "m = tiny_llama(); p = torch.tensor([[5, 6, 7, 5, 6]])\n"
+        "d = specdec.SpeculativeDecoder(m, tree_budget=8)\n"
+        "assert d.kernel is None\n"
+        "assert torch.equal(d.generate(p, max_new_tokens=20, eos_token_id=-1), hf_greedy(m, p, 20))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, SPECDEC_DISABLE_EXT="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT_DIR, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / "specdec_ops.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(ops, "CSRC", broken)
+    monkeypatch.setenv(ops.BUILD_DIR_ENV, str(tmp_path / "build"))
+    monkeypatch.setattr(ops, "_state", {"tried": False, "loaded": False, "error": None})
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert not ops.load()
+    assert not ops.load()  # tried once, no second build or warning
+    q, k, v, anc = random_inputs(np.random.default_rng(5), 1, 2, 1, 4, 3, 8, torch.float32)
+    torch.testing.assert_close(ops.tree_attention(q, k, v, anc, 3, 0.3), ops.tree_attention_reference(q, k, v, anc, 3, 0.3))
+
+
+def test_kernel_required_on_an_unsupported_model_is_a_clear_error():
+    model = tiny_llama()
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ValueError, match="tree_kernel=True"):
+        specdec.SpeculativeDecoder(model, tree_kernel=True)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_cuda_sources_compile(tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = ["nvcc", "-c", str(ROOT_DIR / "csrc" / "specdec_ops_cuda.cu"), "-o", str(tmp_path / "ops.o"),
+               "-std=c++17", "--expt-relaxed-constexpr", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+               "-DTORCH_EXTENSION_NAME=specdec_ops", "-Xcompiler", "-fPIC"]
+    command += [f"-I{path}" for path in include_paths()]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ops.o").stat().st_size > 0
