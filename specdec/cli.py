@@ -1,4 +1,4 @@
-"""The ``specdec`` command line: ``generate``, ``bench`` and ``bench-verify``."""
+"""The ``specdec`` command line: ``generate``, ``chat``, ``bench``, ``bench-chat`` and ``bench-verify``."""
 
 from __future__ import annotations
 
@@ -45,12 +45,96 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
     )
 
 
+CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit (or end of input)"
+
+
+@main.command()
+@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
+@click.option("--temperature", type=float, default=None, help="Sample at this temperature (default: greedy).")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
+              help="Drafter + scheduler state file: loaded if it exists, saved on exit.")
+def chat(model_path, dtype, system_prompt, max_new_tokens, drafter, temperature, state_path) -> None:
+    """Interactive chat: streams each answer, then prints tokens/s and mean accepted tokens per step."""
+    import os
+    import sys
+
+    from specdec import ChatSession, SpeculativeDecoder
+    from specdec.models import load_default_model, load_model
+
+    try:  # line editing when available; plain stdin otherwise (pipes, other programs)
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)
+    if state_path and os.path.exists(state_path):
+        decoder.load(state_path)
+    session = ChatSession(decoder, system_prompt)
+    options = {"max_new_tokens": max_new_tokens}
+    if temperature is not None:
+        options.update(do_sample=True, temperature=temperature)
+    click.echo(f"specdec chat ({CHAT_HELP})", err=True)
+    while True:
+        click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            session.reset()
+            click.echo("[new conversation]", err=True)
+            continue
+        if line.startswith(("/save", "/load")):
+            command, _, path = line.partition(" ")
+            if not path.strip():
+                click.echo(f"[{command} needs a file name]", err=True)
+                continue
+            try:
+                if command == "/save":
+                    session.save(path.strip())
+                else:
+                    session = ChatSession.load(path.strip(), decoder)
+                click.echo(f"[{command[1:]}d {path.strip()}]", err=True)
+            except (OSError, ValueError) as err:
+                click.echo(f"[{command} failed: {err}]", err=True)
+            continue
+        if line.startswith("/"):
+            click.echo(f"[unknown command; {CHAT_HELP}]", err=True)
+            continue
+        answer = session.stream(line, **options)
+        try:
+            for chunk in answer:
+                click.echo(chunk, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            answer.close()
+            click.echo(" [stopped]", nl=False)
+        stats = session.last_stats
+        seconds = stats.prefill_seconds + stats.decode_seconds
+        click.echo()
+        click.echo(f"[{stats.new_tokens} tokens, {stats.new_tokens / max(seconds, 1e-9):.1f} tok/s, "
+                   f"mean accepted tokens per step {stats.mean_accepted_tokens:.2f}, "
+                   f"prefilled {stats.prefilled_tokens} (reused {stats.reused_prefix_tokens})]", err=True)
+    if state_path:
+        decoder.save(state_path)
+
+
 def _add_bench() -> None:
     # The benchmark harness lives in the top-level `bench` package, which depends on specdec.
+    from bench.chat_bench import bench_chat
     from bench.cli import bench
     from bench.verify_cost import bench_verify
 
     main.add_command(bench)
+    main.add_command(bench_chat)
     main.add_command(bench_verify)
 
 

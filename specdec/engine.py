@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +45,8 @@ class SpecStats:
     accepted_lengths: list[int] = field(default_factory=list)
     per_drafter: dict[str, dict[str, int]] = field(default_factory=dict)
     scheduler: dict | None = None
+    reused_prefix_tokens: int = 0
+    prefilled_tokens: int = 0
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -55,6 +59,8 @@ class SpecStats:
             "mean_accepted_tokens": self.mean_accepted_tokens,
             "drafted_tokens": self.drafted_tokens,
             "prefill_seconds": self.prefill_seconds,
+            "prefilled_tokens": self.prefilled_tokens,
+            "reused_prefix_tokens": self.reused_prefix_tokens,
             "decode_seconds": self.decode_seconds,
             "draft_ms_per_step": 1e3 * self.draft_seconds / self.steps if self.steps else 0.0,
             "verify_ms_per_step": 1e3 * self.verify_seconds / self.steps if self.steps else 0.0,
@@ -81,6 +87,7 @@ class DecodeRequest:
         on_tokens: called with each step's new tokens as soon as they are accepted (streaming).
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` that chose
             each new token (``output_scores`` / ``output_logits``).
+        kv: a `KVState` to reuse and update (conversations); ``None`` = a fresh cache.
     """
 
     prompt: torch.Tensor
@@ -93,6 +100,7 @@ class DecodeRequest:
     on_tokens: Callable[[list[int]], None] | None = None
     keep_scores: bool = False
     keep_logits: bool = False
+    kv: KVState | None = None
 
 
 @dataclass
@@ -103,6 +111,58 @@ class DecodeResult:
     stats: SpecStats
     scores: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class KVState:
+    """A KV cache kept between generations (a conversation): ``token_ids`` are the ids whose keys
+    and values ``cache`` holds. A prompt that starts with them is only prefilled past them."""
+
+    cache: DynamicCache | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.cache, self.token_ids = None, []
+
+
+@dataclass
+class _Run:
+    """One generation's state between steps: the cache holds ``committed[:n_committed - 1]``
+    (``prefix_len`` positions, plus any verified past a stop) and ``root`` is the last token."""
+
+    cache: DynamicCache
+    committed: np.ndarray
+    n_committed: int
+    prefix_len: int
+    root: int
+    sequence_id: int
+    prompt_len: int
+
+    @property
+    def history(self) -> np.ndarray:
+        return self.committed[: self.n_committed]
+
+    def advance(self, kept_slots: int, emitted: int, bonus_token: int) -> None:
+        self.prefix_len += kept_slots
+        self.n_committed += emitted
+        self.root = bonus_token
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    limit = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:limit]) != np.asarray(b[:limit]))
+    return int(mismatch[0]) if mismatch.size else limit
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock every decoder of ``model`` holds while generating (one forward at a time)."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[list[int], bool]:
@@ -169,9 +229,22 @@ class SpeculativeDecoder:
         self._source_names = {getattr(m, "source_id", 0): m.name for m in members}
         self.clock = clock
         self.kernel = tree_kernel_for(model, tree_kernel)
+        self._drafter_spec, self._draft_model = drafter, draft_model
         self.last_stats: SpecStats | None = None
-        self._lock = threading.Lock()
         self._sequences = itertools.count()
+
+    def fork(self) -> "SpeculativeDecoder":
+        """A decoder on the same model, tokenizer, scheduler and kernel with a fresh drafter of the
+        same kind (private drafter state)."""
+        spec = self._drafter_spec
+        if isinstance(spec, Drafter):
+            spec = copy.deepcopy(spec)
+            spec.reset()
+        twin = SpeculativeDecoder(self.model, self.tokenizer, drafter=spec, tree_budget=self.tree_budget,
+                                  draft_model=self._draft_model, scheduler=self.scheduler, clock=self.clock,
+                                  tree_kernel=False)
+        twin.kernel = self.kernel
+        return twin
 
     def reset(self) -> None:
         """Forget what the drafter learned (the scheduler's cost measurements are kept)."""
@@ -211,70 +284,121 @@ class SpeculativeDecoder:
         return run_generate(self, inputs, *args, **kwargs)
 
     # ------------------------------------------------------------------ the loop
-    @torch.inference_mode()
     def decode(self, request: DecodeRequest) -> DecodeResult:
         """Generate after ``request.prompt``: one target forward per step, until EOS, a stop
         criterion or ``max_new_tokens``."""
-        with self._lock:
-            prompt = request.prompt
-            result = DecodeResult(tokens=[], stats=SpecStats())
-            stats = result.stats
-            committed = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
-            committed[: prompt.numel()] = prompt.numpy()
-            n_committed = prompt.numel()
+        result = DecodeResult(tokens=[], stats=SpecStats())
+        for _ in self.decode_steps(request, result):
+            pass
+        return result
+
+    @torch.inference_mode()
+    def decode_steps(self, request: DecodeRequest, result: DecodeResult) -> Iterator[list[int]]:
+        """`decode` one step at a time: yields each step's new tokens as soon as they are accepted.
+
+        ``result`` fills as the steps go. Closing the iterator early (a cancelled stream) ends the
+        generation after the last yielded step, with ``result`` and ``request.kv`` consistent. The
+        model is locked (one forward at a time across all decoders of this model) until then.
+        """
+        with model_lock(self.model):
             if request.max_new_tokens == 0:
-                return result
-
+                return
             started = self.clock()
+            run = self._start(request, result.stats)
+            result.stats.prefill_seconds = self.clock() - started
+            finished, mid_step = False, False
+            try:
+                while not finished:
+                    mid_step = True
+                    emitted, finished = self._step(run, request, result)
+                    mid_step = False
+                    if request.on_tokens is not None:
+                        request.on_tokens(emitted)
+                    yield emitted
+            finally:
+                self._finish(run, request, result, started, consistent=not mid_step)
+
+    def _start(self, request: DecodeRequest, stats: SpecStats) -> _Run:
+        """Reuse the longest cached prefix of the prompt (``request.kv``) and prefill the rest,
+        all but the last prompt token, which becomes the first root."""
+        prompt = request.prompt
+        context = prompt[:-1].tolist()
+        kv_state = request.kv
+        reused = 0
+        if kv_state is not None and kv_state.cache is not None:
+            reused = common_prefix_len(kv_state.token_ids, context)
+            surplus = kv_state.cache.get_seq_length() - reused
+            if surplus:
+                kv_state.cache.crop(-surplus)
+            cache = kv_state.cache
+        else:
             cache = DynamicCache(config=self.model.config)
-            prefix_len = self._prefill(cache, prompt)
-            root = int(prompt[-1])
-            stats.prefill_seconds = self.clock() - started
+        prefix_len = self._prefill(cache, prompt[reused:-1], reused)
+        stats.reused_prefix_tokens, stats.prefilled_tokens = reused, len(context) - reused
+        committed = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
+        committed[: prompt.numel()] = prompt.numpy()
+        return _Run(cache, committed, prompt.numel(), prefix_len, int(prompt[-1]), next(self._sequences),
+                    prompt.numel())
 
-            sequence_id = next(self._sequences)
-            finished = False
-            while not finished:
-                step_started = self.clock()
-                ctx = DraftContext(committed[:n_committed], sequence_id, prompt.numel())
-                tree = self._propose(ctx, prefix_len, request.tree_budget)
-                drafted = self.clock()
-                logits = tree_forward(self.model, cache, root, tree, prefix_len, self.kernel)  # [n+1, V]
-                verified = self.clock()
-                acceptance, scores = choose(tree, logits, torch.from_numpy(committed[:n_committed]),
-                                            request.rule, request.generator)
-                emitted, finished = cut_at_stop(
-                    acceptance.tokens(tree), request.max_new_tokens - len(result.tokens), request.eos_ids
-                )
-                committed[n_committed : n_committed + len(emitted)] = emitted
-                path_slots = acceptance.kept_slots[: len(emitted)]  # slot whose scores chose each token
-                if request.stop is not None:
-                    emitted, stopped = self._cut_at_criteria(request.stop, committed, n_committed, emitted,
-                                                             logits if scores is None else scores, path_slots)
-                    finished = finished or stopped
-                    path_slots = path_slots[: len(emitted)]
-                kv.compact(cache, prefix_len, acceptance.kept_slots)
-                self._observe(tree, root, logits, acceptance)
-                self.scheduler.record(
-                    len(tree), prefix_len, verified - drafted,
-                    (drafted - step_started) + (self.clock() - verified),
-                    float(torch.exp(tree.scores).sum()), len(acceptance.accepted_nodes),
-                )
-                prefix_len += len(acceptance.kept_slots)
+    def _step(self, run: _Run, request: DecodeRequest, result: DecodeResult) -> tuple[list[int], bool]:
+        """propose -> verify -> accept -> compact -> observe -> schedule. Returns (new tokens, finished)."""
+        step_started = self.clock()
+        tree = self._propose(DraftContext(run.history, run.sequence_id, run.prompt_len), run.prefix_len,
+                             request.tree_budget)
+        drafted = self.clock()
+        logits = tree_forward(self.model, run.cache, run.root, tree, run.prefix_len, self.kernel)  # [n+1, V]
+        verified = self.clock()
+        acceptance, scores = choose(tree, logits, torch.from_numpy(run.history), request.rule, request.generator)
+        emitted, finished = self._emit(run, request, result, tree, acceptance, logits, scores)
+        kv.compact(run.cache, run.prefix_len, acceptance.kept_slots)
+        self._observe(tree, run.root, logits, acceptance)
+        self.scheduler.record(
+            len(tree), run.prefix_len, verified - drafted, (drafted - step_started) + (self.clock() - verified),
+            float(torch.exp(tree.scores).sum()), len(acceptance.accepted_nodes),
+        )
+        run.advance(len(acceptance.kept_slots), len(emitted), acceptance.bonus_token)
+        self._count(result.stats, tree, acceptance, emitted, drafted - step_started, verified - drafted)
+        return emitted, finished
 
-                n_committed += len(emitted)
-                result.tokens.extend(emitted)
-                root = acceptance.bonus_token
-                if request.keep_scores:
-                    result.scores.extend((logits if scores is None else scores).float()[path_slots].unbind())
-                if request.keep_logits:
-                    result.logits.extend(logits.float()[path_slots].unbind())
-                self._count(stats, tree, acceptance, emitted, drafted - step_started, verified - drafted)
-                if request.on_tokens is not None:
-                    request.on_tokens(emitted)
-            stats.new_tokens = len(result.tokens)
-            stats.decode_seconds = self.clock() - started - stats.prefill_seconds
-            stats.scheduler = self.scheduler.explain(prefix_len)
-            return result
+    def _emit(self, run: _Run, request: DecodeRequest, result: DecodeResult, tree: TokenTree,
+              acceptance: Acceptance, logits: torch.Tensor, scores: torch.Tensor | None) -> tuple[list[int], bool]:
+        """The accepted block cut where plain decoding would stop (EOS, length, stop criteria);
+        written to the history and the result."""
+        emitted, finished = cut_at_stop(
+            acceptance.tokens(tree), request.max_new_tokens - len(result.tokens), request.eos_ids
+        )
+        run.committed[run.n_committed : run.n_committed + len(emitted)] = emitted
+        scores = logits if scores is None else scores
+        path_slots = acceptance.kept_slots[: len(emitted)]  # the slot whose scores chose each token
+        if request.stop is not None:
+            emitted, stopped = self._cut_at_criteria(request.stop, run.committed, run.n_committed, emitted,
+                                                     scores, path_slots)
+            finished = finished or stopped
+            path_slots = path_slots[: len(emitted)]
+        result.tokens.extend(emitted)
+        if request.keep_scores:
+            result.scores.extend(scores.float()[path_slots].unbind())
+        if request.keep_logits:
+            result.logits.extend(logits.float()[path_slots].unbind())
+        return emitted, finished
+
+    def _finish(self, run: _Run, request: DecodeRequest, result: DecodeResult, started: float,
+                consistent: bool) -> None:
+        """Final statistics; leave ``request.kv`` holding exactly the history but its last token."""
+        stats = result.stats
+        stats.new_tokens = len(result.tokens)
+        stats.decode_seconds = self.clock() - started - stats.prefill_seconds
+        stats.scheduler = self.scheduler.explain(run.prefix_len)
+        if request.kv is None:
+            return
+        if not consistent:  # an error inside a step: the cache may hold a half-verified tree
+            request.kv.clear()
+            return
+        surplus = run.prefix_len - (run.n_committed - 1)  # tokens verified past a stop
+        if surplus:
+            run.cache.crop(-surplus)
+        request.kv.cache = run.cache
+        request.kv.token_ids = run.committed[: run.n_committed - 1].tolist()
 
     @staticmethod
     def _cut_at_criteria(stop, committed: np.ndarray, n_committed: int, emitted: list[int],
@@ -304,25 +428,25 @@ class SpeculativeDecoder:
             entry["proposed"] += int(proposed[source])
             entry["accepted"] += int(accepted[source])
 
-    def _prefill(self, cache, prompt: torch.Tensor) -> int:
-        """Cache all prompt tokens but the last (the first root); seed the drafter. Returns the cache length."""
-        context = prompt[:-1]
+    def _prefill(self, cache, context: torch.Tensor, cached: int) -> int:
+        """Cache ``context`` (``[m]`` ids after the ``cached`` positions already in ``cache``) and
+        show the drafter what the target predicted there. Returns the cache length."""
         if context.numel() == 0:
-            return 0
+            return cached
         k = self.drafter.feedback_topk
         out = self.model(
-            input_ids=context[None], past_key_values=cache, use_cache=True, logits_to_keep=0 if k else 1
+            input_ids=context[None].to(self.model.device), past_key_values=cache, use_cache=True,
+            logits_to_keep=0 if k else 1,
         )
         if k:
-            n = context.numel()
             self.drafter.observe(
                 VerifyFeedback(
                     tokens=context.numpy(),
-                    topk_ids=out.logits[0].topk(k, dim=-1).indices.numpy(),  # [L-1, k]
-                    committed=np.ones(n, dtype=bool),
+                    topk_ids=out.logits[0].topk(k, dim=-1).indices.cpu().numpy(),  # [m, k]
+                    committed=np.ones(context.numel(), dtype=bool),
                 )
             )
-        return context.numel()
+        return cached + context.numel()
 
     def _propose(self, ctx: DraftContext, context_len: int, budget: int | None) -> TokenTree:
         """The drafter's tree, pruned to ``budget`` or to the size the scheduler picks."""
