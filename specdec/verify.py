@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from drafters.masks import masks_for
 from trees import TokenTree
 
 
@@ -28,10 +29,15 @@ def tree_forward(model, cache, root_token: int, tree: TokenTree, prefix_len: int
             out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
                         **{TREE_KWARG: meta})
         return out.logits[0]
-    mask = tree.attention_mask(prefix_len, model.dtype).to(device) if len(tree) else None  # [1, 1, n+1, L+n+1]
+    mask = tree_masks(model, tree, prefix_len) if len(tree) else None
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                 use_cache=True)
     return out.logits[0]
+
+
+def tree_masks(model, tree: TokenTree, prefix_len: int):
+    """The verify forward's additive mask(s) for ``model`` (see `drafters.masks.masks_for`)."""
+    return masks_for(model, lambda window: tree.attention_mask(prefix_len, model.dtype, window))
 
 
 @dataclass(frozen=True)
