@@ -334,6 +334,7 @@ class SpeculativeDecoder:
             else:
                 if surplus:
                     kv_state.cache.crop(-surplus)
+                kv_state.token_ids = kv_state.token_ids[:reused]  # true even if the prefill below fails
                 cache = kv_state.cache
         if cache is None:
             cache = DynamicCache(config=self.model.config)

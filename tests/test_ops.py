@@ -19,7 +19,7 @@ from specdec import ops
 from specdec.verify import tree_forward
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 from tests.test_trees import random_tree
-from trees import TokenTree, pack_rows, unpack_rows
+from trees import pack_rows, unpack_rows
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import specdec
 from specdec import ChatSession, SpeculativeDecoder
 from specdec.prompts import encode_chat
 
