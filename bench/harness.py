@@ -127,11 +127,12 @@ def run_benchmark(
     by_name = {m.name: m for m in methods}
     records: list[Record] = []
     baselines: dict[tuple[int, str], Record] = {}
+    position = {id(question): i for i, question in enumerate(questions)}
     for repeat, question, name in interleave(list(by_name), questions, repeats):
         method = by_name[name]
         if state == "cold":
             method.reset()
-        question_seed = None if seed is None else seed + 1000 * (repeat * len(questions) + questions.index(question))
+        question_seed = None if seed is None else seed + 1000 * (repeat * len(questions) + position[id(question)])
         turns, seconds, stats = answer(method, tokenizer, question, max_new_tokens, question_seed)
         record = Record(name, question.question_id, question.task, sum(len(t[1]) for t in turns), seconds,
                         sum(s.steps for s in stats) if stats else None, repeat=repeat, turns=turns)

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache
 
 import specdec
 from specdec import ops
 from specdec.verify import tree_forward
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
+from tests.test_families import tiny_qwen2
 from tests.test_trees import random_tree
 from trees import pack_rows, unpack_rows
 
@@ -108,17 +109,6 @@ def test_opcheck():
     keys = [torch.randn(1, 2, 12, 4) for _ in range(2)]
     values = [torch.randn(1, 2, 12, 4) for _ in range(2)]
     torch.library.opcheck(torch.ops.specdec.kv_compact.default, (keys, values, 4, torch.tensor([0, 3, 5])))
-
-
-def tiny_qwen2():
-    torch.manual_seed(3)
-    config = Qwen2Config(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
