@@ -21,8 +21,10 @@ def full_prefill_seconds(model, prompt: torch.Tensor) -> float:
     """Time to prefill ``prompt[:-1]`` into a fresh cache (what a turn costs without KV reuse)."""
     from transformers import DynamicCache
 
+    from drafters.modeling import forward_with_cache
+
     started = time.perf_counter()
-    model(prompt[:, :-1], past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    forward_with_cache(model, DynamicCache(config=model.config), input_ids=prompt[:, :-1], logits_to_keep=1)
     return time.perf_counter() - started
 
 

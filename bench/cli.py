@@ -55,7 +55,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
 
     from bench import report
     from bench.harness import run_benchmark, summarize
-    from specdec.models import load_default_model, load_model
+    from specdec.models import ModelLoadError, load_default_model, load_model
     from specdec.prompts import encode_chat
 
     method_names = _split(methods) or []
@@ -82,8 +82,11 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     except DatasetError as err:
         raise BenchError(str(err)) from None
 
-    model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
-    draft = load_model(draft_model, dtype=dtype)[0] if draft_model else None
+    try:
+        model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+        draft = load_model(draft_model, dtype=dtype)[0] if draft_model else None
+    except (ModelLoadError, RuntimeError) as err:
+        raise BenchError(str(err)) from None
     skipped = 0
     if max_prompt_tokens is not None:
         kept = [q for q in questions if encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}]).shape[1]

@@ -66,24 +66,29 @@ def read_spec_bench(path: str | Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {err.start}): a Spec-Bench file is UTF-8 JSON lines") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror})") from None
     questions: list[Question] = []
-    with path.open(encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{line_no}: expected a JSON object")
-            missing = [key for key in ("question_id", "category", "turns") if key not in row]
-            if missing:
-                raise DatasetError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-            turns = row["turns"]
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
-                raise DatasetError(f"{path}:{line_no}: 'turns' must be a non-empty list of non-empty strings")
-            questions.append(Question(str(row["question_id"]), str(row["category"]), tuple(turns)))
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}:{line_no}: expected a JSON object")
+        missing = [key for key in ("question_id", "category", "turns") if key not in row]
+        if missing:
+            raise DatasetError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+        turns = row["turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+            raise DatasetError(f"{path}:{line_no}: 'turns' must be a non-empty list of non-empty strings")
+        questions.append(Question(str(row["question_id"]), str(row["category"]), tuple(turns)))
     if not questions:
         raise DatasetError(f"{path}: no questions")
     return questions

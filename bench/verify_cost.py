@@ -42,6 +42,7 @@ def measure(model, context: int, sizes: list[int], repeats: int, device: str) ->
     """Median ms per verify forward for each tree size, with and without the tree kernel."""
     from transformers import DynamicCache
 
+    from drafters.modeling import forward_with_cache
     from specdec.attention import tree_kernel_for
     from specdec.verify import tree_forward
 
@@ -49,7 +50,7 @@ def measure(model, context: int, sizes: list[int], repeats: int, device: str) ->
     vocab = model.config.vocab_size
     cache = DynamicCache(config=model.config)
     prompt = torch.randint(0, vocab, (1, context), device=device)
-    model(prompt, past_key_values=cache, use_cache=True)
+    forward_with_cache(model, cache, input_ids=prompt)
 
     def sync():
         if device == "cuda":

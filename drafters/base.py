@@ -82,19 +82,26 @@ class Drafter(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state produced by `state_dict`."""
+        """Restore state produced by `state_dict` (validated: a `drafters.state.StateError` for
+        anything malformed, with the drafter unchanged)."""
+
+    def end_sequence(self, sequence_id: int) -> None:
+        """The sequence ``sequence_id`` is finished (its last `propose` has happened): drop any
+        per-sequence state kept for it (default: nothing kept)."""
 
     def save(self, path) -> None:
-        """Write `state_dict` to ``path`` (a small ``torch.save`` file)."""
+        """Write `state_dict` to ``path`` (a small ``torch.save`` file that `load` reads back)."""
         import torch
 
-        torch.save({"drafter": self.name, "state": self.state_dict()}, path)
+        torch.save({"kind": "specdec-drafter", "drafter": self.name, "state": self.state_dict()}, path)
 
     def load(self, path) -> None:
-        """Read a file written by `save` into this drafter."""
-        import torch
+        """Read a file written by `save` into this drafter; every field is validated first
+        (`drafters.state.StateError` for a file of another kind, drafter or vocabulary)."""
+        from drafters.state import StateError, field, read_state_file
 
-        payload = torch.load(path, weights_only=True)
+        payload = read_state_file(path, "specdec-drafter")
         if payload.get("drafter") != self.name:
-            raise ValueError(f"{path} holds state of drafter {payload.get('drafter')!r}, not {self.name!r}")
-        self.load_state_dict(payload["state"])
+            raise StateError(f"{path} holds state of drafter {payload.get('drafter')!r}, not {self.name!r}: "
+                             f"load it into a {payload.get('drafter')!r} drafter")
+        self.load_state_dict(field(payload, "state", str(path)))

@@ -34,6 +34,10 @@ class HybridDrafter(Drafter):
         for member in self.members:
             member.observe(feedback)
 
+    def end_sequence(self, sequence_id: int) -> None:
+        for member in self.members:
+            member.end_sequence(sequence_id)
+
     def reset(self) -> None:
         for member in self.members:
             member.reset()
@@ -42,8 +46,20 @@ class HybridDrafter(Drafter):
         return {member.name: member.state_dict() for member in self.members}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every member's state, all or nothing (a member that refuses its state leaves every
+        member as it was)."""
+        from drafters.state import StateError
+
+        if not isinstance(state, dict):
+            raise StateError(f"{self.name} state: expected a dictionary, got {type(state).__name__}")
         missing = [m.name for m in self.members if m.name not in state]
         if missing:
-            raise ValueError(f"state has no entry for drafter(s) {', '.join(missing)}")
-        for member in self.members:
-            member.load_state_dict(state[member.name])
+            raise StateError(f"{self.name} state has no entry for drafter(s) {', '.join(missing)}")
+        before = [member.state_dict() for member in self.members]
+        try:
+            for member in self.members:
+                member.load_state_dict(state[member.name])
+        except Exception:
+            for member, old in zip(self.members, before):
+                member.load_state_dict(old)
+            raise

@@ -8,14 +8,12 @@ expanded node offers its ``top_k`` children, and the best ``budget`` nodes overa
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
-from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.base import DraftContext, Drafter
 from drafters.masks import masks_for
-from drafters.stats import AcceptanceStats
+from drafters.modeling import forward_with_cache
 from trees import ROOT, TokenTree, additive_mask
 
 
@@ -50,9 +48,7 @@ class ModelDrafter(Drafter):
         self.draft_model = draft_model.eval()
         self.vocab_size = vocab_size
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
-        self.stats = AcceptanceStats()
         self.source_id = 0
-        self.last_draft_seconds = 0.0
         self._cache = None
         self._cached_len = 0
         self._sequence_id: int | None = None
@@ -67,14 +63,14 @@ class ModelDrafter(Drafter):
             self._cache.activate_past_recording()  # sliding-window layers can then drop drafted tokens
             self._cached_len = 0
             self._sequence_id = ctx.sequence_id
-        new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m]
-        out = self.draft_model(input_ids=new, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m] host
+        out = forward_with_cache(self.draft_model, self._cache, input_ids=new.to(self.draft_model.device),
+                                 logits_to_keep=1)
         self._cached_len = len(ctx.token_ids)
         return torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [V]
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
-        started = time.perf_counter()
         if budget <= 0:
             return TokenTree.empty()
         root_logp = self._sync(ctx)
@@ -113,7 +109,6 @@ class ModelDrafter(Drafter):
                          torch.full((len(tokens),), self.source_id, dtype=torch.int8),
                          torch.tensor(ranks, dtype=torch.long))
         tree = tree.prune(budget)
-        self.last_draft_seconds = time.perf_counter() - started
         return tree
 
     def _expand(self, frontier, tokens, ancestors, depths, fed) -> torch.Tensor:
@@ -127,27 +122,28 @@ class ModelDrafter(Drafter):
         held = sliding[0].keys.shape[-2] - len(fed) if sliding else None  # committed positions a sliding layer holds
         mask = masks_for(self.draft_model, lambda window: additive_mask(
             visible, self._cached_len, query_pos, key_pos, dtype, window, held if window else None))
-        out = self.draft_model(
-            input_ids=torch.tensor([[tokens[q] for q in frontier]]),
+        device = self.draft_model.device
+        out = forward_with_cache(
+            self.draft_model, self._cache,
+            input_ids=torch.tensor([[tokens[q] for q in frontier]], device=device),  # [1, f]
             attention_mask=mask,
-            position_ids=query_pos[None],
-            past_key_values=self._cache,
-            use_cache=True,
+            position_ids=query_pos[None].to(device),
         )
         fed.extend(frontier)
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
-    # ------------------------------------------------------------------ learning
-    def observe(self, feedback: VerifyFeedback) -> None:
-        if feedback.tree is not None:
-            self.stats.update(feedback.tree, feedback.accepted_nodes, source=self.source_id)
+    # ------------------------------------------------------------------ state
+    def end_sequence(self, sequence_id: int) -> None:
+        if sequence_id == self._sequence_id:
+            self.reset()
 
     def reset(self) -> None:
-        self.stats.reset()
         self._cache, self._cached_len, self._sequence_id = None, 0, None
 
     def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict()}
+        return {"vocab_size": self.vocab_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stats.load_state_dict(state["stats"])
+        from drafters.state import check_vocab_size
+
+        check_vocab_size(state, self.vocab_size, "model drafter state")

@@ -7,7 +7,7 @@ store of this drafter's previous outputs, so content repeated across requests is
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 import torch
@@ -22,29 +22,69 @@ BOUNDARY = -1  # separates sequences in the store; never part of a match
 class NGramIndex:
     """End positions of every n-gram (``min_n <= n <= max_n``) of a growing token sequence.
 
-    ``extend`` costs O(max_n) dictionary updates per appended token; ``matches`` costs O(max_n)
-    lookups plus the continuations it returns. Nothing scans the sequence per step.
+    Positions are absolute (they never shift). ``extend`` costs O(max_n) dictionary updates per
+    appended token; ``matches`` costs O(max_n) lookups plus the continuations it returns;
+    ``evict_front`` forgets the oldest tokens in amortised O(max_n) per token. Nothing scans the
+    sequence per step.
     """
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n, self.max_n = min_n, max_n
-        self.tokens: list[int] = []
-        self.ends: dict[tuple[int, ...], list[int]] = {}
+        self._tokens: list[int] = []
+        self._offset = 0  # absolute position of self._tokens[0]
+        self.start = 0  # absolute position of the oldest live token
+        self.ends: dict[tuple[int, ...], list[int]] = {}  # ascending absolute end positions
+        self._first: dict[tuple[int, ...], int] = {}  # per key: index of its first live end position
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        """Absolute length: every token ever appended, evicted ones included."""
+        return self._offset + len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The live tokens (oldest first)."""
+        return self._tokens[self.start - self._offset :]
+
+    def token(self, position: int) -> int:
+        return self._tokens[position - self._offset]
 
     def extend(self, tokens) -> None:
         for token in tokens:
-            self.tokens.append(int(token))
-            end = len(self.tokens) - 1
-            for n in range(self.min_n, self.max_n + 1):
-                if end + 1 < n:
-                    break
-                key = tuple(self.tokens[end - n + 1 : end + 1])
-                if BOUNDARY in key:
-                    break
+            self._tokens.append(int(token))
+            end = len(self) - 1
+            for key in self._keys_ending_at(end, self.start):
                 self.ends.setdefault(key, []).append(end)
+
+    def _keys_ending_at(self, end: int, floor: int):
+        """The indexed n-grams ending at ``end`` that start at or after ``floor``."""
+        for n in range(self.min_n, self.max_n + 1):
+            if end + 1 - n < floor:
+                return
+            key = tuple(self._tokens[end - n + 1 - self._offset : end + 1 - self._offset])
+            if BOUNDARY in key:
+                return
+            yield key
+
+    def evict_front(self, count: int) -> None:
+        """Forget the ``count`` oldest live tokens. Callers evict whole sequences (up to and
+        including their boundary) so that no live n-gram starts in the evicted part."""
+        origin = self.start  # what `extend` saw as the floor of these n-grams
+        for position in range(origin, min(origin + count, len(self))):
+            for key in self._keys_ending_at(position, origin):
+                first = self._first.get(key, 0) + 1
+                positions = self.ends[key]
+                if first == len(positions):
+                    del self.ends[key]
+                    self._first.pop(key, None)
+                elif first > 32 and 2 * first > len(positions):
+                    del positions[:first]
+                    self._first.pop(key, None)
+                else:
+                    self._first[key] = first
+            self.start = position + 1
+        if self.start - self._offset > max(64, len(self._tokens) // 2):
+            del self._tokens[: self.start - self._offset]
+            self._offset = self.start
 
     def continuations(self, suffix: tuple[int, ...], depth: int, limit: int, before: int | None = None,
                       earliest_too: bool = False):
@@ -57,12 +97,13 @@ class NGramIndex:
         ends = self.ends.get(suffix)
         if not ends:
             return []
-        before = len(self.tokens) - 1 if before is None else before
-        usable = ends[: bisect.bisect_left(ends, before)]  # ends are ascending
+        before = len(self) - 1 if before is None else before
+        first = self._first.get(suffix, 0)
+        usable = ends[first : bisect.bisect_left(ends, before, lo=first)]  # ends are ascending
         order = _alternate(usable) if earliest_too else reversed(usable)
         found = []
         for end in order:
-            continuation = self.tokens[end + 1 : end + 1 + depth]
+            continuation = self._tokens[end + 1 - self._offset : end + 1 + depth - self._offset]
             if BOUNDARY in continuation:
                 continuation = continuation[: continuation.index(BOUNDARY)]
             if continuation:
@@ -117,48 +158,62 @@ class NGramDrafter(Drafter):
         self.earliest_too = earliest_too
         self.stats = AcceptanceStats(prior=(0.5, 0.15, 0.08, 0.05, 0.03, 0.02, 0.015, 0.01))
         self.source_id = 0
-        self._context = NGramIndex(min_n, max_n)
-        self._sequence_id: int | None = None
-        self._prompt_len = 0
-        self._stored: deque[list[int]] = deque()
+        self._contexts: OrderedDict[int, tuple[NGramIndex, int]] = OrderedDict()  # sequence_id -> (index, prompt_len)
+        self._stored: deque[int] = deque()  # lengths of the stored outputs, oldest first
+        self._stored_total = 0  # tokens in the store, one boundary per output included
         self._store = NGramIndex(min_n, max_n)
 
     # ------------------------------------------------------------------ context tracking
-    def _sync(self, ctx: DraftContext) -> None:
-        if ctx.sequence_id != self._sequence_id:
-            self._remember(self._context.tokens[self._prompt_len :])
-            self._context = NGramIndex(self.min_n, self.max_n)
-            self._sequence_id, self._prompt_len = ctx.sequence_id, ctx.prompt_len
-        if len(ctx.token_ids) > len(self._context):
-            self._context.extend(ctx.token_ids[len(self._context) :].tolist())
+    # Sequences decoded concurrently (chat sessions on threads) keep their own context index.
+    MAX_OPEN_SEQUENCES = 16
+
+    def _sync(self, ctx: DraftContext) -> NGramIndex:
+        """The context index of ``ctx``'s sequence, extended to its committed tokens."""
+        entry = self._contexts.get(ctx.sequence_id)
+        if entry is None or len(ctx.token_ids) < len(entry[0]):
+            entry = (NGramIndex(self.min_n, self.max_n), ctx.prompt_len)
+            self._contexts[ctx.sequence_id] = entry
+            while len(self._contexts) > self.MAX_OPEN_SEQUENCES:  # abandoned without end_sequence
+                self.end_sequence(next(iter(self._contexts)))
+        self._contexts.move_to_end(ctx.sequence_id)
+        index = entry[0]
+        if len(ctx.token_ids) > len(index):
+            index.extend(ctx.token_ids[len(index) :].tolist())
+        return index
+
+    def end_sequence(self, sequence_id: int) -> None:
+        """Move the finished sequence's output into the cross-request store."""
+        entry = self._contexts.pop(sequence_id, None)
+        if entry is not None:
+            index, prompt_len = entry
+            self._remember(index.tokens[prompt_len:])
 
     def _remember(self, output: list[int]) -> None:
-        """Add a finished output to the store, evicting the oldest beyond ``store_tokens``."""
+        """Add a finished output to the store, evicting the oldest outputs beyond ``store_tokens``
+        (incrementally: amortised O(max_n) per token, whatever the store size)."""
         if not self.store_tokens or len(output) < self.min_n + 1:
             return
-        self._stored.append(list(output[-(self.store_tokens - 1) :]))
-        total = sum(len(s) + 1 for s in self._stored)  # +1: the boundary after each output
-        if total <= self.store_tokens:
-            self._store.extend(self._stored[-1] + [BOUNDARY])
-            return
-        while total > self.store_tokens:
-            total -= len(self._stored.popleft()) + 1
-        self._store = NGramIndex(self.min_n, self.max_n)
-        for sequence in self._stored:
-            self._store.extend(sequence + [BOUNDARY])
+        output = list(output[-(self.store_tokens - 1) :])
+        self._store.extend(output + [BOUNDARY])
+        self._stored.append(len(output) + 1)  # +1: the boundary after each output
+        self._stored_total += len(output) + 1
+        while self._stored_total > self.store_tokens:
+            evicted = self._stored.popleft()
+            self._store.evict_front(evicted)
+            self._stored_total -= evicted
 
     # ------------------------------------------------------------------ drafting
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
-        self._sync(ctx)
+        index = self._sync(ctx)
         if budget <= 0:
             return TokenTree.empty()
-        context = self._context.tokens
+        context = index.tokens
         matches: list[tuple[list[int], int]] = []  # (continuation, match length)
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):
             suffix = tuple(context[-n:])
             room = self.max_matches - len(matches)
-            for index in (self._context, self._store):
-                for continuation in index.continuations(suffix, self.max_depth, room, earliest_too=self.earliest_too):
+            for source in (index, self._store):
+                for continuation in source.continuations(suffix, self.max_depth, room, earliest_too=self.earliest_too):
                     matches.append((continuation, n))
                 room = self.max_matches - len(matches)
                 if room <= 0:
@@ -197,19 +252,44 @@ class NGramDrafter(Drafter):
 
     def reset(self) -> None:
         self.stats.reset()
-        self._context = NGramIndex(self.min_n, self.max_n)
-        self._sequence_id = None
+        self._contexts.clear()
         self._stored.clear()
+        self._stored_total = 0
         self._store = NGramIndex(self.min_n, self.max_n)
 
+    def stored_outputs(self) -> list[list[int]]:
+        """The outputs in the cross-request store, oldest first."""
+        tokens = self._store.tokens
+        outputs, start = [], 0
+        for length in self._stored:
+            outputs.append(tokens[start : start + length - 1])
+            start += length
+        return outputs
+
     def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict(), "store": [torch.tensor(s, dtype=torch.long) for s in self._stored]}
+        return {"stats": self.stats.state_dict(), "vocab_size": self.vocab_size,
+                "store": [torch.tensor(s, dtype=torch.long) for s in self.stored_outputs()]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict` output; the vocabulary, the statistics and every stored id are
+        validated before the drafter changes."""
+        from drafters.state import StateError, check_array, check_vocab_size, field
+
+        where = "n-gram state"
+        if self.vocab_size is not None or state.get("vocab_size") is not None:
+            check_vocab_size(state, self.vocab_size, where)
+        stats = AcceptanceStats(prior=self.stats.prior)
+        stats.load_state_dict(field(state, "stats", where))
+        store = field(state, "store", where)
+        if not isinstance(store, (list, tuple)):
+            raise StateError(f"{where}: store must be a list of token-id tensors, got {type(store).__name__}")
+        high = None if self.vocab_size is None else self.vocab_size - 1
+        outputs = [check_array(s, f"{where}: store[{i}]", (None,), "int", low=0, high=high).tolist()
+                   for i, s in enumerate(store)]
         self.reset()
-        self.stats.load_state_dict(state["stats"])
-        for sequence in state["store"]:
-            self._remember(torch.as_tensor(sequence).tolist())
+        self.stats = stats
+        for output in outputs:
+            self._remember(output)
 
 
 def with_rank_scores(tree: TokenTree, rates: np.ndarray, source: int) -> TokenTree:

@@ -45,7 +45,7 @@ def _expand(succ, root, shape_parents, shape_ranks, shape_scores):  # pragma: no
             parent_node = -1
             parent_token = root
         token = succ[parent_token, shape_ranks[slot]]
-        if token < 0:
+        if token < 0 or token >= succ.shape[0]:  # unknown successor (ids are validated on load too)
             continue
         duplicate = False
         for other in range(n):
@@ -148,14 +148,21 @@ class TokenRecycling(Drafter):
                 "shapes_at_step": self._shapes_at_step}
 
     def load_state_dict(self, state: dict) -> None:
-        succ = torch.as_tensor(state["succ"]).numpy()
-        if succ.shape != (self.vocab_size, self.k):
-            raise ValueError(
-                f"state has a successor matrix of shape {succ.shape}, this drafter needs {(self.vocab_size, self.k)}"
-            )
+        """Restore `state_dict` output; every field is validated before the drafter changes."""
+        from drafters.state import StateError, array_field, check_vocab_size, int_field
+
+        where = "recycling state"
+        check_vocab_size(state, self.vocab_size, where)
+        if int_field(state, "k", where, low=1) != self.k:
+            raise StateError(f"{where}: saved with k={state['k']} successors per token, this drafter keeps {self.k}")
+        succ = array_field(state, "succ", where, (self.vocab_size, self.k), "int", low=UNKNOWN,
+                           high=self.vocab_size - 1)
+        stats = AcceptanceStats(max_rank=self.k)
+        stats.load_state_dict(state.get("stats", stats.state_dict()))
+        rates = array_field(state, "shape_rates", where, stats.reached.shape, low=0.0, high=1.0) \
+            if "stats" in state else stats.rates()
+        shapes_at_step = int_field(state, "shapes_at_step", where, low=0, high=stats.steps) if "stats" in state else 0
         self.succ[...] = succ
-        if "stats" in state:
-            self.stats.load_state_dict(state["stats"])
-            self._shape_rates = torch.as_tensor(state["shape_rates"]).numpy().copy()
-            self._shapes_at_step = int(state["shapes_at_step"])
+        self.stats = stats
+        self._shape_rates, self._shapes_at_step = rates, shapes_at_step
         self._shapes.clear()

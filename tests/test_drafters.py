@@ -52,19 +52,23 @@ def test_index_is_incremental_and_budget_respected():
     drafter.propose(ctx(tokens), budget=3)
     tree = drafter.propose(ctx(tokens + [6]), budget=3)
     assert paths_of(tree) == [[7, 8, 9]]
-    assert len(drafter._context) == len(tokens) + 1
+    assert len(drafter._contexts[0][0]) == len(tokens) + 1
 
 
 def test_cross_request_store_drafts_repeated_outputs():
     drafter = NGramDrafter(min_n=2, max_n=3, store_tokens=100)
     drafter.propose(ctx([1, 2, 10, 11, 12, 13, 14], sequence_id=0, prompt_len=2), budget=4)
+    assert len(drafter.propose(ctx([3, 10, 11], sequence_id=1, prompt_len=3), budget=4)) == 0  # 0 still open
+    drafter.end_sequence(0)
     tree = drafter.propose(ctx([3, 10, 11], sequence_id=1, prompt_len=3), budget=4)
     assert paths_of(tree) == [[12, 13, 14]]
     tiny = NGramDrafter(min_n=2, max_n=3, store_tokens=5)
     tiny.propose(ctx([1, 10, 11, 12, 13, 14, 15, 16], sequence_id=0, prompt_len=1), budget=4)
+    tiny.end_sequence(0)
     tiny.propose(ctx([2, 30, 31, 32], sequence_id=1, prompt_len=1), budget=4)
-    tiny.propose(ctx([3], sequence_id=2, prompt_len=1), budget=4)
-    assert sum(len(s) + 1 for s in tiny._stored) <= 5
+    tiny.end_sequence(1)
+    assert sum(len(s) + 1 for s in tiny.stored_outputs()) <= 5
+    assert tiny.stored_outputs() == [[30, 31, 32]]
 
 
 def test_ngram_index_boundaries():
@@ -76,7 +80,7 @@ def test_ngram_index_boundaries():
 def test_ngram_state_round_trip():
     drafter = NGramDrafter(min_n=2, max_n=2)
     drafter.propose(ctx([1, 2, 10, 11, 12], sequence_id=0, prompt_len=2), budget=4)
-    drafter.propose(ctx([5], sequence_id=1, prompt_len=1), budget=4)
+    drafter.end_sequence(0)
     other = NGramDrafter(min_n=2, max_n=2)
     other.load_state_dict(drafter.state_dict())
     a = drafter.propose(ctx([9, 10, 11], sequence_id=2), budget=4)

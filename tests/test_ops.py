@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 import specdec
+from drafters.modeling import forward_with_cache
 from specdec import ops
 from specdec.verify import tree_forward
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
@@ -124,7 +125,7 @@ def test_tree_forward_logits_equal_with_and_without_the_kernel(make_model):
             cache = DynamicCache(config=model.config)
             if prefix_len:
                 with torch.no_grad():
-                    model(prompt[:, :prefix_len], past_key_values=cache, use_cache=True)
+                    forward_with_cache(model, cache, input_ids=prompt[:, :prefix_len])
             with torch.no_grad():
                 logits.append(tree_forward(model, cache, int(prompt[0, prefix_len]), tree, prefix_len, use_kernel))
         torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-5)

@@ -1,19 +1,17 @@
 """End to end on Gemma 3 270M (base; sliding-window layers of 512 and a 262k vocabulary): greedy
-equality with model.generate in fp32 on dev prompts longer than the window."""
+equality with model.generate in fp32 on prompts longer than the window, built from the
+repository's built-in question set."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench.datasets import BUILTIN_QUESTIONS
 from specdec import SpeculativeDecoder, load_model
 
 pytestmark = pytest.mark.real_model
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "dev.jsonl"
 NEW_TOKENS = 128
 
 
@@ -26,11 +24,18 @@ def gemma():
 
 
 def long_prompts(tokenizer, count: int = 8) -> list[torch.Tensor]:
-    """The ``count`` shortest dev first turns longer than the 512-token window (about 540-630 tokens,
-    so prompt plus answer spans well past one window while the test stays short)."""
-    encoded = [tokenizer(json.loads(line)["turns"][0], return_tensors="pt").input_ids
-               for line in DEV.read_text(encoding="utf-8").splitlines()]
-    return sorted((ids for ids in encoded if ids.shape[1] > 512), key=lambda ids: ids.shape[1])[:count]
+    """``count`` completion prompts of 536 to about 630 tokens (past the 512-token window, so prompt
+    plus answer spans well past one window while the test stays short): the built-in questions'
+    turns joined in order and then in reverse order, each prompt starting at another question and
+    cut to its own length."""
+    turns = [turn for question in BUILTIN_QUESTIONS for turn in question.turns]
+    prompts = []
+    for i in range(count):
+        text = "\n\n".join(turns[i:] + turns[::-1] + turns[:i])
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        assert ids.shape[1] > 640, "the built-in questions are too short to build a long prompt"
+        prompts.append(ids[:, : 536 + 13 * i])
+    return prompts
 
 
 def test_gemma3_greedy_equality_beyond_the_sliding_window(gemma):

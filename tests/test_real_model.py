@@ -1,19 +1,16 @@
-"""End to end on the embedded SmolLM2-135M-Instruct: greedy equality with model.generate in fp32."""
+"""End to end on the embedded SmolLM2-135M-Instruct: greedy equality with model.generate in fp32.
+
+Prompts come from the repository's built-in question set (every task), so the test checks the
+same things on a fresh clone as in CI."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
-from bench.datasets import read_spec_bench
+from bench.datasets import BUILTIN_QUESTIONS
 from specdec import SpeculativeDecoder, load_default_model
 from specdec.prompts import encode_chat
-
-DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "spec_bench" / "dev.jsonl"
-PER_TASK = 5
-MAX_PROMPT_TOKENS = 400
 
 pytestmark = pytest.mark.real_model
 
@@ -23,26 +20,21 @@ def real_model():
     return load_default_model(dtype=torch.float32)
 
 
-def dev_prompts(tokenizer, count: int = 20) -> list[tuple[str, torch.Tensor]]:
-    """The first prompts of each Spec-Bench task that fit ``MAX_PROMPT_TOKENS`` (first turns)."""
-    if not DEV.is_file():
-        pytest.skip(f"Spec-Bench dev file not found at {DEV}")
-    chosen: list[tuple[str, torch.Tensor]] = []
-    per_task: dict[str, int] = {}
-    for question in read_spec_bench(DEV):
-        ids = encode_chat(tokenizer, [{"role": "user", "content": question.turns[0]}])
-        if ids.shape[1] > MAX_PROMPT_TOKENS or per_task.get(question.task, 0) >= PER_TASK:
-            continue
-        per_task[question.task] = per_task.get(question.task, 0) + 1
-        chosen.append((f"{question.task}/{question.question_id}", ids))
-    return chosen[:count]
+def builtin_prompts(tokenizer, count: int = 20) -> list[tuple[str, torch.Tensor]]:
+    """The first turn of every built-in question, then pairs of them asked together, ``count`` in all."""
+    questions = list(BUILTIN_QUESTIONS)
+    messages = [(q.task + "/" + q.question_id, q.turns[0]) for q in questions]
+    for i in range(count - len(messages)):
+        a, b = questions[i], questions[(i + 5) % len(questions)]
+        messages.append((f"{a.task}+{b.task}/pair-{i}", f"Answer both.\n1. {a.turns[0]}\n2. {b.turns[0]}"))
+    return [(name, encode_chat(tokenizer, [{"role": "user", "content": text}])) for name, text in messages[:count]]
 
 
 @pytest.fixture(scope="module")
 def references(real_model):
-    """HF greedy outputs (128 new tokens) for the 20 dev prompts, computed once."""
+    """HF greedy outputs (128 new tokens) for the 20 built-in prompts, computed once."""
     model, tokenizer = real_model
-    prompts = dev_prompts(tokenizer)
+    prompts = builtin_prompts(tokenizer)
     assert len(prompts) == 20 and len({name.split("/")[0] for name, _ in prompts}) >= 4
     with torch.inference_mode():
         return [(name, ids, model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -50,7 +42,7 @@ def references(real_model):
 
 
 @pytest.mark.parametrize("drafter, tree_budget", [("recycling", 12), ("ngram", 12), ("auto", None)])
-def test_greedy_identical_to_hf_on_dev_prompts(real_model, references, drafter, tree_budget):
+def test_greedy_identical_to_hf_on_builtin_prompts(real_model, references, drafter, tree_budget):
     """``auto`` is the recycling+ngram hybrid under the scheduler (tree sizes from measured timings)."""
     model, tokenizer = real_model
     decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=tree_budget)  # hot state

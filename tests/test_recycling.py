@@ -75,7 +75,7 @@ def test_state_round_trip_and_reset(tmp_path):
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
     other.reset()
     assert len(other.propose(ctx(1), 6)) == 0
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="vocabulary of 20 tokens; this one has 21"):
         TokenRecycling(21, k=3).load_state_dict(drafter.state_dict())
 
 

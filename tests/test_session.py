@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from drafters.state import StateError
 from specdec import ChatSession, SpeculativeDecoder
 from specdec.prompts import encode_chat
 
@@ -116,7 +117,7 @@ def test_save_and_load_round_trip(pair, tmp_path):
     assert restored.decoder.drafter is not decoder.drafter  # private drafter state came back privately
     assert restored.send("and again", max_new_tokens=NEW) == session.send("and again", max_new_tokens=NEW)
     (tmp_path / "bad.pt").write_bytes(b"nope")
-    with pytest.raises(Exception):
+    with pytest.raises(StateError, match="not a readable specdec state file"):
         ChatSession.load(tmp_path / "bad.pt", decoder)
 
 

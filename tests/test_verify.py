@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from drafters.modeling import forward_with_cache
 from specdec import kv
 from specdec.verify import accept_greedy, tree_forward
 from tests.test_trees import random_tree
@@ -37,7 +38,7 @@ def test_accept_greedy_table(tokens, parents, targets, accepted, bonus):
 def _prefill(model, ids: torch.Tensor) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     if ids.numel():
-        model(ids[None], past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids[None])
     return cache
 
 

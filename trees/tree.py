@@ -68,6 +68,8 @@ class TokenTree:
             raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
         if sources.shape != (n,):
             raise ValueError(f"sources must have shape ({n},), got {tuple(sources.shape)}")
+        if n and bool(torch.isnan(scores).any()):
+            raise ValueError("scores must not be NaN")
         if n:
             if bool((tokens < 0).any()):
                 raise ValueError("tokens must be non-negative token ids")
@@ -80,9 +82,11 @@ class TokenTree:
         if self.ranks is None:
             ranks = torch.from_numpy(sibling_ranks(parents.numpy(), scores.numpy()))
         else:
-            ranks = torch.as_tensor(self.ranks, dtype=torch.long)
+            ranks = _as_long("ranks", self.ranks)
             if ranks.shape != (n,):
                 raise ValueError(f"ranks must have shape ({n},), got {tuple(ranks.shape)}")
+            if n and bool((ranks < 0).any()):
+                raise ValueError("ranks must be non-negative")
         object.__setattr__(self, "ranks", ranks)
 
     @classmethod
