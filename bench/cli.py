@@ -31,8 +31,10 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--methods", default="baseline,hf-pld,recycling,auto", show_default=True,
               help=f"Comma list from: {', '.join(known_methods())}; drafters combine with '+' "
                    "(recycling+ngram).")
-@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, alias (gemma3-270m) or random:<shape> (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--draft-model", default=None, help="Draft model (same vocabulary) for hf-assisted and 'model'.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Repeat the whole interleaved pass.")
 @click.option("--state", type=click.Choice(["hot", "cold"]), default="hot", show_default=True,
@@ -48,7 +50,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
-          draft_model, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
+          device, draft_model, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
           markdown_path, plot_path):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
@@ -83,8 +85,12 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         raise BenchError(str(err)) from None
 
     try:
-        model, tokenizer = load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
-        draft = load_model(draft_model, dtype=dtype)[0] if draft_model else None
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: no CUDA device is available here")
+        model, tokenizer = (load_model(model_path, dtype=dtype, device=torch_device) if model_path
+                            else load_default_model(dtype=dtype, device=torch_device))
+        draft = load_model(draft_model, dtype=dtype, device=torch_device)[0] if draft_model else None
     except (ModelLoadError, RuntimeError) as err:
         raise BenchError(str(err)) from None
     skipped = 0
@@ -104,6 +110,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     config = {
         "model": model_path or "SmolLM2-135M-Instruct (embedded)",
         "dtype": dtype,
+        "device": str(torch_device) if torch_device.type == "cpu" else torch.cuda.get_device_name(torch_device),
         "dataset": dataset or "built-in",
         "questions": len(questions),
         "skipped_long_prompts": skipped,

@@ -1,7 +1,10 @@
-"""``specdec bench-verify``: one verify forward of an n-node tree, csrc tree kernel vs sdpa + float mask.
+"""``specdec bench-verify``: what a verify forward of an n-node tree costs on this hardware, with the
+csrc tree-attention kernel and with sdpa plus a float tree mask, and the host time a decode step
+spends outside the forward.
 
-Both paths run the same model on the same cached prefix and the same trees, interleaved repeat by
-repeat; the table gives the median milliseconds of each and their ratio.
+Both attention paths run the same model on the same cached prefix and the same trees, interleaved
+repeat by repeat (median of the repeats, the device synchronised around each forward). Costs are
+reported relative to plain decoding (a one-token forward, n = 0): T(n+1 tokens) / T(1 token).
 """
 
 from __future__ import annotations
@@ -12,19 +15,6 @@ import time
 import click
 import numpy as np
 import torch
-
-# A Llama 3.2 1B-shaped config (16 layers, GQA 32/8, head_dim 64), randomly initialised.
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True)
-
-
-def random_llama(dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(dtype).eval()
-    return model
 
 
 def best_first_tree(n: int, vocab: int, seed: int):
@@ -37,74 +27,131 @@ def best_first_tree(n: int, vocab: int, seed: int):
                      torch.from_numpy(shape.parents))
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
-def measure(model, context: int, sizes: list[int], repeats: int, device: str) -> list[dict]:
-    """Median ms per verify forward for each tree size, with and without the tree kernel."""
-    from transformers import DynamicCache
-
-    from drafters.modeling import forward_with_cache
+def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
+    """Median ms of one verify forward per tree size n, with the tree kernel (when the model family
+    allows it) and with sdpa + mask, after ``context`` cached positions."""
+    from drafters.modeling import SlotCache, forward_with_cache
     from specdec.attention import tree_kernel_for
-    from specdec.verify import tree_forward
+    from specdec.device_tree import TreeUploader
+    from specdec.verify import verify_forward
 
-    kernel = tree_kernel_for(model, True)
+    device = model.device
+    kernel = tree_kernel_for(model, None)
     vocab = model.config.vocab_size
-    cache = DynamicCache(config=model.config)
-    prompt = torch.randint(0, vocab, (1, context), device=device)
-    forward_with_cache(model, cache, input_ids=prompt)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
+    cache = SlotCache.for_model(model, context + max(sizes) + 1)
+    forward_with_cache(model, cache, input_ids=torch.randint(0, vocab, (1, context), device=device))
+    uploader = TreeUploader(device)
+    paths = {"sdpa": None} | ({"kernel": kernel} if kernel is not None else {})
     rows = []
     for n in sizes:
         tree = best_first_tree(n, vocab, seed=n)
-        times: dict[str, list[float]] = {"mask": [], "kernel": []}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         for repeat in range(repeats + 1):
-            for name, use in (("mask", None), ("kernel", kernel)):
-                sync()
+            for name, use in paths.items():
+                _synchronize(device)
                 started = time.perf_counter()
-                tree_forward(model, cache, 1, tree, context, use)
-                sync()
+                verify_forward(model, cache, uploader.upload(tree, 1), context, use)
+                _synchronize(device)
                 if repeat:  # the first round warms up
                     times[name].append(1e3 * (time.perf_counter() - started))
-                cache.crop(-(n + 1))
-        mask_ms, kernel_ms = statistics.median(times["mask"]), statistics.median(times["kernel"])
-        rows.append({"n": n, "sdpa_mask_ms": mask_ms, "kernel_ms": kernel_ms, "speedup": mask_ms / kernel_ms})
+                cache.truncate(context)
+        rows.append({"n": n} | {f"{name}_ms": statistics.median(values) for name, values in times.items()})
+    for name in paths:
+        base = next((row[f"{name}_ms"] for row in rows if row["n"] == 0), None)
+        for row in rows:
+            row[f"{name}_ratio"] = row[f"{name}_ms"] / base if base else None
+    return rows
+
+
+@torch.inference_mode()
+def host_overhead(model, tokenizer, budgets: list[int], steps: int) -> list[dict]:
+    """Per fixed tree budget: ms per decode step outside the verify forward and inside it, from
+    whole generations (Token Recycling drafts; with random weights nothing is accepted)."""
+    from specdec import SpeculativeDecoder
+    from specdec.prompts import encode_chat
+
+    prompt = encode_chat(tokenizer, [{"role": "user", "content": "Describe the water cycle in detail."}])
+    rows = []
+    for budget in budgets:
+        decoder = SpeculativeDecoder(model, tokenizer, drafter="recycling", tree_budget=budget)
+        decoder.generate(prompt, max_new_tokens=4, eos_token_id=-1)  # warm-up
+        stats = decoder.generate(prompt, max_new_tokens=steps, eos_token_id=-1, return_dict_in_generate=True,
+                                 ).spec_stats.as_dict()
+        rows.append({"budget": budget, "host_ms": stats["host_ms_per_step"], "verify_ms": stats["verify_ms_per_step"],
+                     "tree": stats["mean_tree_size"], "mat": stats["mean_accepted_tokens"]})
     return rows
 
 
 @click.command("bench-verify")
-@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
-@click.option("--random-llama-1b", is_flag=True, help="A randomly initialised Llama-1B-shaped model instead.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, alias, or random:smollm2-135m / random:llama-1b "
+                   "(default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--context", type=int, default=300, show_default=True, help="Cached prefix length.")
-@click.option("--sizes", default="8,16,32,64", show_default=True, help="Tree sizes n (draft nodes).")
+@click.option("--sizes", default="0,1,2,4,8,16,32,48,64", show_default=True, help="Tree sizes n (draft nodes).")
 @click.option("--repeats", type=int, default=10, show_default=True)
-def bench_verify(model_path, random_llama_1b, dtype, device, context, sizes, repeats):
-    """Verify-forward time: the csrc tree-attention kernel vs sdpa with a float tree mask."""
+@click.option("--steps", type=int, default=32, show_default=True,
+              help="Decode steps per budget for the host-overhead table (0 skips it).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures.")
+def bench_verify(model_path, dtype, device, context, sizes, repeats, steps, json_path):
+    """Verify-forward cost T(n) relative to plain decoding (tree kernel and sdpa + mask), and the
+    host time per decode step outside the forward."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
-    from specdec import ops
-    from specdec.models import load_default_model, load_model, resolve_dtype
+    from bench.cli import BenchError
+    from specdec.models import ModelLoadError, load_default_model, load_model
 
-    if not ops.load():
-        raise click.ClickException(f"the csrc extension is {ops.status()}")
-    sizes_n = [int(s) for s in sizes.split(",") if s.strip()]
-    if not sizes_n or min(sizes_n) < 1 or context < 1 or repeats < 1:
-        raise click.BadParameter("--sizes, --context and --repeats must be positive")
-    if random_llama_1b:
-        model = random_llama(resolve_dtype(dtype), device)
-        label = "random Llama-1B config"
-    else:
-        model = (load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype))[0].to(device)
-        label = model_path or "SmolLM2-135M-Instruct"
-    rows = measure(model, context, sizes_n, repeats, device)
-    table = Table(title=f"verify forward, {label}, {dtype}, {device}, context {context}, median of {repeats}")
-    for column in ("n", "sdpa + float mask (ms)", "tree kernel (ms)", "speedup"):
+    try:
+        sizes_n = sorted({int(s) for s in sizes.split(",") if s.strip()})
+    except ValueError:
+        raise BenchError(f"--sizes must be a comma list of ints, got {sizes!r}") from None
+    if not sizes_n or min(sizes_n) < 0 or context < 1 or repeats < 1 or steps < 0:
+        raise BenchError("--sizes must be >= 0, --context and --repeats >= 1, --steps >= 0")
+    try:
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: no CUDA device is available here")
+        model, tokenizer = (load_model(model_path, dtype=dtype, device=torch_device) if model_path
+                            else load_default_model(dtype=dtype, device=torch_device))
+    except (ModelLoadError, RuntimeError) as err:
+        raise BenchError(str(err)) from None
+    label = model_path or "SmolLM2-135M-Instruct"
+    name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
+    rows = measure(model, context, sizes_n, repeats)
+    console = Console(width=120)
+    table = Table(title=f"verify forward of n draft nodes (+ root), {label}, {dtype}, {name}, context {context}, "
+                        f"median of {repeats}")
+    columns = ["n"] + [c for path in ("sdpa", "kernel") if f"{path}_ms" in rows[0]
+                       for c in (f"{path} ms", f"{path} T(n+1)/T(1)")]
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(str(row["n"]), f"{row['sdpa_mask_ms']:.1f}", f"{row['kernel_ms']:.1f}", f"{row['speedup']:.2f}x")
-    Console().print(table)
+        cells = [str(row["n"])]
+        for path in ("sdpa", "kernel"):
+            if f"{path}_ms" in row:
+                ratio = row[f"{path}_ratio"]
+                cells += [f"{row[f'{path}_ms']:.2f}", "-" if ratio is None else f"{ratio:.2f}"]
+        table.add_row(*cells)
+    console.print(table)
+    overhead = host_overhead(model, tokenizer, [b for b in (0, 8, 32) if b <= max(sizes_n)], steps) if steps else []
+    if overhead:
+        table = Table(title=f"decode steps ({steps} per budget, recycling drafter): time outside the verify forward")
+        for column in ("tree budget", "mean tree", "verify ms/step", "host ms/step"):
+            table.add_column(column, justify="right")
+        for row in overhead:
+            table.add_row(str(row["budget"]), f"{row['tree']:.1f}", f"{row['verify_ms']:.2f}", f"{row['host_ms']:.2f}")
+        console.print(table)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as out:
+            json.dump({"model": label, "dtype": dtype, "device": name, "context": context, "verify": rows,
+                       "host": overhead}, out, indent=2)

@@ -3,7 +3,11 @@
 // tree_attention: one block per (query tile, query head, batch); one warp per query. Keys are
 // processed in tiles of 32: the block stages a tile of K in shared memory, each lane scores one
 // key of the tile, the warp folds the tile into its online softmax, and each lane accumulates its
-// share of the head dimension from V. Tree keys are masked by the packed ancestor bits.
+// share of the head dimension from V. Tree keys are masked by the packed ancestor bits. K and V are
+// read through their strides, so views of a preallocated cache are never copied.
+//
+// kv_compact: one block per (batch, head) of each cache tensor moves the kept rows in order; the
+// kept slots are read on the device (no host round trip).
 
 #include <ATen/Dispatch.h>
 #include <cuda_runtime.h>
@@ -47,11 +51,17 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// K and V may be strided views (a preallocated cache narrowed to its held rows): only their last
+// dimension must be contiguous. Strides in elements.
+struct KVStrides {
+  int64_t batch, head, row;
+};
+
 template <typename scalar_t>
 __global__ void tree_attention_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                       const scalar_t* __restrict__ v, const uint64_t* __restrict__ ancestors,
                                       scalar_t* __restrict__ out, int q_heads, int kv_heads, int n, int seq,
-                                      int d, int words, int prefix_len, float scale) {
+                                      int d, int words, int prefix_len, float scale, KVStrides ks, KVStrides vs) {
   extern __shared__ float shared[];
   float* k_tile = shared;                                   // [kWarp][d + 1] (padded against bank conflicts)
   float* queries = shared + kWarp * (d + 1);                // [kQueriesPerBlock][d]
@@ -61,8 +71,8 @@ __global__ void tree_attention_kernel(const scalar_t* __restrict__ q, const scal
   const int i = blockIdx.x * kQueriesPerBlock + warp;       // query slot of this warp
   const bool active = i < n;
   const int group = q_heads / kv_heads;
-  const scalar_t* k_head = k + ((int64_t)b * kv_heads + h / group) * seq * d;
-  const scalar_t* v_head = v + ((int64_t)b * kv_heads + h / group) * seq * d;
+  const scalar_t* k_head = k + (int64_t)b * ks.batch + (int64_t)(h / group) * ks.head;
+  const scalar_t* v_head = v + (int64_t)b * vs.batch + (int64_t)(h / group) * vs.head;
   float* query = queries + warp * d;
   if (active) {
     const scalar_t* q_row = q + (((int64_t)b * q_heads + h) * n + i) * d;
@@ -79,7 +89,7 @@ __global__ void tree_attention_kernel(const scalar_t* __restrict__ q, const scal
     __syncthreads();  // the previous tile is no longer read
     for (int idx = threadIdx.x; idx < count * d; idx += blockDim.x) {
       const int row = idx / d, col = idx % d;
-      k_tile[row * (d + 1) + col] = static_cast<float>(k_head[(int64_t)(first + row) * d + col]);
+      k_tile[row * (d + 1) + col] = static_cast<float>(k_head[(int64_t)(first + row) * ks.row + col]);
     }
     __syncthreads();
     if (!active) continue;
@@ -106,7 +116,7 @@ __global__ void tree_attention_kernel(const scalar_t* __restrict__ q, const scal
     for (int j = 0; j < count; ++j) {
       const float w = __shfl_sync(0xffffffff, weight, j);
       if (w == 0.f) continue;
-      const scalar_t* v_row = v_head + (int64_t)(first + j) * d;
+      const scalar_t* v_row = v_head + (int64_t)(first + j) * vs.row;
 #pragma unroll
       for (int t = 0; t < kDimsPerLane; ++t) {
         const int c = lane + t * kWarp;
@@ -152,8 +162,12 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 2 && ancestors.size(0) == q.size(2) &&
                   ancestors.size(1) * 64 >= q.size(2),
               "tree_attention: ancestors must be int64 [n, ceil(n / 64)]");
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && ancestors.is_cuda() && q.get_device() == k.get_device(),
+              "tree_attention (CUDA): q, k, v and ancestors must be on the same CUDA device");
   SPECDEC_DEVICE_GUARD(q.device());
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ac = ancestors.contiguous();
+  // q is small (n rows): made contiguous; k and v stay strided views unless their rows are not.
+  const auto qc = q.contiguous(), ac = ancestors.contiguous();
+  const auto kc = k.stride(3) == 1 ? k : k.contiguous(), vc = v.stride(3) == 1 ? v : v.contiguous();
   auto out = at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options());  // [B, n, Hq, D]
   if (q.numel() == 0) return out;
   const int n = q.size(2), d = q.size(3);
@@ -164,7 +178,8 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
     tree_attention_kernel<scalar_t><<<grid, block, shared_bytes, current_stream()>>>(
         qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
         reinterpret_cast<const uint64_t*>(ac.data_ptr<int64_t>()), out.data_ptr<scalar_t>(), q.size(1), k.size(1), n,
-        k.size(2), d, ac.size(1), prefix_len, static_cast<float>(scale));
+        k.size(2), d, ac.size(1), prefix_len, static_cast<float>(scale),
+        KVStrides{kc.stride(0), kc.stride(1), kc.stride(2)}, KVStrides{vc.stride(0), vc.stride(1), vc.stride(2)});
   });
   SPECDEC_LAUNCH_CHECK();
   return out;
@@ -175,7 +190,9 @@ void kv_compact_cuda(at::TensorList keys, at::TensorList values, int64_t prefix_
   TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1, "kv_compact: keep must be a 1-D int64 tensor");
   if (keys.empty() || keep.numel() == 0) return;
   SPECDEC_DEVICE_GUARD(keys[0].device());
-  const auto keep_c = keep.to(keys[0].device()).contiguous();
+  TORCH_CHECK(keep.device() == keys[0].device(), "kv_compact (CUDA): keep must be on the cache's device "
+              "(a host tensor would need a blocking copy)");
+  const auto keep_c = keep.contiguous();
   auto stream = current_stream();
   for (const at::TensorList& list : {keys, values}) {
     for (const auto& t : list) {

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from drafters.base import DraftContext, Drafter
-from drafters.masks import masks_for
-from drafters.modeling import forward_with_cache
-from trees import ROOT, TokenTree, additive_mask
+from drafters.modeling import SlotCache, forward_with_cache
+from trees import ROOT, TokenTree, masks_by_layer_type, tree_attention_mask
 
 
 def logits_size(model) -> int:
@@ -56,13 +55,11 @@ class ModelDrafter(Drafter):
     # ------------------------------------------------------------------ draft cache
     def _sync(self, ctx: DraftContext) -> torch.Tensor:
         """Feed committed tokens the draft cache lacks (at least the root); log-probs after the root."""
-        from transformers import DynamicCache
-
         if ctx.sequence_id != self._sequence_id or self._cache is None or self._cached_len >= len(ctx.token_ids):
-            self._cache = DynamicCache(config=self.draft_model.config)
-            self._cache.activate_past_recording()  # sliding-window layers can then drop drafted tokens
+            self._cache = SlotCache.for_model(self.draft_model, 2 * len(ctx.token_ids) + 64)
             self._cached_len = 0
             self._sequence_id = ctx.sequence_id
+        self._cache.reserve(len(ctx.token_ids) + self.beam * self.max_depth + 1)
         new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m] host
         out = forward_with_cache(self.draft_model, self._cache, input_ids=new.to(self.draft_model.device),
                                  logits_to_keep=1)
@@ -101,9 +98,7 @@ class ModelDrafter(Drafter):
                     depths.append(depth)
                     ancestors.append(ancestors[parent] | {children[-1]})
             frontier = sorted(children, key=lambda c: -scores[c])[: self.beam]
-        if fed:
-            self._cache.crop(-len(fed))  # drafted tokens leave; committed ones stay
-        self._cache.crop(0)  # sliding-window layers back to their window
+        self._cache.truncate(self._cached_len)  # drafted tokens leave; committed ones stay
         tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
                          torch.tensor(scores, dtype=torch.float32),
                          torch.full((len(tokens),), self.source_id, dtype=torch.int8),
@@ -113,21 +108,18 @@ class ModelDrafter(Drafter):
 
     def _expand(self, frontier, tokens, ancestors, depths, fed) -> torch.Tensor:
         """One batched draft forward over the frontier nodes; returns their log-probs ``[f, V]``."""
-        dtype = self.draft_model.dtype
         columns = fed + frontier
-        visible = torch.tensor([[c in ancestors[q] for c in columns] for q in frontier])  # [f, fed+f]
-        query_pos = torch.tensor([self._cached_len - 1 + depths[q] for q in frontier])  # [f]
-        key_pos = torch.tensor([self._cached_len - 1 + depths[c] for c in columns])  # [fed+f]
-        sliding = [layer for layer in self._cache.layers if getattr(layer, "is_sliding", False)]
-        held = sliding[0].keys.shape[-2] - len(fed) if sliding else None  # committed positions a sliding layer holds
-        mask = masks_for(self.draft_model, lambda window: additive_mask(
-            visible, self._cached_len, query_pos, key_pos, dtype, window, held if window else None))
         device = self.draft_model.device
+        visible = torch.tensor([[c in ancestors[q] for c in columns] for q in frontier], device=device)  # [f, fed+f]
+        query_pos = torch.tensor([self._cached_len - 1 + depths[q] for q in frontier], device=device)  # [f]
+        key_pos = torch.tensor([self._cached_len - 1 + depths[c] for c in columns], device=device)  # [fed+f]
+        mask = masks_by_layer_type(self.draft_model.config, lambda window: tree_attention_mask(
+            visible, self._cached_len, query_pos, key_pos, self.draft_model.dtype, window))
         out = forward_with_cache(
             self.draft_model, self._cache,
             input_ids=torch.tensor([[tokens[q] for q in frontier]], device=device),  # [1, f]
             attention_mask=mask,
-            position_ids=query_pos[None].to(device),
+            position_ids=query_pos[None],
         )
         fed.extend(frontier)
         return torch.log_softmax(out.logits[0].float(), dim=-1)

@@ -1,14 +1,25 @@
-"""Calling a transformers model with an explicit cache, whatever the transformers version.
+"""Calling a transformers model with an explicit, preallocated KV cache.
+
+`SlotCache` is a transformers ``Cache`` whose layers (`SlotLayer`) hold each attention layer's
+keys and values in one buffer ``[B, H_kv, capacity, D]`` allocated at the first forward. A forward
+writes its rows right after the rows already held and attends to views of the held rows (no
+concatenation, no copy of the past); forgetting rows (rejected tree slots, a conversation rolled
+back) only shortens the held length, a host integer: nothing here reads the device.
+Sliding-window layers keep every position too: the window is applied by the attention masks
+(`trees.masks`), so rejected tree rows never evict history.
 
 transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old name warns
 until its removal in 5.40); older 5.x versions only know ``past_key_values`` and silently swallow
-``cache`` into ``**kwargs``. The name is therefore read from the model's own forward signature.
+``cache`` into ``**kwargs``. `forward_with_cache` reads the name from the model's own signature.
 """
 
 from __future__ import annotations
 
 import inspect
 from functools import lru_cache
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 @lru_cache(maxsize=None)
@@ -25,3 +36,100 @@ def cache_keyword(model) -> str:
 def forward_with_cache(model, cache, **kwargs):
     """``model(**kwargs)`` with ``cache`` passed under the right name and ``use_cache=True``."""
     return model(**{cache_keyword(model): cache}, use_cache=True, **kwargs)
+
+
+class CacheFullError(ValueError):
+    """A forward would write past the cache's capacity."""
+
+
+class SlotLayer(CacheLayerMixin):
+    """One attention layer's cache in a preallocated buffer; ``length`` rows are valid."""
+
+    is_sliding = False  # windows are masks here: every position is kept
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads = key_states.shape[:2]  # local heads under tensor parallelism
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``[B, H, q, D]`` new rows after the held ones; return views of all held rows."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise CacheFullError(f"the KV cache holds {self.capacity} positions; this forward needs {end}")
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("SlotLayer.crop takes a negative count of tokens to remove")
+        self.length = max(self.length + tokens_to_remove, 0)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def resize(self, capacity: int) -> None:
+        """Reallocate to ``capacity`` positions, keeping the held rows."""
+        if self.is_initialized and capacity != self.capacity:
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
+        self.capacity = capacity
+
+
+class SlotCache(Cache):
+    """A preallocated KV cache for ``num_layers`` attention layers of up to ``capacity`` positions."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        super().__init__(layers=[SlotLayer(capacity) for _ in range(num_layers)])
+
+    @classmethod
+    def for_model(cls, model, capacity: int) -> "SlotCache":
+        config = model.config.get_text_config(decoder=True)
+        return cls(config.num_hidden_layers, capacity)
+
+    @property
+    def length(self) -> int:
+        """Positions held (the same in every layer)."""
+        return self.layers[0].length
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first ``length`` positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        for layer in self.layers:
+            layer.length = length
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for at least ``capacity`` positions (one reallocation and copy when it grows)."""
+        if capacity > self.capacity:
+            for layer in self.layers:
+                layer.resize(capacity)

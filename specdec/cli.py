@@ -1,4 +1,5 @@
-"""The ``specdec`` command line: ``generate``, ``chat``, ``bench``, ``bench-chat`` and ``bench-verify``."""
+"""The ``specdec`` command line: ``generate`` and ``chat``, plus the commands other packages register
+(``bench``, ``bench-chat``, ``bench-verify`` from the ``bench`` package)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ def main() -> None:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, alias (gemma3-270m) or random:<shape> (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
-def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: int, drafter: str,
+def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_new_tokens: int, drafter: str,
              tree_budget: int | None) -> None:
     """Answer PROMPT (with the chat template) and print speed statistics."""
     from specdec import SpeculativeDecoder
@@ -26,7 +29,7 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
-    model, tokenizer = _load(model_path, dtype)
+    model, tokenizer = _load(model_path, dtype, device)
     try:
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
         decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
@@ -44,12 +47,18 @@ def generate(prompt: str, model_path: str | None, dtype: str, max_new_tokens: in
     )
 
 
-def _load(model_path: str | None, dtype: str):
-    """The model and tokenizer for a command; a bad ``--model`` is a usage error (exit status 2)."""
+def _load(model_path: str | None, dtype: str, device: str):
+    """The model and tokenizer for a command; a bad ``--model`` or ``--device`` is a usage error (exit status 2)."""
+    import torch
+
     from specdec.models import ModelLoadError, load_default_model, load_model
 
     try:
-        return load_model(model_path, dtype=dtype) if model_path else load_default_model(dtype=dtype)
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: no CUDA device is available here")
+        return (load_model(model_path, dtype=dtype, device=torch_device) if model_path
+                else load_default_model(dtype=dtype, device=torch_device))
     except (ModelLoadError, RuntimeError) as err:
         raise click.UsageError(str(err)) from None
 
@@ -58,15 +67,17 @@ CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit 
 
 
 @main.command()
-@click.option("--model", "model_path", default=None, help="Local HF model dir or .gguf (default: SmolLM2-135M).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, alias (gemma3-270m) or random:<shape> (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
 @click.option("--temperature", type=float, default=None, help="Sample at this temperature (default: greedy).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
               help="Drafter + scheduler state file: loaded if it exists, saved on exit.")
-def chat(model_path, dtype, system_prompt, max_new_tokens, drafter, temperature, state_path) -> None:
+def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temperature, state_path) -> None:
     """Interactive chat: streams each answer, then prints tokens/s and mean accepted tokens per step."""
     import os
     import sys
@@ -77,7 +88,7 @@ def chat(model_path, dtype, system_prompt, max_new_tokens, drafter, temperature,
         import readline  # noqa: F401
     except ImportError:
         pass
-    model, tokenizer = _load(model_path, dtype)
+    model, tokenizer = _load(model_path, dtype, device)
     try:
         decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)
     except (ValueError, TypeError) as err:
@@ -143,15 +154,15 @@ def chat(model_path, dtype, system_prompt, max_new_tokens, drafter, temperature,
         decoder.save(state_path)
 
 
-def _add_bench() -> None:
-    # The benchmark harness lives in the top-level `bench` package, which depends on specdec.
-    from bench.chat_bench import bench_chat
-    from bench.cli import bench
-    from bench.verify_cost import bench_verify
+def _add_plugin_commands() -> None:
+    """Commands that other packages register under the entry-point group ``specdec.commands``
+    (the ``bench`` package registers ``bench``, ``bench-chat`` and ``bench-verify``); specdec
+    itself imports none of them."""
+    import importlib.metadata
 
-    main.add_command(bench)
-    main.add_command(bench_chat)
-    main.add_command(bench_verify)
+    for entry in importlib.metadata.entry_points(group="specdec.commands"):
+        if entry.name not in main.commands:
+            main.add_command(entry.load(), entry.name)
 
 
-_add_bench()
+_add_plugin_commands()

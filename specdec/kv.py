@@ -1,45 +1,29 @@
-"""KV-cache compaction after verification: keep the prefix and the accepted path, drop the rest."""
+"""KV-cache compaction after verification: keep the prefix and the accepted path, in place."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
+from drafters.modeling import SlotCache
 from specdec import ops
 
 
-def compact(cache, prefix_len: int, kept_slots: Sequence[int]) -> None:
-    """Keep ``cache[:prefix_len]`` plus the tree slots ``kept_slots`` (in that order), in place.
+def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor) -> None:
+    """Keep the first ``prefix_len`` positions of ``cache``, then the verified slots ``kept_slots``
+    (``[m]`` int64 on the cache's device, strictly increasing, slot 0 = position ``prefix_len``)
+    in that order; everything after is forgotten.
 
-    ``cache`` holds ``prefix_len`` committed positions followed by the verified slots
-    ``[root] + nodes``. When the kept slots are a leading run ``0..m-1`` this is a crop (no copy);
-    otherwise the kept rows of every full-attention layer move into place right after the prefix
-    in one ``kv_compact`` call (the prefix itself is never copied). Sliding-window layers (their
-    cache must record the past: ``cache.activate_past_recording()``) drop the verified slots and
-    re-append the kept ones, then trim back to the window.
+    The kept rows of every layer move next to the prefix in one ``kv_compact`` call (the prefix
+    itself is never copied; rows already in place are not moved). The slot values are never read
+    on the host: on the CPU the operator checks them, on a GPU they must come from acceptance.
     """
-    total = cache.get_seq_length()
-    n_slots = total - prefix_len
-    kept = list(kept_slots)
-    if len(kept) > n_slots or (kept and (min(kept) < 0 or max(kept) >= n_slots)):
-        raise ValueError(f"kept_slots {kept} out of range for {n_slots} verified slots")
-    full = [layer for layer in cache.layers if not getattr(layer, "is_sliding", False)]
-    sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False)]
-    if kept == list(range(len(kept))):
-        if n_slots > len(kept):
-            cache.crop(-(n_slots - len(kept)))
-    else:
-        index = torch.tensor(kept, dtype=torch.long)
-        if full:  # one call moves the kept rows of every full layer: [B, H_kv, prefix_len + n_slots, D] each
-            ops.kv_compact([layer.keys for layer in full], [layer.values for layer in full], prefix_len, index)
-            for layer in full:
-                layer.keys = layer.keys[..., : prefix_len + len(kept), :]
-                layer.values = layer.values[..., : prefix_len + len(kept), :]
-        for layer in sliding:  # past recording keeps every verified slot until the crop
-            keys = layer.keys[..., -n_slots:, :].index_select(-2, index)  # [B, H_kv, m, D]
-            values = layer.values[..., -n_slots:, :].index_select(-2, index)
-            layer.crop(-n_slots)
-            layer.update(keys, values)
-    for layer in sliding:
-        layer.crop(0)  # back to the last window - 1 positions
+    held = cache.length - prefix_len
+    m = kept_slots.numel()
+    if m > held:
+        raise ValueError(f"cannot keep {m} of {held} verified slots")
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    if layers:
+        end = cache.length  # views of the held rows: the operator checks slots against them
+        ops.kv_compact([layer.keys[:, :, :end] for layer in layers], [layer.values[:, :, :end] for layer in layers],
+                       prefix_len, kept_slots)
+    cache.truncate(prefix_len + m)

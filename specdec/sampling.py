@@ -1,16 +1,18 @@
-"""How the target picks its token at every tree node: logits processors per node, then argmax or a draw.
+"""How the target picks its token at every tree slot: logits processors per slot, then the argmax
+or a draw, all on the model's device.
 
 Logits processors (HF's ``LogitsProcessor`` protocol: ``(input_ids [B, L], scores [B, V]) -> scores``)
 run at every slot of the verified tree with that slot's own history: the committed tokens plus
-the tokens on its root path, which is exactly what plain decoding would have passed at that
-position. Processors are called on rejected nodes too, so they must be pure functions of their
-inputs (HF's own are).
+the tokens on its root path, exactly what plain decoding would have passed at that position.
+Processors are called on rejected slots too, so they must be pure functions of their inputs
+(HF's own are). Transformers' history-free warpers take one call for all slots, its row-wise
+processors one call per tree depth, any other processor one call per slot.
 
-Sampled verification uses the delta rule, because specdec's drafters choose candidates without
-sampling (recycled successors, copied n-grams, top-k of a draft model): at a slot, draw ``y`` from
-the target's processed distribution; if a child carries ``y``, move there and repeat, otherwise
-emit ``y`` and stop. Each draw is fresh and the tree never depends on the draws, so the emitted
-tokens are distributed exactly as ancestral sampling from the target.
+A sampled choice is an inverse-CDF draw with one uniform number per *sequence position*, the
+uniform a pure function of the request's sampling key and the position (`PositionDraws`): the
+token at a position is then the same whichever tree, drafter or tree size verified it, so a seed
+reproduces its sample exactly, and each token is exactly distributed as the target's
+(processed) distribution. Acceptance follows the delta rule (see `specdec.accept`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation import logits_process as lp
 
-from specdec.verify import Acceptance, accept_greedy
-from trees import TokenTree
+from specdec.accept import Accepted, accept
+from specdec.device_tree import DeviceTree
 
 
 def _classes(*names: str) -> tuple[type, ...]:
@@ -44,19 +46,6 @@ ROW_WISE = _classes(
 )
 
 
-@dataclass(frozen=True)
-class NodeRule:
-    """The target's choice at a node: ``processors`` (applied in order with the node's history),
-    then the argmax (``do_sample=False``) or a draw from the softmax (``do_sample=True``)."""
-
-    processors: list = field(default_factory=list)
-    do_sample: bool = False
-
-    @property
-    def is_plain_greedy(self) -> bool:
-        return not self.do_sample and not self.processors
-
-
 def _call_mode(processor) -> str:
     """How a processor can be batched over tree slots: "all", "depth" or "slot" (one call each)."""
     if isinstance(processor, HISTORY_FREE):
@@ -66,70 +55,110 @@ def _call_mode(processor) -> str:
     return "slot"
 
 
-def slot_histories(tree: TokenTree, committed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(slot_idx [g], input_ids [g, L + d])`` per depth ``d``: each slot's committed history plus
-    its root path (a node's own token included, since its logits predict the token after it)."""
-    by_depth: dict[int, list[int]] = {0: [0]}
-    for node_idx, depth in enumerate(tree.depths.tolist()):
-        by_depth.setdefault(depth, []).append(node_idx + 1)
+@dataclass(frozen=True)
+class NodeRule:
+    """The target's choice at a slot: ``processors`` (applied in order with the slot's history),
+    then the argmax (``do_sample=False``) or a draw from the softmax (``do_sample=True``)."""
+
+    processors: list = field(default_factory=list)
+    do_sample: bool = False
+
+    def scores(self, logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor) -> torch.Tensor:
+        """``[n+1, V]`` scores the choice is made from: ``logits`` itself when no processor runs,
+        else float32 processed scores, each slot with its own history (``history [L]`` on the
+        device, root last)."""
+        if not self.processors:
+            return logits
+        return processed_scores(logits, tree, history, self.processors)
+
+    def accept(self, tree: DeviceTree, scores: torch.Tensor) -> Accepted:
+        """The accepted path: following the argmax (greedy) or the delta rule (sampling, with the
+        tree's per-depth uniforms)."""
+        if not self.do_sample:
+            return accept(tree, scores.argmax(dim=-1))
+        return accept_sampled(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
+
+
+def accept_sampled(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> Accepted:
+    """The delta rule on the device: at every slot draw ``y`` from ``probs [n+1, V]`` by inverting
+    its CDF at the uniform of the slot's position (``uniforms [max_depth+1]`` float64, one per
+    depth: the slot's position is the committed length plus its depth), then accept the path that
+    follows the draws."""
+    cdf = probs.double().cumsum(dim=-1)  # [n+1, V]
+    targets = (uniforms[tree.depths] * cdf[:, -1])[:, None]  # [n+1, 1], below each row's total
+    choices = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    return accept(tree, choices.clamp_(max=probs.shape[-1] - 1))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijective, well-mixed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class PositionDraws:
+    """The uniform numbers a sampled generation draws from: one per sequence position, a pure
+    function of ``key`` and the position (no state, so the order in which positions are
+    verified, and how many are, never changes a draw).
+
+    Args:
+        key: the request's sampling key (`sampling_key` makes one from a seed or a generator).
+    """
+
+    def __init__(self, key: int) -> None:
+        self.key = _mix64(key & _MASK64)
+
+    def uniforms(self, first: int, count: int) -> torch.Tensor:
+        """``[count]`` float64 uniforms in [0, 1) for positions ``first .. first + count - 1`` (host)."""
+        return torch.tensor([(_mix64(self.key ^ _mix64(position)) >> 11) * 2.0**-53
+                             for position in range(first, first + count)], dtype=torch.float64)
+
+
+def sampling_key(generator: torch.Generator | int | None) -> int:
+    """A request's sampling key: an int seed as given, else one draw from ``generator`` (or from
+    torch's global generator, as ``torch.manual_seed`` seeds it), so that consecutive requests on
+    one generator differ and the same generator state repeats them."""
+    if isinstance(generator, int):
+        return generator
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))  # once per request
+
+
+def slot_histories(tree: DeviceTree, history: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(slots [g], input_ids [g, L + d])`` per depth ``d``, on the device: each slot's committed
+    history plus the tokens on its root path (its own token included, since its logits predict
+    the token after it)."""
     groups = []
-    for depth, slots in sorted(by_depth.items()):
-        if depth == 0:
-            ids = committed[None]
-        else:
-            paths = torch.stack([tree.tokens[tree.path_to(slot - 1)] for slot in slots])  # [g, d]
-            ids = torch.cat([committed[None].expand(len(slots), -1), paths], dim=1)
-        groups.append((torch.tensor(slots), ids))
+    for depth in range(tree.max_depth + 1):
+        slots = tree.by_depth[tree.depth_starts[depth] : tree.depth_starts[depth + 1]]  # [g]
+        ids = history[None].expand(slots.numel(), -1)
+        if depth:
+            path_tokens = tree.tokens[tree.paths[slots, 1 : depth + 1]]  # [g, d]
+            ids = torch.cat([ids, path_tokens], dim=1)
+        groups.append((slots, ids))
     return groups
 
 
-def processed_scores(logits: torch.Tensor, tree: TokenTree, committed: torch.Tensor, processors) -> torch.Tensor:
-    """``[n+1, V]`` float32 scores at every slot after ``processors``, each slot with its own history.
-
-    ``committed`` (``[L]``, root last) is the history of the root slot.
-    """
+def processed_scores(logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor, processors) -> torch.Tensor:
+    """``[n+1, V]`` float32 scores at every slot after ``processors``, each slot with its own history."""
     scores = logits.to(torch.float32, copy=True)
     groups = None
     for processor in processors:
         mode = _call_mode(processor)
         if mode == "all":
-            scores = processor(committed[None].expand(scores.shape[0], -1), scores)
+            scores = processor(history[None].expand(scores.shape[0], -1), scores)
             continue
-        groups = groups if groups is not None else slot_histories(tree, committed)
+        groups = groups if groups is not None else slot_histories(tree, history)
         for slots, ids in groups:
             if mode == "depth":
                 scores[slots] = processor(ids, scores[slots])
             else:
-                for slot, row_ids in zip(slots.tolist(), ids):
-                    scores[slot : slot + 1] = processor(row_ids[None], scores[slot : slot + 1])
+                for row in range(slots.numel()):
+                    slot = slots[row : row + 1]
+                    scores[slot] = processor(ids[row : row + 1], scores[slot])
     return scores
-
-
-def choose(tree: TokenTree, logits: torch.Tensor, committed: torch.Tensor, rule: NodeRule | None,
-           generator: torch.Generator | None = None) -> tuple[Acceptance, torch.Tensor | None]:
-    """Accept a path of ``tree`` given the verify logits ``[n+1, V]``.
-
-    Returns the acceptance and the processed scores ``[n+1, V]`` (``None`` when no processor ran:
-    the scores are the logits).
-    """
-    if rule is None or rule.is_plain_greedy:
-        return accept_greedy(tree, logits.argmax(-1).tolist()), None
-    scores = processed_scores(logits, tree, committed, rule.processors)
-    if not rule.do_sample:
-        return accept_greedy(tree, scores.argmax(-1).tolist()), scores
-    return accept_sampled(tree, torch.softmax(scores, dim=-1), generator), scores
-
-
-def accept_sampled(tree: TokenTree, probs: torch.Tensor, generator: torch.Generator | None = None) -> Acceptance:
-    """The delta-rule walk: draw at a slot, follow the child with that token, else stop there."""
-    children = tree.children()
-    tokens = tree.tokens.tolist()
-    slot = 0
-    accepted: list[int] = []
-    while True:
-        drawn = int(torch.multinomial(probs[slot], 1, generator=generator))
-        nxt = next((c for c in children[slot] if tokens[c] == drawn), None)
-        if nxt is None:
-            return Acceptance(tuple(accepted), drawn)
-        accepted.append(nxt)
-        slot = nxt + 1

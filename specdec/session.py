@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from specdec.engine import DecodeResult, KVState, SpeculativeDecoder, SpecStats
-from specdec.generate import prepare_request
+from specdec.arguments import prepare_request
+from specdec.engine import SpeculativeDecoder
+from specdec.request import DecodeResult, KVState, SpecStats
 from specdec.prompts import encode_chat
 
 SESSION_FORMAT = 1

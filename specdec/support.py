@@ -1,15 +1,32 @@
-"""What a model can do under tree verification, decided before any forward.
+"""Which models tree verification reproduces exactly, and through which attention path.
 
-specdec verifies a tree in one forward by giving the model ``position_ids`` (depth-based) and a
-4D attention mask, and afterwards keeps only the accepted rows of an attention KV cache. A model
-qualifies when all three reach its attention unchanged; otherwise `check_model` raises
-`UnsupportedGeneration` naming the reason. Models with learned absolute positions also have a
-hard position limit, which `position_limit` reports so that deeper draft nodes are pruned.
+specdec verifies a tree in one forward by giving the model depth-based ``position_ids`` and a 4D
+attention mask (or the csrc tree kernel), and afterwards keeps only the accepted rows of its
+attention KV cache. `support_for` decides, once per model, before any generation:
+
+1. statically, from the model's class and config, the families that cannot work (no KV cache, no
+   ``position_ids``, recurrent or other non-attention layers, ALiBi position biases computed from
+   key indices, encoder-decoders);
+2. then by an equivalence probe on a small prompt and a branching tree: the tree forward's logits
+   (mask path, and kernel path where the kernel could run) must equal sequential decoding's, and
+   the compacted cache must continue exactly. A path that raises or differs is not used; a model
+   with no exact path is refused with `UnsupportedGeneration` naming what differed.
+
+Models with learned absolute positions also have a hard position limit (`position_limit`), past
+which draft nodes are pruned.
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
+import weakref
+from dataclasses import dataclass
+
 import torch
+
+from drafters.modeling import SlotCache, forward_with_cache
+from trees import TokenTree
 
 
 def position_limit(model) -> int | None:
@@ -24,3 +41,118 @@ def position_limit(model) -> int | None:
                 and module.num_embeddings in declared:
             return int(module.num_embeddings)
     return None
+
+
+
+
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+ALIBI_FAMILIES = frozenset({"bloom", "mpt"})
+
+
+def static_reason(model) -> str | None:
+    """Why ``model`` cannot verify trees, from its class and config alone (None: it may)."""
+    config = model.config.get_text_config(decoder=True)
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model; specdec verifies trees with decoder-only causal LMs"
+    parameters = inspect.signature(type(model).forward).parameters
+    if "cache" not in parameters and "past_key_values" not in parameters:
+        return f"{name} keeps no KV cache, so a verified tree cannot be kept or rolled back"
+    if "position_ids" not in parameters:
+        return f"{name}.forward takes no position_ids, so tree nodes cannot sit at their depth's position"
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if layer_types - ATTENTION_LAYER_TYPES:
+        others = ", ".join(sorted(map(str, layer_types - ATTENTION_LAYER_TYPES)))
+        return (f"{name} has {others} layers (recurrent, chunked or compressed state), which a tree cannot be "
+                "verified through and rolled back to its accepted path")
+    if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False) \
+            or config.model_type in ALIBI_FAMILIES:
+        return (f"{name} uses ALiBi position biases computed from key indices, not from the tree's positions, "
+                "so tree attention would change its logits")
+    return None
+
+
+# A prompt and a tree that exercise what trees need: siblings that must not see each other, a node
+# two deep, and the compacted cache continuing from an accepted path.
+_PROBE_PROMPT = (5, 9, 2, 7, 3)
+_PROBE_ROOT = 4
+_PROBE_TREE = ((6, 8, 1), (-1, -1, 0))  # tokens, parents: two siblings, a child of the first
+_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the logits' scale; 3e-2 otherwise
+
+
+@torch.inference_mode()
+def probe(model, kernel=None) -> str | None:
+    """Run a small tree through ``model`` (``kernel``: a `specdec.attention.TreeKernel`, or None for
+    the mask path) and compare with sequential decoding; None when exact, else what differed."""
+    from specdec import kv
+    from specdec.device_tree import TreeUploader
+    from specdec.verify import verify_forward
+
+    vocab = model.get_input_embeddings().num_embeddings
+    prefix = torch.tensor(_PROBE_PROMPT, device=model.device) % vocab
+    tokens, parents = _PROBE_TREE
+    tree = TokenTree(torch.tensor(tokens) % vocab, torch.tensor(parents))
+    root = _PROBE_ROOT % vocab
+    paths = [[root], [root, tokens[0]], [root, tokens[1]], [root, tokens[0], tokens[2]]]  # slot order
+    try:
+        expected = torch.stack([model(input_ids=torch.cat([prefix, torch.tensor(p, device=model.device) % vocab])[None]
+                                      ).logits[0, -1].float() for p in paths])  # [4, V]
+        cache = SlotCache.for_model(model, len(_PROBE_PROMPT) + len(tokens) + 2)
+        forward_with_cache(model, cache, input_ids=prefix[None])
+        slots = TreeUploader(model.device).upload(tree, root)
+        got = verify_forward(model, cache, slots, len(_PROBE_PROMPT), kernel).float()  # [4, V]
+        kv.compact(cache, len(_PROBE_PROMPT), torch.tensor([0, 1], device=model.device))  # accept the first child
+        after = forward_with_cache(model, cache, input_ids=torch.tensor([[tokens[2] % vocab]], device=model.device),
+                                   position_ids=torch.tensor([[len(_PROBE_PROMPT) + 2]], device=model.device),
+                                   ).logits[0, -1].float()
+    except Exception as err:  # a family-specific failure is a reason to refuse, not a crash later
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return f"the tree forward raised {type(err).__name__}: {first}"
+    scale = expected.abs().max().clamp(min=1.0)
+    tolerance = _TOLERANCE.get(model.dtype, 3e-2) * scale
+    differs = (got - expected).abs().max()
+    if differs > tolerance:
+        return f"tree logits differ from sequential decoding by {float(differs):.3g} (scale {float(scale):.3g})"
+    if (after - expected[3]).abs().max() > tolerance:
+        return "the compacted cache does not continue like sequential decoding"
+    return None
+
+
+@dataclass(frozen=True)
+class Support:
+    """How a model verifies trees: ``reason`` it cannot (None when it can), and the tree-attention
+    ``kernel`` when that path is proven exact (None: the model's own attention with a mask)."""
+
+    reason: str | None
+    kernel: object | None
+
+
+_SUPPORT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SUPPORT_LOCK = threading.Lock()
+
+
+def support_for(model, tree_kernel: bool | None = None) -> Support:
+    """`Support` of ``model`` (probed once per model, dtype, device and ``tree_kernel`` setting).
+
+    ``tree_kernel``: None uses the kernel where it loads and is proven exact, True requires it
+    (ValueError / RuntimeError when it cannot be used), False never uses it.
+    """
+    from specdec.attention import tree_kernel_for
+
+    key = (tree_kernel, model.dtype, str(model.device))
+    with _SUPPORT_LOCK:
+        known = _SUPPORT.setdefault(model, {})
+        if key in known:
+            return known[key]
+        reason = static_reason(model)
+        kernel = None if reason else tree_kernel_for(model, tree_kernel)
+        if kernel is not None and (kernel_failure := probe(model, kernel)):
+            if tree_kernel:
+                raise ValueError(f"tree_kernel=True, but the tree kernel is not exact for {type(model).__name__}: "
+                                 f"{kernel_failure}")
+            kernel = None
+        if reason is None and kernel is None and (mask_failure := probe(model, None)):
+            reason = (f"tree verification does not reproduce {type(model).__name__}'s sequential decoding "
+                      f"({mask_failure})")
+        known[key] = Support(reason, kernel)
+        return known[key]

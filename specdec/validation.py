@@ -101,12 +101,12 @@ def check_eos_token_id(eos_token_id, vocab_size: int) -> frozenset[int]:
     return frozenset(i for i in ids if 0 <= i < vocab_size)
 
 
-def check_generator(generator) -> torch.Generator | None:
-    """A ``torch.Generator`` as given, or a new one seeded with an int."""
+def check_generator(generator) -> torch.Generator | int | None:
+    """A ``torch.Generator`` or an int seed, as given (sampling draws its key from it)."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(generator)
+        return generator
     raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
 
 

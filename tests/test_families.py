@@ -97,24 +97,32 @@ def test_greedy_equality_for_every_drafter(family, prompt_name):
 
 
 def test_gemma3_uses_one_mask_per_layer_type():
-    from drafters.masks import sliding_window_of
+    """Every layer keeps every position (the cache never evicts); the sliding layers' mask applies
+    the window: a slot at position p sees keys at k only if p - k < window."""
+    from specdec.device_tree import TreeUploader
     from specdec.verify import tree_masks
-    from trees import TokenTree
+    from trees import TokenTree, sliding_window_of
 
     model = tiny_gemma3()
-    assert sliding_window_of(model) == (WINDOW, True)
+    assert sliding_window_of(model.config) == (WINDOW, True)
     tree = TokenTree(torch.tensor([3, 4, 5]), torch.tensor([-1, 0, -1]))
-    masks = tree_masks(model, tree, prefix_len=20)
-    assert masks["full_attention"].shape == (1, 1, 4, 24)
-    assert masks["sliding_attention"].shape == (1, 1, 4, WINDOW - 1 + 4)
-    assert sliding_window_of(tiny_llama()) == (None, False)
+    masks = tree_masks(model, TreeUploader(torch.device("cpu")).upload(tree, 7), prefix_len=20)
+    assert masks["full_attention"].shape == masks["sliding_attention"].shape == (1, 1, 4, 24)
+    full, sliding = masks["full_attention"][0, 0] == 0, masks["sliding_attention"][0, 0] == 0  # True = attends
+    ancestors = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(full[:, 20:], ancestors) and full[:, :20].all()
+    positions = torch.tensor([20, 21, 22, 21])  # 20 + depth
+    keys = torch.cat([torch.arange(20), positions])
+    assert torch.equal(sliding, full & ((positions[:, None] - keys[None, :]) < WINDOW))
+    assert sliding_window_of(tiny_llama().config) == (None, False)
     assert SpeculativeDecoder(model).kernel is None  # sliding layers keep the mask path
 
 
 def test_gemma3_chat_session_beyond_the_window():
-    """KV reuse with sliding layers: a pure extension of the cached history is reused, a rollback
-    (which the sliding layers cannot do) falls back to a full prefill; both stay exact."""
-    from specdec.engine import DecodeRequest, KVState
+    """KV reuse with sliding layers: a pure extension of the cached history is reused, and so is
+    the common prefix of a rollback (the cache keeps every position; windows are masks); both
+    stay exact."""
+    from specdec.request import DecodeRequest, KVState
 
     model = tiny_gemma3()
     decoder = SpeculativeDecoder(model, tree_budget=8)
@@ -127,7 +135,7 @@ def test_gemma3_chat_session_beyond_the_window():
     assert again.tokens == hf_greedy(model, extended[None], 12)[0, len(extended):].tolist()
     rolled_back = torch.cat([first, torch.tensor([50, 51])])
     third = decoder.decode(DecodeRequest(prompt=rolled_back, max_new_tokens=12, kv=kv))
-    assert third.stats.reused_prefix_tokens == 0
+    assert third.stats.reused_prefix_tokens >= len(first)  # the whole first prompt, three windows long
     assert third.tokens == hf_greedy(model, rolled_back[None], 12)[0, len(rolled_back):].tolist()
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 import specdec
-from drafters.modeling import forward_with_cache
+from drafters.modeling import SlotCache, forward_with_cache
 from specdec import ops
-from specdec.verify import tree_forward
+from specdec.device_tree import TreeUploader
+from specdec.verify import verify_forward
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 from tests.test_families import tiny_qwen2
 from tests.test_trees import random_tree
@@ -121,13 +121,14 @@ def test_tree_forward_logits_equal_with_and_without_the_kernel(make_model):
     for prefix_len in (0, 1, 39):
         tree = random_tree(rng, 12, vocab=96)
         logits = []
+        slots = TreeUploader(torch.device("cpu")).upload(tree, int(prompt[0, prefix_len]))
         for use_kernel in (kernel, None):
-            cache = DynamicCache(config=model.config)
+            cache = SlotCache.for_model(model, 64)
             if prefix_len:
                 with torch.no_grad():
                     forward_with_cache(model, cache, input_ids=prompt[:, :prefix_len])
             with torch.no_grad():
-                logits.append(tree_forward(model, cache, int(prompt[0, prefix_len]), tree, prefix_len, use_kernel))
+                logits.append(verify_forward(model, cache, slots, prefix_len, use_kernel))
         torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # switched back after each verify forward
 
@@ -207,3 +208,19 @@ def test_cuda_sources_compile(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "ops.o").stat().st_size > 0
+
+
+def test_a_killed_build_never_blocks_later_builds(tmp_path):
+    """torch's build baton is a plain file: a build killed mid-way leaves it behind. The next load
+    (under specdec's own OS-released lock) removes it instead of waiting forever."""
+    sources = [ops.CSRC / name for name in ops.CPU_SOURCES]
+    built = ops.build_directory(sources)
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "build.lock"))
+    (copy / "lock").write_text("")  # the baton of a build that was killed
+    script = "from specdec import ops; assert ops.load(), ops.status(); print('ok')"
+    env = dict(os.environ, **{ops.BUILD_DIR_ENV: str(tmp_path)})
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT_DIR, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert not (copy / "lock").exists()

@@ -18,8 +18,9 @@ from transformers.generation.logits_process import (
 )
 
 import specdec
+from specdec.accept import Accepted, read_outcome
+from specdec.device_tree import DeviceTree, TreeUploader
 from specdec.sampling import accept_sampled
-from specdec.verify import Acceptance
 from tests.conftest import tiny_llama
 from trees import TokenTree
 
@@ -52,27 +53,35 @@ def draft_tree(root: int) -> TokenTree:
     return TokenTree(torch.tensor(tokens), torch.tensor(parents))
 
 
-def broken_accept(tree: TokenTree, probs: torch.Tensor, generator=None, threshold: float = 0.25) -> Acceptance:
+def broken_accept(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor, threshold: float = 0.25) -> Accepted:
     """A plausible-looking but biased verifier: takes a child outright when the target likes it."""
-    children, slot, accepted = tree.children(), 0, []
+    tokens, parents = tree.tokens.tolist(), tree.parent_slots.tolist()
+    slot, path = 0, [0]
     while True:
-        liked = [c for c in children[slot] if probs[slot, tree.tokens[c]] > threshold]
+        liked = [c for c in range(1, tree.n + 1) if parents[c] == slot and probs[slot, tokens[c]] > threshold]
         if not liked:
-            return Acceptance(tuple(accepted), int(torch.multinomial(probs[slot], 1, generator=generator)))
-        accepted.append(liked[0])
-        slot = liked[0] + 1
+            cdf = probs[slot].double().cumsum(0)
+            drawn = min(int(torch.searchsorted(cdf, uniforms[len(path) - 1] * cdf[-1], right=True)), len(cdf) - 1)
+            break
+        slot = liked[0]
+        path.append(slot)
+    width = tree.max_depth + 1
+    padded = path + [0] * (width - len(path))
+    block = [tokens[c] for c in path[1:]] + [drawn] + [0] * (width - len(path))
+    return Accepted(path=torch.tensor(padded), block=torch.tensor(block), count=torch.tensor(len(path)))
 
 
 def sample_two(accept, trials: int, seed: int) -> dict:
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    uploader = TreeUploader(torch.device("cpu"))
     counts: dict = {}
     for _ in range(trials):
         out, root = [], 0
         while len(out) < 2:
             tree = draft_tree(root)
             slots = torch.cat([torch.tensor([root]), tree.tokens])
-            result = accept(tree, TARGET[slots], generator)
-            out += result.tokens(tree)
+            uniforms = torch.from_numpy(rng.random(tree.max_depth + 1))
+            out += read_outcome(accept(uploader.upload(tree, root, uniforms), TARGET[slots], uniforms), None).tokens
             root = out[-1]
         key = tuple(out[:2])
         counts[key] = counts.get(key, 0) + 1
@@ -157,7 +166,7 @@ def test_generate_sampling_matches_exact_distribution(small_model, drafter, monk
     assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
     assert chi_square_p(counts, expected, trials) > P_VALUE
     monkeypatch.setattr("specdec.sampling.accept_sampled",
-                        lambda tree, probs, generator: broken_accept(tree, probs, generator, threshold=0.05))
+                        lambda tree, probs, uniforms: broken_accept(tree, probs, uniforms, threshold=0.05))
     broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model)
     assert chi_square_p(broken, expected, trials // 2) < 1e-6
 
@@ -178,3 +187,18 @@ def test_greedy_with_repetition_penalty_matches_hf(model):
     out = specdec.SpeculativeDecoder(model).generate(prompt, max_new_tokens=30, eos_token_id=-1,
                                                      repetition_penalty=1.3)
     assert torch.equal(out, ref)
+
+
+def test_a_seed_gives_the_same_sample_whatever_verifies_it(small_model):
+    """Draws are per sequence position, so the tree (drafter, size, acceptance) never changes a
+    seeded sample: every drafter and budget reproduces plain decoding's sample token for token."""
+    def run(drafter, budget, seed):
+        decoder = specdec.SpeculativeDecoder(small_model, drafter=drafter, tree_budget=budget)
+        return decoder.generate(PROMPT, max_new_tokens=30, eos_token_id=-1, do_sample=True, generator=seed,
+                                **SETTINGS).tolist()
+
+    for seed in (1, 2, 3):
+        plain = run("recycling", 0, seed)
+        for drafter, budget in (("recycling", 6), ("ngram", 12), ("auto", None), ("recycling+ngram", 3)):
+            assert run(drafter, budget, seed) == plain, (seed, drafter, budget)
+    assert len({tuple(run("auto", None, seed)[0]) for seed in range(6)}) > 1  # the seed matters

@@ -1,17 +1,23 @@
-"""Tree forward, greedy acceptance and KV compaction against plain sequential decoding (fp32)."""
+"""Tree forward, acceptance and KV compaction against plain sequential decoding (fp32)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
-from drafters.modeling import forward_with_cache
+from drafters.modeling import SlotCache, forward_with_cache
 from specdec import kv
-from specdec.verify import accept_greedy, tree_forward
-from tests.test_trees import random_tree
+from specdec.accept import accept, read_outcome
+from specdec.device_tree import TreeUploader
+from specdec.verify import verify_forward
+from tests.test_trees import brute_ancestors, random_tree
 from trees import TokenTree
+
+
+def outcome_of(tree: TokenTree, choices: list[int]):
+    slots = TreeUploader(torch.device("cpu")).upload(tree, root=1)
+    return read_outcome(accept(slots, torch.tensor(choices)), None)
 
 
 @pytest.mark.parametrize(
@@ -24,19 +30,41 @@ from trees import TokenTree
         ([], [], [3], (), 3),  # empty tree: bonus only
         ([5, 6, 7, 8], [-1, -1, 0, 1], [6, 1, 8, 9, 0], (1, 3), 0),  # second sibling matches
         ([5, 5, 7], [-1, -1, 1], [5, 7, 1, 2], (0,), 7),  # duplicate siblings: the first wins
+        ([5, 5, 7], [-1, -1, 0], [5, 7, 1, 2], (0, 2), 2),  # ... and its subtree counts
+        ([3, 4, 9, 8, 9], [-1, 0, 1, 0, 3], [3, 8, 5, 6, 9, 1], (0, 3, 4), 1),  # a deep second branch
     ],
 )
-def test_accept_greedy_table(tokens, parents, targets, accepted, bonus):
+def test_accept_table(tokens, parents, targets, accepted, bonus):
     tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
-    result = accept_greedy(tree, targets)
+    result = outcome_of(tree, targets)
     assert result.accepted_nodes == accepted
     assert result.bonus_token == bonus
-    assert result.kept_slots == [0] + [a + 1 for a in accepted]
-    assert result.tokens(tree) == [tokens[a] for a in accepted] + [bonus]
+    assert result.path_slots == [0] + [a + 1 for a in accepted]
+    assert result.tokens == [tokens[a] for a in accepted] + [bonus]
 
 
-def _prefill(model, ids: torch.Tensor) -> DynamicCache:
-    cache = DynamicCache(config=model.config)
+@pytest.mark.parametrize("seed", range(20))
+def test_device_acceptance_equals_the_walk(seed):
+    """The vectorised acceptance equals walking from the root along the first matching child."""
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng, int(rng.integers(1, 40)), vocab=4)  # few tokens: many matches and duplicates
+    slots = TreeUploader(torch.device("cpu")).upload(tree, root=0)
+    assert torch.equal(slots.ancestors, brute_ancestors(tree))
+    choices = rng.integers(0, 4, len(tree) + 1).tolist()
+    children, tokens, slot, walk = tree.children(), tree.tokens.tolist(), 0, []
+    while True:
+        nxt = next((c for c in children[slot] if tokens[c] == choices[slot]), None)
+        if nxt is None:
+            break
+        walk.append(nxt)
+        slot = nxt + 1
+    result = outcome_of(tree, choices)
+    assert result.accepted_nodes == tuple(walk)
+    assert result.tokens == [tokens[w] for w in walk] + [choices[slot]]
+
+
+def _prefill(model, ids: torch.Tensor, capacity: int = 64) -> SlotCache:
+    cache = SlotCache.for_model(model, capacity)
     if ids.numel():
         forward_with_cache(model, cache, input_ids=ids[None])
     return cache
@@ -50,7 +78,8 @@ def test_tree_logits_equal_sequential_decoding(model, seed, prefix_len):
     tree = random_tree(rng, int(rng.integers(1, 16)), vocab=96)
     prefix = torch.tensor(rng.integers(0, 96, prefix_len), dtype=torch.long)
     root = 7
-    logits = tree_forward(model, _prefill(model, prefix), root, tree, prefix_len)
+    slots = TreeUploader(torch.device("cpu")).upload(tree, root)
+    logits = verify_forward(model, _prefill(model, prefix), slots, prefix_len)
     assert logits.shape == (len(tree) + 1, 96)
     for slot in range(len(tree) + 1):
         path = [] if slot == 0 else tree.path_to(slot - 1)
@@ -67,19 +96,39 @@ def test_compacted_cache_equals_fresh_prefill(model, seed):
     prefix = torch.tensor(rng.integers(0, 96, 11), dtype=torch.long)
     root = 3
     cache = _prefill(model, prefix)
-    tree_forward(model, cache, root, tree, prefix.numel())
+    capacity_before = cache.capacity
+    verify_forward(model, cache, TreeUploader(torch.device("cpu")).upload(tree, root), prefix.numel())
     node = int(rng.integers(0, len(tree)))
     path = tree.path_to(node) if seed % 4 else []  # also cover "nothing accepted"
-    kv.compact(cache, prefix.numel(), [0] + [p + 1 for p in path])
+    kv.compact(cache, prefix.numel(), torch.tensor([0] + [p + 1 for p in path]))
     committed = torch.cat([prefix, torch.tensor([root]), tree.tokens[path]])
     fresh = _prefill(model, committed)
-    assert cache.get_seq_length() == committed.numel()
+    assert cache.length == committed.numel() and cache.capacity == capacity_before  # in place, no growth
     for mine, ref in zip(cache.layers, fresh.layers):
-        torch.testing.assert_close(mine.keys, ref.keys, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(mine.values, ref.values, atol=2e-5, rtol=1e-5)
+        held = committed.numel()
+        torch.testing.assert_close(mine.keys[:, :, :held], ref.keys[:, :, :held], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values[:, :, :held], ref.values[:, :, :held], atol=2e-5, rtol=1e-5)
 
 
 def test_compact_rejects_bad_slots(model):
     cache = _prefill(model, torch.arange(5))
-    with pytest.raises(ValueError, match="kept_slots"):
-        kv.compact(cache, 3, [0, 5])
+    with pytest.raises(ValueError, match="cannot keep 3 of 2 verified slots"):
+        kv.compact(cache, 3, torch.tensor([0, 1, 2]))
+    with pytest.raises((RuntimeError, IndexError)):  # slot 5 is past the 2 verified slots
+        kv.compact(cache, 3, torch.tensor([0, 5]))
+
+
+def test_cache_rolls_back_and_grows_in_place(model):
+    cache = _prefill(model, torch.arange(10), capacity=12)
+    keys = cache.layers[0].keys
+    cache.truncate(4)
+    assert cache.length == 4 and cache.layers[0].keys is keys
+    cache.reserve(40)
+    assert cache.capacity == 40 and torch.equal(cache.layers[0].keys[:, :, :4], keys[:, :, :4])
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(5)
+    from drafters.modeling import CacheFullError
+
+    small = SlotCache.for_model(model, 3)
+    with pytest.raises(CacheFullError, match="holds 3 positions"):
+        forward_with_cache(model, small, input_ids=torch.arange(4)[None])

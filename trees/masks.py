@@ -1,34 +1,59 @@
-"""Additive attention masks for tree queries over a cached prefix, with or without a sliding window."""
+"""Attention masks for tree queries over a cached prefix: the one place they are built.
+
+Masks are built from tensors on whatever device those tensors live on (the model's, for the
+verify forward), so nothing is built on the host and copied per step. A mask is additive
+(0 = attend, the dtype's minimum = blocked): a boolean mask would be silently wrong under eager
+attention, which adds the mask to the scores.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 
-def additive_mask(visible: torch.Tensor, prefix_len: int, query_pos: torch.Tensor, key_pos: torch.Tensor,
-                  dtype: torch.dtype = torch.float32, window: int | None = None,
-                  held: int | None = None) -> torch.Tensor:
-    """``[1, 1, q, kv]`` mask: 0 = attend, ``finfo(dtype).min`` = blocked.
+def tree_attention_mask(visible: torch.Tensor, prefix_len: int, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                        dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """``[1, 1, q, prefix_len + c]`` additive mask on ``visible``'s device.
 
-    ``visible`` (``[q, c]`` bool) says which of the ``c`` tree keys (positions ``key_pos``; the
-    last ``q`` of them are the queries themselves) each query (positions ``query_pos``) may see;
-    every query sees the cached prefix. Without a window the cache holds all ``prefix_len``
-    positions (``kv = prefix_len + c``). A sliding-window layer holds ``held`` prefix positions
-    (default: the last ``window - 1``), returns only its last ``window - 1 + q`` keys, and a query
-    at ``p`` sees a key at ``k`` only if ``p - k < window``.
+    ``visible`` (``[q, c]`` bool) says which of the ``c`` keys after the cached prefix (positions
+    ``key_pos``) each query (positions ``query_pos``) may see; every query sees the whole prefix
+    (positions ``0 .. prefix_len - 1``). With a sliding ``window`` a query at ``p`` only sees keys
+    at ``k`` with ``p - k < window``.
     """
     if prefix_len < 0:
         raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if window is None:
-        cached = prefix_len
-    else:
-        cached = min(prefix_len, window - 1) if held is None else held
-    allowed = torch.cat([torch.ones(visible.shape[0], cached, dtype=torch.bool), visible], dim=1)
+    device = visible.device
+    queries = visible.shape[0]
+    allowed = torch.cat([torch.ones(queries, prefix_len, dtype=torch.bool, device=device), visible], dim=1)
     if window is not None:
-        all_keys = torch.cat([torch.arange(prefix_len - cached, prefix_len), key_pos])
-        allowed &= (query_pos[:, None] - all_keys[None, :]) < window
-        allowed = allowed[:, -(window - 1 + visible.shape[0]):]
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        all_keys = torch.cat([torch.arange(prefix_len, device=device), key_pos.to(device)])
+        allowed &= (query_pos.to(device)[:, None] - all_keys[None, :]) < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """``(window, hybrid)`` of a model config: its sliding window (None without sliding layers),
+    and whether it also has full-attention layers (Gemma 3 style: one mask per layer type)."""
+    config = config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None, False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None, False
+    return int(window), layer_types is not None and "full_attention" in layer_types
+
+
+def masks_by_layer_type(config, build: Callable[[int | None], torch.Tensor]):
+    """The ``attention_mask`` argument for a model: ``build(None)`` for full attention,
+    ``build(window)`` when every layer slides, a dict by layer type for hybrid models."""
+    window, hybrid = sliding_window_of(config)
+    if window is None:
+        return build(None)
+    sliding = build(window)
+    return {"full_attention": build(None), "sliding_attention": sliding} if hybrid else sliding

@@ -62,10 +62,6 @@ class TreeShape:
         """Number of nodes at each depth (depth 1 first)."""
         return tuple(int(c) for c in np.bincount(self.depths)[1:]) if len(self) else ()
 
-    def describe(self) -> str:
-        """Short human description, e.g. ``'12 nodes, widths 4-3-2-2-1'``."""
-        return f"{len(self)} nodes, widths {'-'.join(map(str, self.widths())) or '0'}"
-
 
 def _rank_rates(rates, max_rank: int) -> np.ndarray:
     rates = np.asarray(rates, dtype=np.float64)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trees.bits import pack_rows
-from trees.masks import additive_mask
+from trees.masks import tree_attention_mask
 
 ROOT = -1
 
@@ -154,16 +154,15 @@ class TokenTree:
 
     def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32,
                        window: int | None = None) -> torch.Tensor:
-        """Additive mask ``[1, 1, n+1, cached+n+1]`` for the verify forward over ``[root]+nodes``.
+        """Additive mask ``[1, 1, n+1, prefix_len+n+1]`` for a verify forward over ``[root]+nodes``.
 
         0 means attend, ``finfo(dtype).min`` means blocked: every slot sees the cached prefix,
-        itself and its ancestors. (A bool mask would be silently wrong under eager attention.)
-        Without ``window`` the cache holds all ``prefix_len`` positions; a sliding-window layer
-        holds the last ``window - 1`` and a slot at position ``p`` (``prefix_len + depth``) only
-        sees keys at ``k`` with ``p - k < window`` (see `trees.masks.additive_mask`).
+        itself and its ancestors; with a sliding ``window`` a slot at position ``p``
+        (``prefix_len + depth``) only sees keys at ``k`` with ``p - k < window`` (see
+        `trees.masks.tree_attention_mask`, which the verifier calls on device tensors).
         """
         slot_pos = self.position_ids(prefix_len)[0]  # [n+1]
-        return additive_mask(self.ancestor_mask(), prefix_len, slot_pos, slot_pos, dtype, window)
+        return tree_attention_mask(self.ancestor_mask(), prefix_len, slot_pos, slot_pos, dtype, window)
 
     def position_ids(self, prefix_len: int) -> torch.Tensor:
         """``[1, n+1]`` positions of ``[root]+nodes``: ``prefix_len + depth``."""

@@ -1,0 +1,218 @@
+"""``model.generate``'s arguments and return types over a `SpeculativeDecoder`.
+
+Arguments are merged exactly as transformers merges them (kwargs > ``generation_config`` > the
+model's generation config > defaults), and the logits processors and stopping criteria are the
+ones transformers itself builds from them, so every option that applies to one sequence behaves
+as in ``model.generate``: processors run per tree node with that node's history, and stopping
+criteria are checked after every accepted token. This module knows the decoder only through its
+attributes (it imports no engine), so the engine can use it without an import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from typing import TYPE_CHECKING
+
+from specdec.request import DecodeRequest, SpecStats
+from specdec.sampling import NodeRule, PositionDraws, sampling_key
+from specdec.validation import (
+    UnsupportedGeneration,
+    check_attention_mask,
+    check_eos_token_id,
+    check_generator,
+    check_input_ids,
+    check_max_new_tokens,
+    check_sampling_values,
+    check_tree_budget,
+)
+
+if TYPE_CHECKING:
+    from specdec.engine import SpeculativeDecoder
+
+
+@dataclass
+class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
+    """``GenerateDecoderOnlyOutput`` plus ``spec_stats`` (steps, new tokens, mean accepted tokens)."""
+
+    spec_stats: SpecStats | None = None
+
+
+def run_generate(
+    decoder: SpeculativeDecoder,
+    inputs=None,
+    generation_config=None,
+    logits_processor=None,
+    stopping_criteria=None,
+    prefix_allowed_tokens_fn=None,
+    synced_gpus=None,
+    assistant_model=None,
+    streamer=None,
+    negative_prompt_ids=None,
+    negative_prompt_attention_mask=None,
+    custom_generate=None,
+    *,
+    tree_budget: int | None = None,
+    generator: torch.Generator | int | None = None,
+    tokenizer=None,
+    **kwargs,
+):
+    """``model.generate``'s signature over ``decoder`` (see `specdec.generate`).
+
+    Returns what ``model.generate`` returns, on the prompt's device (scores and logits on the
+    model's)."""
+    if decoder.unsupported:
+        raise UnsupportedGeneration(decoder.unsupported)
+    for name, value in (("assistant_model", assistant_model), ("negative_prompt_ids", negative_prompt_ids),
+                        ("negative_prompt_attention_mask", negative_prompt_attention_mask),
+                        ("custom_generate", custom_generate), ("synced_gpus", synced_gpus or None)):
+        if value is not None:
+            raise UnsupportedGeneration(f"{name} is not supported by specdec's generate")
+    source = inputs if inputs is not None else kwargs.get("input_ids")
+    device = source.device if isinstance(source, torch.Tensor) else torch.device("cpu")
+    request, config = prepare_request(
+        decoder, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
+        tree_budget, generator, tokenizer if tokenizer is not None else decoder.tokenizer, kwargs,
+    )
+    if streamer is not None:
+        streamer.put(request.prompt[None])  # [1, L], as model.generate does first
+        request.on_tokens = lambda tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
+    try:
+        result = decoder.decode(request)
+    finally:
+        if streamer is not None:
+            streamer.end()
+    decoder.last_stats = result.stats
+    sequences = torch.cat([request.prompt, torch.tensor(result.tokens, dtype=torch.long)])[None].to(device)  # [1, L + new]
+    if not config.return_dict_in_generate:
+        return sequences
+    return SpeculativeGenerateOutput(
+        sequences=sequences,
+        scores=tuple(row[None] for row in result.scores) if config.output_scores else None,  # [1, V] each
+        logits=tuple(row[None] for row in result.logits) if config.output_logits else None,
+        spec_stats=result.stats,
+    )
+
+
+def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logits_processor, stopping_criteria,
+                    prefix_allowed_tokens_fn, tree_budget, generator, tokenizer, kwargs: dict):
+    """Validate the arguments and build the `DecodeRequest` and the merged ``GenerationConfig``,
+    the way ``model.generate`` merges them. Raises before any model work."""
+    model = decoder.model
+    input_ids = kwargs.pop("input_ids", None)
+    if inputs is not None and input_ids is not None:
+        raise ValueError("pass the prompt once: as inputs or as input_ids, not both")
+    if "inputs_embeds" in kwargs:
+        raise UnsupportedGeneration("inputs_embeds is not supported: pass input_ids")
+    source = inputs if inputs is not None else input_ids
+    if source is None:
+        raise ValueError("input_ids is required: specdec needs a prompt of at least one token")
+    prompt = check_input_ids(source, decoder.vocab_size)
+    attention_mask = kwargs.pop("attention_mask", None)
+    attended = check_attention_mask(attention_mask, prompt.numel())
+    if kwargs.get("max_new_tokens") is not None:
+        check_max_new_tokens(kwargs["max_new_tokens"])
+    no_new_tokens = kwargs.get("max_new_tokens") == 0
+    if no_new_tokens:  # transformers rejects 0; specdec returns the prompt unchanged
+        kwargs["max_new_tokens"] = 1
+    if "eos_token_id" in kwargs:
+        check_eos_token_id(kwargs["eos_token_id"], decoder.vocab_size)
+
+    has_default_max_length = (kwargs.get("max_length") is None
+                              and (generation_config is None or generation_config.max_length is None)
+                              and model.generation_config.max_length is None)
+    has_default_min_length = (kwargs.get("min_length") is None
+                              and (generation_config is None or generation_config.min_length is None)
+                              and model.generation_config.min_length is None)
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    for name in ("output_attentions", "output_hidden_states"):
+        if model_kwargs.pop(name, None):
+            raise UnsupportedGeneration(f"{name} is not supported by specdec's generate")
+    if model_kwargs:
+        raise TypeError(f"generate() got an unexpected keyword argument {next(iter(model_kwargs))!r}")
+    check_single_sequence_mode(config)
+
+    model._prepare_special_tokens(config, attention_mask is not None, device=prompt.device, batch_size=1)
+    attended = attended_tokens(model, prompt, attended, config)
+    eos_ids = check_eos_token_id(config.eos_token_id, decoder.vocab_size)
+    prompt_len = prompt.numel()
+    model._prepare_generated_length(config, has_default_max_length, has_default_min_length, "input_ids",
+                                    prompt_len, prompt[None])
+    model._validate_generated_length(config, prompt_len, has_default_max_length)
+    max_new_tokens = 0 if no_new_tokens else config.max_length - prompt_len
+    check_sampling_values(config)
+
+    processors = model._get_logits_processor(
+        generation_config=config, input_ids_seq_length=prompt_len, encoder_input_ids=prompt[None],
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, logits_processor=logits_processor or LogitsProcessorList(),
+        device=model.device, model_kwargs={},
+    )
+    criteria = [c for c in model._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
+                if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]  # both handled exactly by the loop
+    return DecodeRequest(
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        tree_budget=decoder.tree_budget if tree_budget is None else check_tree_budget(tree_budget),
+        rule=NodeRule(list(processors), bool(config.do_sample)),
+        draws=PositionDraws(sampling_key(check_generator(generator))) if config.do_sample else None,
+        stop=_any_criterion(criteria) if criteria else None,
+        keep_scores=bool(config.return_dict_in_generate and config.output_scores),
+        keep_logits=bool(config.return_dict_in_generate and config.output_logits),
+        attended=attended,
+    ), config
+
+
+def attended_tokens(model, prompt: torch.Tensor, attended: torch.Tensor | None, config) -> torch.Tensor | None:
+    """The prompt tokens ``model.generate`` attends to (``None`` = all): the given mask, or the one
+    transformers infers when ``pad_token_id`` occurs in an unmasked prompt. Padding is dropped
+    from what the model sees (positions then count attended tokens only, as transformers' own
+    position ids do) and kept in the history."""
+    if attended is None:
+        inferred = model._prepare_attention_mask_for_generation(prompt[None], config, {})  # [1, L]
+        attended = inferred[0].bool()
+    if bool(attended.all()):
+        return None
+    if not bool(attended[-1]):
+        raise UnsupportedGeneration(
+            "the prompt's last token is masked as padding (attention_mask 0, or pad_token_id "
+            f"{config.pad_token_id} with no attention_mask): specdec continues from an attended last token; "
+            "pass the prompt without trailing padding, or attention_mask=ones to attend to every token")
+    return attended
+
+
+def check_single_sequence_mode(config) -> None:
+    """Only greedy decoding and multinomial sampling of one sequence run speculatively."""
+    mode = config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        culprit = {
+            GenerationMode.CONTRASTIVE_SEARCH: "penalty_alpha", GenerationMode.ASSISTED_GENERATION:
+            "prompt_lookup_num_tokens / assistant_early_exit", GenerationMode.CONSTRAINED_BEAM_SEARCH:
+            "constraints / force_words_ids",
+        }.get(mode, "num_beams")
+        raise UnsupportedGeneration(f"{mode.value.replace('_', ' ')} ({culprit}) is not supported by specdec; "
+                                    "it runs greedy decoding or sampling of one sequence")
+    if config.num_return_sequences not in (None, 1):
+        raise UnsupportedGeneration(f"num_return_sequences={config.num_return_sequences} is not supported: "
+                                    "specdec generates one sequence per call")
+    if config.guidance_scale not in (None, 1, 1.0):
+        raise UnsupportedGeneration("guidance_scale (classifier-free guidance) is not supported by specdec")
+    if getattr(config, "dola_layers", None) is not None:
+        raise UnsupportedGeneration("dola_layers (DoLa decoding) is not supported by specdec")
+    if config.token_healing:
+        raise UnsupportedGeneration("token_healing is not supported by specdec")
+    if config.use_cache is False:
+        raise UnsupportedGeneration("use_cache=False is not supported: speculative decoding needs the KV cache")
+
+
+def _any_criterion(criteria):
+    def stop(input_ids: torch.Tensor, scores: torch.Tensor) -> bool:
+        return any(bool(criterion(input_ids, scores).any()) for criterion in criteria)
+
+    return stop

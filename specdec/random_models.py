@@ -1,0 +1,59 @@
+"""Randomly initialised models at known shapes, for cost benchmarks without downloaded weights.
+
+``random:<shape>`` names a Llama-architecture model with the layer sizes of a real one and random
+weights (seeded), plus a byte-level tokenizer built in memory, so ``specdec bench --model
+random:smollm2-135m`` and ``specdec bench-verify`` run anywhere, a bare GPU machine included.
+Nothing is accepted from random weights: such runs measure costs, not speedups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREFIX = "random:"
+
+# Layer sizes of the real models (weights random).
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+def is_random(name) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def random_model(name: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` for ``random:<shape>`` (see `SHAPES`), initialised on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = name[len(PREFIX):]
+    if shape not in SHAPES:
+        raise ValueError(f"unknown random model {name!r}; known: {', '.join(PREFIX + s for s in SHAPES)}")
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    return model, byte_tokenizer()
+
+
+def byte_tokenizer():
+    """A tokenizer with one token per byte (ids 3..258) and a plain chat template, made in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer

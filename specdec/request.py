@@ -1,0 +1,123 @@
+"""What one generation asks for and what it returns (plain data shared by the engine and the API)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.sampling import NodeRule, PositionDraws
+
+
+@dataclass
+class SpecStats:
+    """What one generation did.
+
+    ``mean_accepted_tokens`` (MAT) is the mean number of tokens committed per verify forward,
+    bonus token included (plain decoding scores 1.0). ``max_tree_width`` is the most children any
+    slot of a verified tree had. ``host_ms_per_step`` is the time per step outside the verify
+    forward (drafting, scheduling, bookkeeping).
+    """
+
+    steps: int = 0
+    new_tokens: int = 0
+    drafted_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    host_seconds: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)
+    max_tree_width: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+    per_drafter: dict[str, dict[str, int]] = field(default_factory=dict)
+    scheduler: dict | None = None
+    reused_prefix_tokens: int = 0
+    prefilled_tokens: int = 0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        """Summary figures as plain numbers (for logs and JSON)."""
+        per_step = 1e3 / self.steps if self.steps else 0.0
+        return {
+            "steps": self.steps,
+            "new_tokens": self.new_tokens,
+            "mean_accepted_tokens": self.mean_accepted_tokens,
+            "drafted_tokens": self.drafted_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "prefilled_tokens": self.prefilled_tokens,
+            "reused_prefix_tokens": self.reused_prefix_tokens,
+            "decode_seconds": self.decode_seconds,
+            "draft_ms_per_step": self.draft_seconds * per_step,
+            "verify_ms_per_step": self.verify_seconds * per_step,
+            "host_ms_per_step": self.host_seconds * per_step,
+            "mean_tree_size": sum(self.tree_sizes) / self.steps if self.steps else 0.0,
+            "max_tree_width": self.max_tree_width,
+            "per_drafter": self.per_drafter,
+            "scheduler": self.scheduler,
+        }
+
+
+@dataclass
+class KVState:
+    """A KV cache kept between generations (a conversation): ``token_ids`` are the ids whose keys
+    and values ``cache`` holds. A prompt that starts with them is only prefilled past them."""
+
+    cache: object | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.cache, self.token_ids = None, []
+
+
+@dataclass
+class DecodeRequest:
+    """One generation for `SpeculativeDecoder.decode`.
+
+    Attributes:
+        prompt: ``[L]`` int64 prompt ids on the host (L >= 1).
+        max_new_tokens: tokens to generate at most.
+        eos_ids: token ids that end generation (the EOS token is emitted).
+        tree_budget: draft nodes per step; ``None`` lets the scheduler choose.
+        rule: per-node logits processors and greedy/sampled choice.
+        draws: the uniform numbers sampling draws from, one per sequence position (``None`` for
+            greedy decoding).
+        stop: ``stop(ids [1, L + i] host, scores [1, V] device) -> bool`` checked after every new
+            token (HF stopping-criteria protocol); generation ends after the first token where it
+            is true.
+        on_tokens: called with each step's new tokens as soon as they are accepted (streaming).
+        keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` (on the
+            model's device) that chose each new token (``output_scores`` / ``output_logits``).
+        kv: a `KVState` to reuse and update (conversations); ``None`` = a fresh cache.
+        attended: ``[L]`` bool, which prompt tokens the model attends to (transformers' attention
+            mask; ``None`` = all). Masked tokens never reach the model, and later positions count
+            only attended tokens, as in ``model.generate``; they stay in the history that logits
+            processors and stop criteria read. The last prompt token must be attended.
+    """
+
+    prompt: torch.Tensor
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    tree_budget: int | None = None
+    rule: NodeRule = field(default_factory=NodeRule)
+    draws: PositionDraws | None = None
+    stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+    keep_scores: bool = False
+    keep_logits: bool = False
+    kv: KVState | None = None
+    attended: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeResult:
+    """New tokens, statistics, and (when asked) the per-token scores and logits (float32 ``[V]``)."""
+
+    tokens: list[int]
+    stats: SpecStats
+    scores: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)

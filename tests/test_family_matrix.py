@@ -1,0 +1,144 @@
+"""Every decoder-only causal-LM family transformers can build from a config: specdec's greedy output
+equals ``model.generate``'s (a scripted drafter's wide, partly wrong trees at budget 16; the learned
+drafters adaptive and at budget 4; the tree kernel where specdec chooses it, and the mask path), or specdec refuses the model with `UnsupportedGeneration`
+before any forward. Never a different token, never another exception.
+
+Models are tiny and random (fp32, output projection scaled so argmaxes are decisive), built the
+way transformers' own tests build them: from the family's config class with small sizes.
+Families whose tiny config transformers itself cannot instantiate or run are listed as skipped,
+with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from specdec import SpeculativeDecoder, UnsupportedGeneration
+from tests.conftest import ScriptedDrafter
+
+PROMPT = [5, 17, 33, 8, 41, 17, 33, 9, 60, 61, 5, 17, 33]
+NEW = 16
+MAX_PARAMS = 20_000_000
+# Small values for whichever of these attribute names a config has.
+SIZES = [
+    ({"hidden_size", "n_embd", "d_model", "n_embed", "embed_dim"}, 64),
+    ({"num_hidden_layers", "n_layer", "num_layers", "n_layers"}, 2),
+    ({"num_attention_heads", "n_head", "num_heads", "n_heads"}, 4),
+    ({"num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "kv_n_heads"}, 2),
+    ({"head_dim", "kv_channels"}, 16),
+    ({"intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size"}, 128),
+    ({"moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"}, 32),
+    ({"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}, 4),
+    ({"num_experts_per_tok", "moe_topk", "num_experts_per_token"}, 2),
+    ({"n_group", "topk_group"}, 1),
+    ({"max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"}, 256),
+    ({"kv_lora_rank"}, 16), ({"q_lora_rank"}, 32), ({"qk_rope_head_dim"}, 8), ({"qk_nope_head_dim"}, 8),
+    ({"v_head_dim"}, 16), ({"sliding_window", "attention_chunk_size"}, 8), ({"rotary_dim"}, 8),
+]
+TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def causal_families() -> list[str]:
+    """Model types with a causal-LM class whose config is a plain decoder (no encoder, no vision)."""
+    families = []
+    for model_type, class_name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()):
+        if re.search(r"ForConditionalGeneration|Vision|Audio|Speech|Assistant", class_name):
+            continue
+        families.append(model_type)
+    return families
+
+
+def tiny_model(model_type: str):
+    """A tiny random fp32 model of the family, or a skip naming why transformers cannot build one."""
+    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
+    if model_class is None:
+        pytest.skip("the model class is not importable")
+    default = AutoConfig.for_model(model_type)
+    if getattr(default, "is_encoder_decoder", False) or any(
+            re.search(r"vision|audio|encoder|image|speech", name) for name in (default.sub_configs or {})):
+        pytest.skip("not a decoder-only text model (encoder-decoder or multimodal config)")
+    values = default.to_dict()
+    layers = next((values[k] for k in SIZES[1][0] if isinstance(values.get(k), int)), None)
+    overrides = {}
+    for names, small in SIZES:
+        for name in names & set(values):
+            if isinstance(values[name], int) and not isinstance(values[name], bool):
+                overrides[name] = small
+    for name, value in values.items():
+        if "vocab_size" in name and isinstance(value, int):
+            overrides[name] = 128
+        if isinstance(value, list) and layers and len(value) == layers and layers > 2 and name != "layer_types":
+            overrides[name] = value[:2]
+    if isinstance(values.get("layer_types"), list) and layers:
+        kinds = list(dict.fromkeys(values["layer_types"]))  # one layer of each kind, in order
+        overrides["layer_types"] = kinds if len(kinds) > 1 else kinds * 2
+        for names, _ in SIZES[1:2]:
+            for name in names & set(values):
+                overrides[name] = len(overrides["layer_types"])
+    overrides.update({k: v for k, v in TOKENS.items() if k in values})
+    if "is_decoder" in values:
+        overrides["is_decoder"] = True
+    try:
+        config = AutoConfig.for_model(model_type, **overrides)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in model_class(config).parameters())
+        if params > MAX_PARAMS:
+            pytest.skip(f"the tiny config still has {params:,} parameters")
+        torch.manual_seed(0)
+        model = model_class(config).float().eval()
+        with torch.no_grad():
+            out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+            if out.weight.data_ptr() == inp.weight.data_ptr():  # untie: sharpen the output only
+                out.weight = torch.nn.Parameter(out.weight.detach().clone())
+            out.weight.mul_(8.0)
+            prompt = torch.tensor([PROMPT]) % inp.num_embeddings
+            reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                       max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
+    except Exception as err:  # transformers itself cannot build or run this tiny config
+        pytest.skip(f"transformers cannot build or run a tiny {model_type}: {type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:120] if str(err) else ''}")
+    return model, prompt, reference
+
+
+class ForwardCounter:
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.calls += 1
+
+
+# Families that must be supported (not refused): the mainstream decoders.
+MUST_SUPPORT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "olmo2",
+                "starcoder2", "gpt_neox", "falcon", "cohere", "deepseek_v3", "smollm3"}
+
+
+@pytest.mark.parametrize("model_type", causal_families())
+def test_every_family_is_exact_or_refused(model_type):
+    model, prompt, reference = tiny_model(model_type)
+    vocab = model.get_input_embeddings().num_embeddings
+    # Scripted trees that are partly right (every depth, wide), then the learned drafters, adaptive and fixed.
+    runs = [("mixed", 16, None), ("recycling+ngram", None, None), ("recycling+ngram", 4, None)]
+    counter = ForwardCounter(model)
+    for name, budget, kernel in runs:
+        drafter = (ScriptedDrafter(reference[0], depth=6, corrupt=lambda step, d: (step + d) % 3 == 0, vocab_size=vocab)
+                   if name == "mixed" else name)
+        decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=budget, tree_kernel=kernel)
+        if decoder.unsupported:
+            assert model_type not in MUST_SUPPORT, decoder.unsupported
+            before = counter.calls
+            with pytest.raises(UnsupportedGeneration):
+                decoder.generate(prompt, max_new_tokens=NEW, eos_token_id=-1)
+            assert counter.calls == before  # refused before any forward
+            return
+        out = decoder.generate(prompt, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
+        assert out.tolist() == reference.tolist(), f"{model_type}: {name}, budget {budget}, kernel {kernel}"
+        if kernel is None and decoder.kernel is not None:
+            runs.append(("mixed", 16, False))  # the kernel was chosen: the mask path must be exact too

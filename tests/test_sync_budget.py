@@ -1,0 +1,113 @@
+"""The step's sync budget: at most one blocking read of model-computed data per decode step.
+
+The target's logits come back as `Tracked`, a tensor subclass that every op derived from them
+propagates (argmax, top-k, processors, acceptance, the packed outcome). Each host read of a tracked
+tensor (``item``, ``tolist``, ``numpy``, ``cpu``, ``__array__``, ``__bool__``, ``__int__``,
+``__float__``, ``__index__``, ``to("cpu")``) made while a decode step runs is recorded with the
+code that made it. On a GPU each of these is a blocking device-to-host transfer; on this CPU the
+count is the same, because the code paths are the same. Host-born data (a drafter's tree) is
+never tracked.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdec import SpeculativeDecoder
+from specdec.engine import SpeculativeDecoder as Engine
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+READS = {"item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class Tracked(torch.Tensor):
+    """A tensor whose host reads are recorded (while ``Tracked.active``)."""
+
+    active = False
+    reads: list[tuple[str, str]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and any(
+            (isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu") for a in list(args[1:]) +
+            [kwargs.get("device")] if a is not None)
+        if cls.active and (name in READS or to_host):
+            cls.reads.append((name, _caller()))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside torch and this file (who asked for the read)."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/torch/" not in frame.filename and frame.filename != __file__:
+            return f"{Path(frame.filename).name}:{frame.lineno}"
+    return "?"
+
+
+@pytest.fixture
+def tracked_model(monkeypatch):
+    model = tiny_llama(seed=6)
+
+    def track_logits(module, args, output):
+        output.logits = output.logits.as_subclass(Tracked)
+        return output
+
+    handle = model.register_forward_hook(track_logits)
+    step = Engine._step
+
+    def counted_step(self, *args, **kwargs):  # reads count only inside decode steps
+        Tracked.active = True
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            Tracked.active = False
+
+    monkeypatch.setattr(Engine, "_step", counted_step)
+    Tracked.reads = []
+    yield model
+    handle.remove()
+
+
+PROMPT = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 5, 6, 7]])
+MODES = {
+    "greedy": {"do_sample": False},
+    "greedy+processors": {"do_sample": False, "repetition_penalty": 1.2, "no_repeat_ngram_size": 0},
+    "sampled": {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "generator": 3},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "model", "auto"])
+def test_at_most_one_read_per_step(tracked_model, drafter, mode):
+    draft_model = tiny_llama(seed=9) if drafter == "model" else None  # its own outputs are not tracked
+    for budget in (None, 12):
+        decoder = SpeculativeDecoder(tracked_model, drafter=drafter, draft_model=draft_model, tree_budget=budget)
+        Tracked.reads = []
+        out = decoder.generate(PROMPT, max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True,
+                               **MODES[mode])
+        steps = out.spec_stats.steps
+        assert steps >= 5 and out.spec_stats.drafted_tokens > 0  # trees were really verified
+        sites = sorted({site for _, site in Tracked.reads})
+        assert len(Tracked.reads) <= steps, f"{len(Tracked.reads)} reads in {steps} steps at {sites}"
+        assert all(site.startswith("accept.py") for site in sites), sites  # the packed outcome only
+
+
+def test_the_counter_sees_reads(tracked_model):
+    """The instrument itself: a read of derived data inside a step is counted (a control)."""
+    decoder = SpeculativeDecoder(tracked_model, drafter="recycling", tree_budget=4)
+    original = decoder._topk
+
+    def topk_with_a_read(logits):
+        float(logits.max())  # an extra blocking read
+        return original(logits)
+
+    decoder._topk = topk_with_a_read
+    out = decoder.generate(PROMPT, max_new_tokens=10, eos_token_id=-1, return_dict_in_generate=True)
+    assert len(Tracked.reads) == 2 * out.spec_stats.steps
