@@ -30,7 +30,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--max-prompt-tokens", type=int, default=None, help="Skip questions whose prompt is longer.")
 @click.option("--methods", default="baseline,hf-pld,recycling,auto", show_default=True,
               help=f"Comma list from: {', '.join(known_methods())}; drafters combine with '+' "
-                   "(recycling+ngram).")
+                   "(recycling+ngram) and take a fixed tree budget with '@' (ngram@8).")
 @click.option("--model", "model_path", default=None,
               help="Local HF model dir, .gguf, alias (gemma3-270m) or random:<shape> (default: SmolLM2-135M).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
@@ -75,7 +75,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         sampling = {"do_sample": True, "temperature": temperature}
         if top_p is not None:
             sampling["top_p"] = top_p
-    needs_draft = [m for m in method_names if m == "hf-assisted" or "model" in m.split("+")]
+    needs_draft = [m for m in method_names if m == "hf-assisted" or "model" in m.partition("@")[0].split("+")]
     if needs_draft and not draft_model:
         raise BenchError(f"method {needs_draft[0]} needs --draft-model")
     try:

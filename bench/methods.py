@@ -50,15 +50,33 @@ class Method:
 
 
 def known_methods() -> list[str]:
-    """HF methods and specdec drafters (drafters also combine with ``+``, e.g. ``recycling+ngram``)."""
+    """HF methods and specdec drafters (drafters also combine with ``+``, e.g. ``recycling+ngram``,
+    and take a fixed tree budget with ``@``, e.g. ``ngram@8``)."""
     return list(HF_METHODS) + [AUTO] + sorted(DRAFTERS)
 
 
+def split_budget(name: str) -> tuple[str, int | None]:
+    """``"ngram@8"`` -> ``("ngram", 8)``; ``"ngram"`` -> ``("ngram", None)``. Raises `MethodError`
+    for a budget that is not an integer in [0, 64]."""
+    base, at, budget = name.partition("@")
+    if not at:
+        return name, None
+    if not budget.isdigit() or not 0 <= int(budget) <= 64:
+        raise MethodError(f"method {name!r}: the tree budget after '@' must be an integer in [0, 64]")
+    return base, int(budget)
+
+
 def is_known(name: str) -> bool:
-    if name in HF_METHODS or name == AUTO:
+    try:
+        base, budget = split_budget(name)
+    except MethodError:
+        return False
+    if base in HF_METHODS:
+        return budget is None
+    if base == AUTO:
         return True
     try:
-        drafter_names(name)
+        drafter_names(base)
     except ValueError:
         return False
     return True
@@ -113,10 +131,12 @@ def make_method(
             raise MethodError("method hf-assisted needs --draft-model")
         return _hf_method(name, model, sampling, assistant_model=draft_model)
     if is_known(name):
-        if name != AUTO and "model" in drafter_names(name) and draft_model is None:
+        drafter, fixed = split_budget(name)
+        if drafter != AUTO and "model" in drafter_names(drafter) and draft_model is None:
             raise MethodError(f"method {name} needs --draft-model")
-        options = {} if tree_budget is None else {"tree_budget": tree_budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=name, draft_model=draft_model, scheduler=scheduler,
+        budget = tree_budget if fixed is None else fixed
+        options = {} if budget is None else {"tree_budget": budget}
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_model=draft_model, scheduler=scheduler,
                                      **options)
 
         def run(prompt_ids: torch.Tensor, max_new_tokens: int, seed: int | None) -> Generation:

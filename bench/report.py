@@ -124,8 +124,15 @@ def print_explanation(methods, records: list[Record]) -> None:
             rate = counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0
             console.print(f"  {drafter}: {counts['accepted']} of {counts['proposed']} verified nodes accepted "
                           f"({100 * rate:.1f}%)")
-        beliefs = method.decoder.scheduler.explain()
-        console.print(f"  scheduler: calibration {beliefs['calibration']}, overhead {beliefs['overhead_ms']} ms/step")
-        console.print("  verify ms by tree size (context 512): " + ", ".join(
-            f"{size}: {ms}" for size, ms in beliefs["verify_ms"].items() if ms is not None))
-        console.print(f"  measured sizes (steps): {beliefs['measured_buckets']}")
+        decoder = method.decoder
+        beliefs = decoder.scheduler.explain(512, decoder.source_names)
+        console.print(f"  scheduler: overhead {beliefs['overhead_ms']} ms/step, context slope "
+                      f"{beliefs['ms_per_1k_context']} ms per 1k tokens, {beliefs['probes']} probes")
+        console.print("  fitted verify ms by tree size (context 512, ± standard error): " + ", ".join(
+            f"{size}: {ms}±{beliefs['verify_ms_error'].get(size, 0)}" for size, ms in beliefs["verify_ms"].items()
+            if ms is not None))
+        console.print(f"  measured sizes (steps kept): {beliefs['measured']}")
+        for drafter, cal in beliefs["calibration"].items():
+            console.print(f"  calibration {drafter}: {cal['accepted_per_value']} accepted per unit of value; "
+                          f"prediction error raw {100 * cal['error_raw']:.0f}% -> calibrated "
+                          f"{100 * cal['error_calibrated']:.0f}%; depth factors {cal['by_depth']}")

@@ -287,8 +287,7 @@ class SpeculativeDecoder:
         kv.compact(run.cache, run.prefix_len, accepted.path[: len(emitted)])  # root + accepted nodes up to a stop
         self._observe(tree, run.root, outcome)
         times = timer.end()
-        self.scheduler.record(len(tree), run.prefix_len, times.verify, times.overhead,
-                              float(torch.exp(tree.scores).sum()), len(outcome.accepted_nodes))
+        self.scheduler.record(tree, run.prefix_len, times.verify, times.overhead, outcome.accepted_nodes)
         run.advance(emitted, accepted.block[: len(emitted)])
         self._count(result.stats, tree, outcome, emitted, times)
         return emitted, finished
@@ -309,8 +308,9 @@ class SpeculativeDecoder:
                              f"the model's vocabulary [0, {self.vocab_size})")
         if self.position_limit is not None and len(tree) and context_len + tree.max_depth >= self.position_limit:
             tree = tree.select(tree.depths < self.position_limit - context_len)
-        size = self.scheduler.choose_size(torch.exp(tree.scores).numpy(), context_len) if budget is None else budget
-        return tree.prune(size) if len(tree) > size else tree
+        if budget is None:
+            return self.scheduler.select(tree, context_len)
+        return tree.prune(budget) if len(tree) > budget else tree
 
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``[n+1, k]`` the target's top-k ids at every slot, when the drafter learns from them."""
@@ -422,7 +422,7 @@ class SpeculativeDecoder:
         stats = result.stats
         stats.new_tokens = len(result.tokens)
         stats.decode_seconds = self.clock() - started - stats.prefill_seconds
-        stats.scheduler = self.scheduler.explain(run.prefix_len)
+        stats.scheduler = self.scheduler.explain(run.prefix_len, self.source_names)
         self.drafter.end_sequence(run.sequence_id)
         if request.kv is None:
             return

@@ -1,180 +1,170 @@
-"""The acceptance-rate scheduler: how many draft nodes to verify, from measured costs and values.
+"""The acceptance-rate scheduler: which draft nodes to verify, from measured costs and values.
 
-Each step the drafters propose a tree of up to `draft_budget` nodes whose scores estimate, per
-node, the log-probability of being reached and accepted (learned per drafter, depth and rank).
-`choose_size` keeps the ``n`` best nodes that maximise expected tokens per second::
+Each step the drafters propose a tree whose scores estimate, per node, the log-probability of
+being reached and accepted. `Scheduler.select` calibrates those values per drafter and depth
+(`specdec.calibration`), and keeps the ``n`` best nodes that maximise expected tokens per second::
 
-    (1 + calibration * sum of the n best node values) / (T(n) + overhead)
+    (1 + sum of the n best calibrated values) / (T(n, L) + overhead)
 
-where ``T(n)`` is the measured wall time of a verify forward of ``n`` draft nodes (plus the root)
-on this hardware, at the current context length, and ``calibration`` corrects the node values by
-what verification actually accepted. ``n = 0`` (plain decoding) is chosen when drafting does not
-pay. Decisions are a pure function of the recorded history, so they are deterministic.
+with ``T`` the fitted verify cost (`specdec.costs`); ``n = 0`` is plain decoding. Exploration is
+driven by uncertainty: the size chosen maximises the rate with each cost lowered by `explore`
+standard errors (optimism in the face of uncertainty), so a size whose cost is unknown or noisy is
+measured while it could be the best one, and not once its cost is known to lose. No drafter is
+starved: a drafter whose nodes were left out for `probe_every` steps gets its best `probe_nodes`
+verified, so its acceptance keeps being measured at a bounded cost. Decisions are a pure function
+of the recorded history, so they are deterministic.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-# Tree sizes whose verify cost is tracked; other sizes interpolate linearly between them.
-SIZE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-# Prior relative cost of each extra draft node (T(n) ~ T(0) * (1 + slope * n)) until measured;
-# about what bf16 / fp32 forwards of a 135M model cost on a 2-core CPU.
-PRIOR_SLOPE = 0.03
+from specdec.calibration import Calibration
+from specdec.costs import SIZE_BUCKETS, CostModel
+from trees import TokenTree
 
-
-@dataclass
-class CostModel:
-    """Verify-forward seconds per tree size, as a function of context length.
-
-    Per size bucket: an exponential moving average of ``seconds / (1 + context_len / context_scale)``
-    so that measurements taken at different context lengths stay comparable.
-    """
-
-    decay: float = 0.8
-    context_scale: float = 2048.0
-
-    def __post_init__(self) -> None:
-        self.seconds = np.full(len(SIZE_BUCKETS), np.nan)  # normalised EMA per bucket
-        self.counts = np.zeros(len(SIZE_BUCKETS), dtype=np.int64)
-
-    @staticmethod
-    def bucket(size: int) -> int:
-        """Index of the largest bucket not above ``size``."""
-        return int(np.searchsorted(SIZE_BUCKETS, size, side="right") - 1)
-
-    def record(self, size: int, context_len: int, seconds: float) -> None:
-        b = self.bucket(min(size, SIZE_BUCKETS[-1]))
-        normalised = seconds / (1.0 + context_len / self.context_scale)
-        old = self.seconds[b]
-        self.seconds[b] = normalised if np.isnan(old) else self.decay * old + (1 - self.decay) * normalised
-        self.counts[b] += 1
-
-    def curve(self, context_len: int) -> np.ndarray:
-        """``[SIZE_BUCKETS[-1] + 1]`` estimated seconds for every tree size 0..64 (NaN if nothing measured)."""
-        measured = ~np.isnan(self.seconds)
-        sizes = np.arange(SIZE_BUCKETS[-1] + 1)
-        if not measured.any():
-            return np.full(len(sizes), np.nan)
-        xs = np.asarray(SIZE_BUCKETS)[measured]
-        ys = self.seconds[measured]
-        base = ys[0] / (1 + PRIOR_SLOPE * xs[0])
-        if len(xs) == 1:
-            curve = base * (1 + PRIOR_SLOPE * sizes)
-        else:
-            # inside the measured range interpolate; outside, extend the slope of the nearest two
-            # measured buckets (never flatter than a quarter of the prior slope)
-            floor = base * PRIOR_SLOPE * 0.25
-            curve = np.interp(sizes, xs, ys)
-            slope_high = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), floor)
-            slope_low = max((ys[1] - ys[0]) / (xs[1] - xs[0]), floor)
-            above, below = sizes > xs[-1], sizes < xs[0]
-            curve[above] = ys[-1] + slope_high * (sizes[above] - xs[-1])
-            curve[below] = np.maximum(ys[0] - slope_low * (xs[0] - sizes[below]), 0.25 * ys[0])
-        return curve * (1.0 + context_len / self.context_scale)
+__all__ = ["Scheduler", "SIZE_BUCKETS"]
+FIRST_SIZE = 8  # the tree verified before anything is measured
 
 
 class Scheduler:
-    """Chooses the verified tree size each step; shared by every request of one decoder.
+    """Chooses the verified nodes each step; shared by every request of one decoder.
 
     Args:
-        max_budget: the largest tree it will verify.
-        explore_every: every this many steps, verify the size bucket next to the choice, above and
-            below in turn, so unmeasured costs and stale acceptance values get refreshed.
-        decay: forgetting factor of the calibration and cost averages.
+        max_budget: the largest tree it will verify (0..64).
+        probe_every: a drafter none of whose nodes was verified for this many steps gets a probe.
+        probe_nodes: how many of its best nodes a probe verifies.
+        explore: standard errors of optimism on costs (0: always exploit the point estimates).
+        decay: forgetting factor of the calibration sums (per step) and the overhead average.
     """
 
-    def __init__(self, max_budget: int = 48, explore_every: int = 16, decay: float = 0.9) -> None:
+    def __init__(self, max_budget: int = 48, probe_every: int = 8, probe_nodes: int = 2, explore: float = 1.0,
+                 decay: float = 0.97) -> None:
         if not 0 <= max_budget <= SIZE_BUCKETS[-1]:
             raise ValueError(f"max_budget must be between 0 and {SIZE_BUCKETS[-1]}, got {max_budget}")
-        if explore_every < 1:
-            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
+        if probe_every < 1 or probe_nodes < 1:
+            raise ValueError(f"probe_every and probe_nodes must be >= 1, got {probe_every} and {probe_nodes}")
+        if not explore >= 0:
+            raise ValueError(f"explore must be >= 0, got {explore}")
         self.max_budget = max_budget
-        self.explore_every = explore_every
-        self.decay = decay
+        self.probe_every = probe_every
+        self.probe_nodes = probe_nodes
+        self.explore = explore
         self.cost = CostModel()
-        self.predicted = 1.0  # decayed sums for calibration = accepted / predicted
-        self.accepted = 1.0
+        self.calibration = Calibration(decay)
         self.overhead = 0.0  # EMA of per-step seconds outside the verify forward
         self.steps = 0
-        self.decisions = 0
+        self.probes = 0
         self.last_size = 0
+        self._idle = np.zeros(16, dtype=np.int64)  # per drafter: steps since one of its nodes was verified
         self._lock = threading.Lock()
-
-    @property
-    def calibration(self) -> float:
-        return self.accepted / self.predicted
 
     def draft_budget(self) -> int:
         """How many nodes to ask the drafters for: room to grow past the last choice."""
         return int(min(self.max_budget, max(8, 2 * self.last_size)))
 
-    def choose_size(self, node_values: np.ndarray, context_len: int) -> int:
-        """Number of best nodes to verify, given the proposed nodes' values (probabilities, best first)."""
+    def choose_size(self, values: np.ndarray, context_len: int) -> int:
+        """How many of the nodes with calibrated ``values`` (any order) to verify at ``context_len``."""
         with self._lock:
-            values = np.sort(np.asarray(node_values, dtype=np.float64))[::-1][: self.max_budget]
-            gain = 1.0 + self.calibration * np.concatenate([[0.0], np.cumsum(values)])  # [m+1]
-            cost = self.cost.curve(context_len)
-            if np.isnan(cost).any():
-                size = min(len(values), 8)  # nothing measured yet: a modest first tree
-            else:
-                rate = gain / (cost[: len(gain)] + self.overhead)
-                size = int(np.argmax(rate))
-            self.decisions += 1
-            if self.decisions % self.explore_every == 0:
-                size = self._neighbour(size, len(values), up=(self.decisions // self.explore_every) % 2 == 1)
-            self.last_size = size
-            return size
+            return self._size(np.sort(np.asarray(values, dtype=np.float64))[::-1], context_len)
 
-    @staticmethod
-    def _neighbour(size: int, available: int, up: bool) -> int:
-        """The size bucket next to ``size`` (above or below), within the available nodes."""
-        if up:
-            bigger = [b for b in SIZE_BUCKETS if b > size]
-            return min(available, bigger[0]) if bigger and available > size else size
-        smaller = [b for b in SIZE_BUCKETS if b < size]
-        return smaller[-1] if smaller else size
+    def select(self, tree: TokenTree, context_len: int) -> TokenTree:
+        """The sub-tree to verify: the best nodes by calibrated value, plus any due probes."""
+        n = len(tree)
+        with self._lock:
+            if n == 0:
+                self.last_size = 0
+                return tree
+            sources, depths = tree.sources.numpy(), tree.depths.numpy()
+            values = self.calibration.apply(np.exp(tree.scores.numpy().astype(np.float64)), sources, depths)
+            parents = tree.parents.numpy()
+            by_depth = [np.flatnonzero(depths == d) for d in range(2, int(depths.max()) + 1)]
+            for nodes in by_depth:  # a child never beats its parent
+                values[nodes] = np.minimum(values[nodes], values[parents[nodes]])
+            order = np.lexsort((np.arange(n), depths, -values))  # best first, ancestors before descendants
+            keep = np.zeros(n, dtype=bool)
+            keep[order[: self._size(values[order], context_len)]] = True
+            if self.max_budget:
+                self._probe(keep, order, sources)
+            for nodes in reversed(by_depth):  # close over ancestors, deepest first
+                keep[parents[nodes[keep[nodes]]]] = True
+            self.last_size = int(keep.sum())
+        return tree if keep.all() else tree.select(torch.from_numpy(keep))
 
-    def record(self, size: int, context_len: int, verify_seconds: float, overhead_seconds: float,
-               predicted_accepted: float, accepted: int) -> None:
-        """One verified step: its size, timing, the summed value of its nodes and what was accepted."""
+    def _size(self, values: np.ndarray, context_len: int) -> int:
+        """The number of leading ``values`` (sorted best first) that maximises the optimistic rate."""
+        values = values[: self.max_budget]
+        gain = 1.0 + np.concatenate([[0.0], np.cumsum(values)])  # [m+1] expected tokens per step
+        cost, error = self.cost.curve(context_len)
+        if np.isnan(cost[0]):
+            return min(len(values), FIRST_SIZE)
+        cost, error = cost[: len(gain)], error[: len(gain)]
+        # a cost's lower bound is also one for every larger size (costs are monotone in n)
+        optimistic = np.maximum.accumulate(np.maximum(cost - self.explore * error, 0.5 * cost))
+        return int(np.argmax(gain / (optimistic + self.overhead)))
+
+    def _probe(self, keep: np.ndarray, order: np.ndarray, sources: np.ndarray) -> None:
+        """Add the best nodes of every drafter left out for `probe_every` steps (`select` adds their ancestors)."""
+        for source in np.unique(sources):
+            mine = sources == source
+            if keep[mine].any():
+                self._idle[source] = 0
+                continue
+            self._idle[source] += 1
+            if self._idle[source] >= self.probe_every:
+                best = [i for i in order if mine[i]][: self.probe_nodes]
+                keep[best] = True
+                self._idle[source] = 0
+                self.probes += 1
+
+    def record(self, tree: TokenTree, context_len: int, verify_seconds: float, overhead_seconds: float,
+               accepted_nodes) -> None:
+        """One verified step: the verified ``tree``, its timing, and the ``node_idx`` it accepted."""
         with self._lock:
             self.steps += 1
-            self.cost.record(size, context_len, verify_seconds)
+            self.cost.record(len(tree), context_len, verify_seconds)
             self.overhead = overhead_seconds if self.steps == 1 else 0.9 * self.overhead + 0.1 * overhead_seconds
-            if size:
-                self.predicted = self.decay * self.predicted + predicted_accepted
-                self.accepted = self.decay * self.accepted + accepted
+            if len(tree):
+                accepted = np.zeros(len(tree), dtype=bool)
+                accepted[list(accepted_nodes)] = True
+                self.calibration.record(np.exp(tree.scores.numpy().astype(np.float64)), tree.sources.numpy(),
+                                        tree.depths.numpy(), accepted)
 
     def state_dict(self) -> dict:
-        return {"cost_seconds": self.cost.seconds.tolist(), "cost_counts": self.cost.counts.tolist(),
-                "predicted": self.predicted, "accepted": self.accepted, "overhead": self.overhead,
-                "steps": self.steps}
+        return {"cost": self.cost.state_dict(), "calibration": self.calibration.state_dict(),
+                "overhead": self.overhead, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict` output after validating every field (`drafters.state.StateError`)."""
-        from drafters.state import array_field, float_field, int_field
+        from drafters.state import StateError, field, float_field, int_field
 
         where = "scheduler state"
-        raw = array_field(state, "cost_seconds", where, (len(SIZE_BUCKETS),), low=0.0, allow_nan=True)  # NaN: unmeasured
-        counts = array_field(state, "cost_counts", where, (len(SIZE_BUCKETS),), "int", low=0)
-        predicted = float_field(state, "predicted", where, low=1e-12)
-        accepted = float_field(state, "accepted", where, low=0.0)
+        cost, calibration = CostModel(), Calibration(self.calibration.decay)
+        for part, key in ((cost, "cost"), (calibration, "calibration")):
+            value = field(state, key, where)
+            if not isinstance(value, dict):
+                raise StateError(f"{where}: {key} must be a dictionary, got {type(value).__name__}")
+            part.load_state_dict(value, f"{where}: {key}")
         overhead = float_field(state, "overhead", where, low=0.0)
         steps = int_field(state, "steps", where, low=0)
-        self.cost.seconds, self.cost.counts = raw, counts
-        self.predicted, self.accepted, self.overhead, self.steps = predicted, accepted, overhead, steps
+        self.cost, self.calibration, self.overhead, self.steps = cost, calibration, overhead, steps
 
-    def explain(self, context_len: int = 512) -> dict:
-        """What the scheduler believes: cost curve (ms) at ``context_len``, calibration, recent choices."""
-        curve = self.cost.curve(context_len)
+    def explain(self, context_len: int = 512, names: dict[int, str] | None = None) -> dict:
+        """What the scheduler believes: the fitted cost curve (ms) at ``context_len`` with its
+        standard errors, the context slope, the per-drafter calibration, and how often it probed."""
+        curve, error = self.cost.curve(context_len)
+        counts = self.cost.counts
         return {
-            "calibration": round(self.calibration, 3),
             "overhead_ms": round(1e3 * self.overhead, 2),
-            "verify_ms": {int(b): (None if np.isnan(curve[b]) else round(1e3 * float(curve[b]), 1))
+            "verify_ms": {int(b): (None if np.isnan(curve[b]) else round(1e3 * float(curve[b]), 2))
                           for b in SIZE_BUCKETS},
-            "measured_buckets": {int(b): int(c) for b, c in zip(SIZE_BUCKETS, self.cost.counts) if c},
+            "verify_ms_error": {int(b): round(1e3 * float(error[b]), 2) for b in SIZE_BUCKETS
+                                if not np.isnan(error[b])},
+            "ms_per_1k_context": round(1e6 * self.cost.context_slope(), 3),
+            "measured": {int(b): int(c) for b, c in zip(SIZE_BUCKETS, counts) if c},
+            "calibration": self.calibration.report(names),
+            "probes": self.probes,
         }

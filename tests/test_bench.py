@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from bench.datasets import BUILTIN_QUESTIONS, DatasetError, Question, read_spec_bench, select
@@ -106,6 +107,9 @@ def test_summary_arithmetic_on_hand_made_records():
         (["--dataset", "/nonexistent.jsonl"], "not found"),
         (["--categories", "poetry"], "unknown category"),
         (["--methods", "hf-assisted"], "draft-model"),
+        (["--methods", "ngram@x"], "unknown method"),
+        (["--methods", "ngram@65"], "unknown method"),
+        (["--methods", "baseline@4"], "unknown method"),
     ],
 )
 def test_cli_errors_exit_2_without_traceback(args, message):
@@ -154,6 +158,19 @@ def assert_figures_follow_records(payload: dict, method: str) -> None:
     rate = sum(r["new_tokens"] for r in rows) / sum(r["seconds"] for r in rows)
     base_rate = sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base)
     assert figures["speedup"] == pytest.approx(rate / base_rate)
+
+
+def test_method_at_budget_fixes_the_tree_budget(tiny_model_dir):
+    from bench.methods import make_method, split_budget
+    from specdec.models import load_model
+
+    assert split_budget("recycling+ngram@16") == ("recycling+ngram", 16) and split_budget("auto") == ("auto", None)
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")
+    fixed, adaptive = make_method("ngram@4", model, tokenizer), make_method("ngram", model, tokenizer)
+    assert fixed.decoder.tree_budget == 4 and adaptive.decoder.tree_budget is None
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    generation = fixed.generate(prompt, 12)
+    assert max(generation.stats.tree_sizes) <= 4 and generation.new_ids == adaptive.generate(prompt, 12).new_ids
 
 
 def test_divergence_margin_is_the_logit_gap(model):

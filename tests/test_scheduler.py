@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from specdec import Scheduler, SpeculativeDecoder
-from specdec.scheduler import SIZE_BUCKETS, CostModel
+from specdec.calibration import Calibration
+from specdec.costs import SIZE_BUCKETS, CostModel
+from trees import TokenTree
 from tests.conftest import hf_greedy, tiny_llama
 
 
@@ -15,20 +17,23 @@ def cost(size: int, slope: float, base: float = 0.03) -> float:
     return base * (1 + slope * size)
 
 
-def replay(history, slope=0.03, explore_every=1000):
-    """Feed a scheduler a history of (size, accepted) steps at fixed values; return its choices."""
-    scheduler = Scheduler(explore_every=explore_every)
-    values = np.full(48, 0.9)
+def chain(size: int, value: float = 0.9, source: int = 0) -> TokenTree:
+    return TokenTree.chain(torch.arange(size) + 10, torch.full((size,), float(np.log(value))), source)
+
+
+def replay(history, slope=0.03, explore=1.0):
+    """Feed a scheduler a history of (size, accepted) chain steps at fixed values; return its choices."""
+    scheduler = Scheduler(explore=explore)
     choices = []
     for size, accepted in history:
-        choices.append(scheduler.choose_size(values, 300))
-        scheduler.record(size, 300, cost(size, slope), 0.001, float(values[:size].sum()), accepted)
+        choices.append(len(scheduler.select(chain(48), 300)))
+        scheduler.record(chain(size), 300, cost(size, slope), 0.001, range(accepted))
     return scheduler, choices
 
 
 def test_decisions_are_a_pure_function_of_history():
     rng = np.random.default_rng(0)
-    history = [(int(s), int(rng.integers(0, s + 1))) for s in rng.choice(SIZE_BUCKETS, 60)]
+    history = [(int(s), int(rng.integers(0, s + 1))) for s in rng.choice(SIZE_BUCKETS[:-1], 60)]
     _, a = replay(history)
     _, b = replay(history)
     assert a == b
@@ -37,49 +42,173 @@ def test_decisions_are_a_pure_function_of_history():
 def test_all_accepted_history_grows_the_tree():
     sizes = [b for b in SIZE_BUCKETS if b <= 48]
     scheduler, _ = replay([(s, s) for s in sizes * 3])
-    assert scheduler.choose_size(np.full(48, 0.9), 300) >= 32
+    assert len(scheduler.select(chain(48), 300)) >= 32
 
 
 def test_all_rejected_history_shrinks_to_zero():
     sizes = [b for b in SIZE_BUCKETS if b <= 48]
     scheduler, _ = replay([(s, 0) for s in sizes * 4])
-    assert scheduler.calibration < 0.05
-    assert scheduler.choose_size(np.full(48, 0.9), 300) == 0
+    assert scheduler.calibration.factors()[0, 1] < 0.1
+    assert scheduler.choose_size(np.full(48, 0.9) * scheduler.calibration.factors()[0, 1], 300) == 0
 
 
-def test_exploration_is_bounded():
-    scheduler = Scheduler(explore_every=4)
-    for size in SIZE_BUCKETS[:10] * 3:
-        scheduler.record(size, 300, cost(size, 0.03), 0.001, 4.0, 0)
-    choices = [scheduler.choose_size(np.full(48, 0.9), 300) for _ in range(16)]
-    explored = [c for c in choices if c != 0]
-    assert explored == [1, 1]  # every 4th decision looks one bucket up, then down (none below 0)
+def noisy(rng, seconds: float, outliers: float = 0.05) -> float:
+    """Multiplicative log-normal noise (20 %) and occasional 3-6x outliers (a preempted step)."""
+    factor = rng.lognormal(0.0, 0.2)
+    if rng.random() < outliers:
+        factor *= rng.uniform(3, 6)
+    return seconds * factor
 
 
-@pytest.mark.parametrize("slope, low, high", [(0.5, 0, 4), (0.001, 24, 48)])
-def test_cost_slope_sets_tree_size(slope, low, high):
-    scheduler = Scheduler(explore_every=1000)
-    for size in SIZE_BUCKETS[:-1]:
-        scheduler.record(size, 300, cost(size, slope), 0.001, 1.0, 1)  # calibration ~1
-    values = 0.8 ** np.arange(1, 49)
-    assert low <= scheduler.choose_size(values, 300) <= high
+def true_cost(size: int, context: int) -> float:
+    return 0.03 * (1 + 0.05 * size) + 4e-6 * context
 
 
-def test_cost_model_interpolates_and_scales_with_context():
+@pytest.mark.parametrize("seed", range(5))
+def test_noisy_costs_give_a_monotone_curve_and_the_right_decision(seed):
+    rng = np.random.default_rng(seed)
     model = CostModel()
-    model.record(0, 0, 0.02)
-    model.record(16, 0, 0.04)
-    curve = model.curve(0)
-    assert curve[8] == pytest.approx(0.03)
-    assert curve[32] > curve[16]
-    assert model.curve(2048)[8] == pytest.approx(0.06)
+    for _ in range(300):
+        size, context = int(rng.choice([0, 1, 2, 4, 6, 8, 12, 16, 24])), int(rng.integers(50, 2000))
+        model.record(size, context, noisy(rng, true_cost(size, context)))
+    for context in (100, 1000, 3000):
+        curve, error = model.curve(context)
+        assert np.all(np.diff(curve) >= -1e-12), "the fitted curve must be monotone in n"
+        truth = np.array([true_cost(n, context) for n in range(65)])
+        assert np.all(np.abs(curve[:25] - truth[:25]) < 0.15 * truth[:25])  # per-size noise is 20 % + outliers
+        assert np.all(error >= 0)
+    assert model.context_slope() == pytest.approx(4e-6, rel=0.35)
+    scheduler = Scheduler(explore=0.0)
+    scheduler.cost = model
+    values = 0.85 ** np.arange(1, 49)
+    gain = 1 + np.concatenate([[0], np.cumsum(values)])
+    true_rate = gain / np.array([true_cost(n, 800) for n in range(49)])
+    chosen = scheduler.choose_size(values, 800)
+    assert true_rate[chosen] >= 0.97 * true_rate.max()
+
+
+def test_noise_would_mislead_a_plain_average():
+    """The control: the same noisy data averaged per size is not monotone, the fit is."""
+    rng = np.random.default_rng(3)
+    sizes = [0, 1, 2, 4, 6, 8]
+    model, raw = CostModel(), {s: [] for s in sizes}
+    for _ in range(4):
+        for size in sizes:
+            seconds = noisy(rng, true_cost(size, 500), outliers=0.3)
+            raw[size].append(seconds)
+            model.record(size, 500, seconds)
+    means = [np.mean(raw[s]) for s in sizes]
+    assert np.any(np.diff(means) < 0)  # noise breaks monotonicity of plain averages
+    assert np.all(np.diff(model.curve(500)[0]) >= -1e-12)
+
+
+def test_uncertainty_drives_exploration():
+    """Sizes whose cost is unknown are tried while they could be best, for a bounded number of steps;
+    once costs are known the choice is the point-estimate one (no exploration left)."""
+    def true(n):  # flat up to 4 nodes, then ten times dearer
+        return cost(n, 0.01) * (1 if n <= 4 else 10)
+
+    scheduler = Scheduler(explore=1.0)
+    for _ in range(8):
+        for size in (0, 1, 2, 4):
+            scheduler.record(chain(size), 300, true(size), 0.0, range(size))
+    values = np.full(48, 0.5)
+    choices = []
+    for _ in range(40):
+        size = scheduler.choose_size(values, 300)
+        choices.append(size)
+        scheduler.record(chain(size), 300, true(size), 0.0, range(size))
+    assert choices[0] > 4  # beyond the measured sizes, where the flat curve says it may pay
+    assert sum(size > 4 for size in choices) <= 12  # exploration stops once the step is measured
+    assert choices[-10:] == [4] * 10
+    exploit = Scheduler(explore=0.0)
+    exploit.cost = scheduler.cost
+    assert scheduler.choose_size(values, 300) == exploit.choose_size(values, 300)
 
 
 def test_bad_scheduler_arguments():
     with pytest.raises(ValueError, match="max_budget"):
         Scheduler(max_budget=1000)
-    with pytest.raises(ValueError, match="explore_every"):
-        Scheduler(explore_every=0)
+    with pytest.raises(ValueError, match="probe_every"):
+        Scheduler(probe_every=0)
+    with pytest.raises(ValueError, match="explore"):
+        Scheduler(explore=-1)
+    with pytest.raises(ValueError, match="decay"):
+        Scheduler(decay=1.5)
+
+
+def two_drafter_tree(value_a: float, value_b: float) -> TokenTree:
+    """Two chains of 6 below the root: drafter 0's and drafter 1's."""
+    tokens = torch.arange(12) + 10
+    parents = torch.tensor([-1, 0, 1, 2, 3, 4, -1, 6, 7, 8, 9, 10])
+    scores = torch.tensor([np.log(value_a)] * 6 + [np.log(value_b)] * 6, dtype=torch.float32)
+    return TokenTree(tokens, parents, scores, torch.tensor([0] * 6 + [1] * 6, dtype=torch.int8))
+
+
+def accepted_chain(tree: TokenTree, rng, rate_by_source: dict[int, float]) -> list[int]:
+    """Accept along one branch while coins come up (rate per drafter); verification accepts one path."""
+    kids = tree.children()
+    accepted, slot = [], 0
+    while kids[slot]:
+        node = kids[slot][0] if len(kids[slot]) == 1 or rng.random() < 0.5 else kids[slot][1]
+        if rng.random() >= rate_by_source[int(tree.sources[node])]:
+            break
+        accepted.append(node)
+        slot = node + 1
+    return accepted
+
+
+def test_a_starved_drafter_recovers_within_bounded_steps():
+    """Drafter 1 is never accepted for 150 steps, then 80 % of the time: probes keep measuring it at
+    a bounded cost while it fails, and it is back in regular use within three probe periods."""
+    rng = np.random.default_rng(0)
+    scheduler = Scheduler(probe_every=8, probe_nodes=2)
+    rates = {0: 0.0, 1: 0.0}
+    verified_b = []
+    for step in range(300):
+        if step == 150:
+            rates[1] = 0.8
+        tree = scheduler.select(two_drafter_tree(0.3, 0.6), 300)
+        b_nodes = int((tree.sources == 1).sum())
+        verified_b.append(b_nodes)
+        accepted = accepted_chain(tree, rng, rates)
+        scheduler.record(tree, 300, cost(len(tree), 0.05), 0.001, accepted)
+    failing = verified_b[50:150]
+    assert 0 < sum(1 for b in failing if b) <= len(failing) // 8 + 1  # probed, at most once per period
+    assert max(failing) <= 2  # a probe verifies its best two nodes, no more
+    recovered = verified_b[150:]
+    back = next(i for i in range(len(recovered)) if all(b >= 2 for b in recovered[i : i + 10]))
+    assert back <= 3 * 8, f"back in regular use only after {back} steps"
+
+
+def test_calibration_corrects_values_per_drafter_and_depth():
+    """Raw values of 0.2 at every depth, true per-node acceptance 0.8 at depth 1 and 0.4 below:
+    the calibrated prediction error falls far below the raw one."""
+    rng = np.random.default_rng(1)
+    calibration = Calibration()
+    depths = np.array([1, 2, 3, 1, 2, 3])
+    sources = np.array([0, 0, 0, 1, 1, 1])
+    values = np.full(6, 0.2)
+    truth = np.where(depths == 1, 0.8, 0.4)
+    for _ in range(400):
+        calibration.record(values, sources, depths, rng.random(6) < truth)
+    report = calibration.report({0: "a", 1: "b"})
+    for name in "ab":
+        assert report[name]["error_raw"] > 0.5
+        assert report[name]["error_calibrated"] < 0.1
+    np.testing.assert_allclose(calibration.apply(values, sources, depths), truth, atol=0.12)
+
+
+def test_scheduler_state_round_trip_and_validation():
+    rng = np.random.default_rng(0)
+    scheduler, _ = replay([(int(s), int(rng.integers(0, s + 1))) for s in rng.choice(SIZE_BUCKETS[:-1], 40)])
+    restored = Scheduler()
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.choose_size(np.full(30, 0.7), 300) == scheduler.choose_size(np.full(30, 0.7), 300)
+    state = scheduler.state_dict()
+    state["cost"]["samples"][3] = [[40, 10, 0.1]]  # a size outside bucket 4
+    with pytest.raises(ValueError, match="outside bucket"):
+        Scheduler().load_state_dict(state)
 
 
 class FakeClock:
@@ -120,7 +249,7 @@ def test_synthetic_cost_steers_the_tree_size(slope, small):
         assert typical >= 12
 
 
-@pytest.mark.parametrize("scheduler", [Scheduler(max_budget=64, explore_every=1), Scheduler(max_budget=0)],
+@pytest.mark.parametrize("scheduler", [Scheduler(max_budget=64, explore=10.0, probe_every=1), Scheduler(max_budget=0)],
                          ids=["largest-explore-always", "never-draft"])
 def test_scheduler_extremes_keep_output(model, scheduler):
     prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])

@@ -173,21 +173,48 @@ def test_truncated_and_foreign_files_are_refused(tmp_path, model):
                 load(tmp_path / "odd.pt")
 
 
+def trained_scheduler() -> Scheduler:
+    scheduler = Scheduler()
+    tree = TokenTree.chain(torch.arange(6) + 3, torch.full((6,), -0.5))
+    for step in range(20):
+        size = step % 7
+        scheduler.record(tree.prune(size), 100 + 20 * step, 0.01 + 0.001 * size, 0.001, range(min(step % 3, size)))
+    return scheduler
+
+
+def nested_items(state: dict, path=()):
+    """(key path, value) of every non-dictionary value, nested dictionaries included."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from nested_items(value, path + (key,))
+        else:
+            yield path + (key,), value
+
+
+def replaced(state: dict, path: tuple, value) -> dict:
+    if len(path) == 1:
+        return dict(state, **{path[0]: value})
+    return dict(state, **{path[0]: replaced(state[path[0]], path[1:], value)})
+
+
 def test_malformed_scheduler_state_is_refused():
-    valid = Scheduler().state_dict()
+    valid = trained_scheduler().state_dict()
     rng = np.random.default_rng(4)
-    for key, value in valid.items():
-        original = torch.tensor(value) if isinstance(value, list) else value
-        for bad in bad_values(original, rng):
-            if isinstance(bad, torch.Tensor) and isinstance(original, torch.Tensor) and bad.dtype == original.dtype \
-                    and bad.shape == original.shape and torch.equal(bad.nan_to_num(-1.0), original.nan_to_num(-1.0)):
-                continue  # not a change (all-NaN costs are the untrained state)
-            state = dict(valid, **{key: bad})
+    checked = 0
+    for path, value in nested_items(valid):
+        original = torch.tensor(value) if path[-1] != "samples" and isinstance(value, list) else value
+        candidates = bad_values(original, rng)
+        if path[-1] == "samples":  # a list of per-bucket row lists
+            candidates += [value[:-1], [torch.tensor(rows) + 0.5 if rows else rows for rows in value],
+                           [[[-1.0, 0.0, 0.1]]] + value[1:], [[[0.0, 0.0, float("nan")]]] + value[1:]]
+        for bad in candidates:
             scheduler = Scheduler()
             before = scheduler.state_dict()
             with pytest.raises(ValueError):
-                scheduler.load_state_dict(state)
+                scheduler.load_state_dict(replaced(valid, path, bad))
             np.testing.assert_equal(scheduler.state_dict(), before)
+            checked += 1
+    assert checked > 40
 
 
 @pytest.mark.parametrize("seed", SEEDS)

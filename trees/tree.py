@@ -90,6 +90,17 @@ class TokenTree:
         object.__setattr__(self, "ranks", ranks)
 
     @classmethod
+    def _derived(cls, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, sources: torch.Tensor,
+                 ranks: torch.Tensor) -> "TokenTree":
+        """A tree built by a transform of valid trees (`select`, `merge`): already checked, so the
+        field checks of ``__init__`` are skipped (they cost more than the transform)."""
+        tree = object.__new__(cls)
+        for name, value in (("tokens", tokens), ("parents", parents), ("scores", scores), ("sources", sources),
+                            ("ranks", ranks), ("_cache", {})):
+            object.__setattr__(tree, name, value)
+        return tree
+
+    @classmethod
     def empty(cls) -> "TokenTree":
         """A tree with no draft nodes: verifying it is one step of plain decoding."""
         return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
@@ -136,14 +147,13 @@ class TokenTree:
         """
         if "ancestors" not in self._cache:
             n = len(self)
-            mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+            mask = np.zeros((n + 1, n + 1), dtype=bool)
             mask[:, 0] = True
-            mask[0, 0] = True
             for node_idx, parent in enumerate(self.parents.tolist()):
                 slot = node_idx + 1
                 mask[slot] = mask[parent + 1]
                 mask[slot, slot] = True
-            self._cache["ancestors"] = mask
+            self._cache["ancestors"] = torch.from_numpy(mask)
         return self._cache["ancestors"]
 
     def packed_ancestor_mask(self) -> torch.Tensor:
@@ -201,7 +211,7 @@ class TokenTree:
         new_index = torch.cumsum(keep.long(), 0) - 1
         parents = self.parents[keep]
         parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-        return TokenTree(self.tokens[keep], parents, self.scores[keep], self.sources[keep], self.ranks[keep])
+        return TokenTree._derived(self.tokens[keep], parents, self.scores[keep], self.sources[keep], self.ranks[keep])
 
     def prune(self, budget: int) -> "TokenTree":
         """Keep the ``budget`` best-scored nodes, ancestor-closed.
@@ -215,15 +225,15 @@ class TokenTree:
         if budget >= n:
             return self
         # Ancestor-closed top-N: rank nodes by the minimum score along their root path.
-        effective = self.scores.tolist()
-        for node_idx, parent in enumerate(self.parents.tolist()):
-            if parent != ROOT:
-                effective[node_idx] = min(effective[node_idx], effective[parent])
+        effective, depths, parents = self.scores.numpy().copy(), self.depths.numpy(), self.parents.numpy()
+        for depth in range(2, int(depths.max()) + 1):
+            nodes = np.flatnonzero(depths == depth)
+            effective[nodes] = np.minimum(effective[nodes], effective[parents[nodes]])
         # higher effective score first, then shallower, then earlier index
-        order = np.lexsort((np.arange(n), self.depths.numpy(), -np.asarray(effective)))
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.from_numpy(order[:budget])] = True
-        return self.select(keep)
+        order = np.lexsort((np.arange(n), depths, -effective))
+        keep = np.zeros(n, dtype=bool)
+        keep[order[:budget]] = True
+        return self.select(torch.from_numpy(keep))
 
     def to_networkx(self, root_token: int | None = None):
         """A ``networkx.DiGraph`` of the tree (node 'root' plus one node per ``node_idx``)."""
@@ -252,26 +262,24 @@ def merge(trees: list[TokenTree]) -> TokenTree:
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         local_to_merged: list[int] = []
-        for node_idx, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+        for token, parent, score, source, rank in zip(tree.tokens.tolist(), tree.parents.tolist(),
+                                                       tree.scores.tolist(), tree.sources.tolist(), tree.ranks.tolist()):
             merged_parent = ROOT if parent == ROOT else local_to_merged[parent]
             key = (merged_parent, token)
-            score = float(tree.scores[node_idx])
             if key in index:
                 merged = index[key]
                 if score > scores[merged]:
-                    scores[merged] = score
-                    sources[merged] = int(tree.sources[node_idx])
-                    ranks[merged] = int(tree.ranks[node_idx])
+                    scores[merged], sources[merged], ranks[merged] = score, source, rank
             else:
                 merged = len(tokens)
                 index[key] = merged
                 tokens.append(token)
                 parents.append(merged_parent)
                 scores.append(score)
-                sources.append(int(tree.sources[node_idx]))
-                ranks.append(int(tree.ranks[node_idx]))
+                sources.append(source)
+                ranks.append(rank)
             local_to_merged.append(merged)
-    return TokenTree(
+    return TokenTree._derived(
         torch.tensor(tokens, dtype=torch.long),
         torch.tensor(parents, dtype=torch.long),
         torch.tensor(scores, dtype=torch.float32),
