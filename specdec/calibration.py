@@ -62,15 +62,16 @@ class Calibration:
 
     def report(self, names: dict[int, str] | None = None) -> dict:
         """Per drafter: accepted nodes per unit of raw value, and the relative error of the raw and
-        the calibrated predictions of accepted nodes (decayed sums over recent steps)."""
+        the calibrated predictions of accepted nodes, ``|predicted - accepted| / max(predicted,
+        accepted)`` in [0, 1] (decayed sums over recent steps)."""
         names = names or {}
         out = {}
         for source in np.flatnonzero(self.error_sums[:, 0] > 1e-9):
             raw, calibrated, accepted = self.error_sums[source]
             out[names.get(int(source), str(int(source)))] = {
                 "accepted_per_value": round(float(accepted / raw), 3),
-                "error_raw": round(float(abs(raw - accepted) / max(accepted, 1e-9)), 3),
-                "error_calibrated": round(float(abs(calibrated - accepted) / max(accepted, 1e-9)), 3),
+                "error_raw": round(float(abs(raw - accepted) / max(raw, accepted)), 3),
+                "error_calibrated": round(float(abs(calibrated - accepted) / max(calibrated, accepted, 1e-12)), 3),
                 "by_depth": [round(float(f), 3) for f in self.factors()[source, 1:8]],
             }
         return out

@@ -21,15 +21,16 @@ def main() -> None:
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
+@click.option("--tp", is_flag=True, help="Shard the model across the ranks of this torchrun job (tensor parallelism).")
 def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_new_tokens: int, drafter: str,
-             tree_budget: int | None) -> None:
-    """Answer PROMPT (with the chat template) and print speed statistics."""
+             tree_budget: int | None, tp: bool) -> None:
+    """Answer PROMPT (with the chat template) and print speed statistics (under ``--tp``: rank 0 prints)."""
     from specdec import SpeculativeDecoder
     from specdec.prompts import encode_chat
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
-    model, tokenizer = _load(model_path, dtype, device)
+    model, tokenizer = _load(model_path, dtype, device, tp)
     try:
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
         decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
@@ -38,6 +39,8 @@ def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_n
     except (ValueError, TypeError) as err:
         raise click.UsageError(str(err)) from None
     stats = out.spec_stats
+    if tp and _rank() != 0:
+        return
     click.echo(tokenizer.decode(out.sequences[0, prompt_ids.shape[1] :], skip_special_tokens=True))
     seconds = stats.prefill_seconds + stats.decode_seconds
     click.echo(
@@ -47,19 +50,31 @@ def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_n
     )
 
 
-def _load(model_path: str | None, dtype: str, device: str):
-    """The model and tokenizer for a command; a bad ``--model`` or ``--device`` is a usage error (exit status 2)."""
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _load(model_path: str | None, dtype: str, device: str, tp: bool = False):
+    """The model and tokenizer for a command; a bad ``--model``, ``--device`` or ``--tp`` is a usage
+    error (exit status 2)."""
     import torch
 
+    from specdec.distributed import TensorParallelError
     from specdec.models import ModelLoadError, load_default_model, load_model
 
     try:
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise click.UsageError("--device cuda: no CUDA device is available here")
-        return (load_model(model_path, dtype=dtype, device=torch_device) if model_path
-                else load_default_model(dtype=dtype, device=torch_device))
-    except (ModelLoadError, RuntimeError) as err:
+        if tp and torch_device.type == "cuda":
+            import os
+
+            torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        options = {"dtype": dtype, "device": torch_device, "tensor_parallel": tp}
+        return load_model(model_path, **options) if model_path else load_default_model(**options)
+    except (ModelLoadError, TensorParallelError, RuntimeError) as err:
         raise click.UsageError(str(err)) from None
 
 
@@ -166,3 +181,7 @@ def _add_plugin_commands() -> None:
 
 
 _add_plugin_commands()
+
+
+if __name__ == "__main__":
+    main()

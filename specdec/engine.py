@@ -22,7 +22,7 @@ import torch
 
 from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
 from drafters.modeling import SlotCache, forward_with_cache
-from specdec import kv
+from specdec import distributed, kv
 from specdec.accept import Outcome, read_outcome
 from specdec.arguments import run_generate
 from specdec.device_tree import TreeUploader
@@ -151,6 +151,7 @@ class SpeculativeDecoder:
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
         self.source_names = {getattr(m, "source_id", 0): m.name for m in members}
+        self.sharded = distributed.is_sharded(model)  # tensor parallel: ranks must verify the same nodes
         self.clock = clock
         self.position_limit = position_limit(model)
         self.uploader = TreeUploader(model.device)
@@ -309,7 +310,8 @@ class SpeculativeDecoder:
         if self.position_limit is not None and len(tree) and context_len + tree.max_depth >= self.position_limit:
             tree = tree.select(tree.depths < self.position_limit - context_len)
         if budget is None:
-            return self.scheduler.select(tree, context_len)
+            selected = self.scheduler.select(tree, context_len)
+            return distributed.agree_on_selection(selected) if self.sharded else selected  # timings are rank-local
         return tree.prune(budget) if len(tree) > budget else tree
 
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:

