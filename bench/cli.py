@@ -17,6 +17,23 @@ class BenchError(click.ClickException):
     exit_code = 2
 
 
+def load_target(model_path: str | None, dtype: str, device: str):
+    """``(model, tokenizer, torch.device)`` for a benchmark; a bad ``--model`` or ``--device`` is a `BenchError`."""
+    import torch
+
+    from specdec.models import ModelLoadError, load_default_model, load_model
+
+    try:
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: no CUDA device is available here")
+        model, tokenizer = (load_model(model_path, dtype=dtype, device=torch_device) if model_path
+                            else load_default_model(dtype=dtype, device=torch_device))
+    except (ModelLoadError, RuntimeError) as err:
+        raise BenchError(str(err)) from None
+    return model, tokenizer, torch_device
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -57,7 +74,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
 
     from bench import report
     from bench.harness import run_benchmark, summarize
-    from specdec.models import ModelLoadError, load_default_model, load_model
+    from specdec.models import ModelLoadError, load_model
     from specdec.prompts import encode_chat
 
     method_names = _split(methods) or []
@@ -84,12 +101,8 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     except DatasetError as err:
         raise BenchError(str(err)) from None
 
+    model, tokenizer, torch_device = load_target(model_path, dtype, device)
     try:
-        torch_device = torch.device(device)
-        if torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise BenchError("--device cuda: no CUDA device is available here")
-        model, tokenizer = (load_model(model_path, dtype=dtype, device=torch_device) if model_path
-                            else load_default_model(dtype=dtype, device=torch_device))
         draft = load_model(draft_model, dtype=dtype, device=torch_device)[0] if draft_model else None
     except (ModelLoadError, RuntimeError) as err:
         raise BenchError(str(err)) from None

@@ -108,23 +108,14 @@ def bench_verify(model_path, dtype, device, context, sizes, repeats, steps, json
     from rich.console import Console
     from rich.table import Table
 
-    from bench.cli import BenchError
-    from specdec.models import ModelLoadError, load_default_model, load_model
-
+    from bench.cli import BenchError, load_target
     try:
         sizes_n = sorted({int(s) for s in sizes.split(",") if s.strip()})
     except ValueError:
         raise BenchError(f"--sizes must be a comma list of ints, got {sizes!r}") from None
     if not sizes_n or min(sizes_n) < 0 or context < 1 or repeats < 1 or steps < 0:
         raise BenchError("--sizes must be >= 0, --context and --repeats >= 1, --steps >= 0")
-    try:
-        torch_device = torch.device(device)
-        if torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise BenchError("--device cuda: no CUDA device is available here")
-        model, tokenizer = (load_model(model_path, dtype=dtype, device=torch_device) if model_path
-                            else load_default_model(dtype=dtype, device=torch_device))
-    except (ModelLoadError, RuntimeError) as err:
-        raise BenchError(str(err)) from None
+    model, tokenizer, torch_device = load_target(model_path, dtype, device)
     label = model_path or "SmolLM2-135M-Instruct"
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
     rows = measure(model, context, sizes_n, repeats)
