@@ -68,7 +68,8 @@ def tiny_model(model_type: str):
     overrides = {}
     for names, small in SIZES:
         for name in names & set(values):
-            if isinstance(values[name], int) and not isinstance(values[name], bool):
+            unset_kv_heads = values[name] is None and "num_key_value_heads" in names  # None: as many as query heads
+            if (isinstance(values[name], int) and not isinstance(values[name], bool)) or unset_kv_heads:
                 overrides[name] = small
     for name, value in values.items():
         if "vocab_size" in name and isinstance(value, int):
