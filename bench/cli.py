@@ -53,6 +53,8 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--draft-model", default=None, help="Draft model (same vocabulary) for hf-assisted and 'model'.")
+@click.option("--head", "head_path", type=click.Path(dir_okay=False), default=None,
+              help="Trained draft head for 'head' and 'auto' (default: the one `specdec distill` saved for the model).")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Repeat the whole interleaved pass.")
 @click.option("--state", type=click.Choice(["hot", "cold"]), default="hot", show_default=True,
               help="Keep drafter state across questions (hot) or reset it per question (cold).")
@@ -67,7 +69,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
-          device, draft_model, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
+          device, draft_model, head_path, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
           markdown_path, plot_path):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
@@ -115,7 +117,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         if not questions:
             raise BenchError(f"every question is longer than --max-prompt-tokens {max_prompt_tokens}")
     try:
-        built = [make_method(name, model, tokenizer, draft_model=draft, pld_tokens=pld_tokens,
+        built = [make_method(name, model, tokenizer, draft_model=draft, draft_head=head_path, pld_tokens=pld_tokens,
                              tree_budget=tree_budget, sampling=sampling) for name in method_names]
     except (MethodError, ValueError) as err:
         raise BenchError(str(err)) from None

@@ -112,6 +112,7 @@ def make_method(
     tokenizer,
     *,
     draft_model=None,
+    draft_head=None,
     pld_tokens: int = 4,
     tree_budget: int | None = None,
     scheduler=None,
@@ -120,7 +121,8 @@ def make_method(
     """Build the method called ``name`` (see `known_methods`).
 
     ``sampling`` (e.g. ``{"do_sample": True, "temperature": 0.7}``) makes every method sample with
-    those ``generate`` settings; ``None`` is greedy.
+    those ``generate`` settings; ``None`` is greedy. ``draft_head`` (a path) is the trained head of
+    the ``head`` drafter (and of ``auto``); None: the one `specdec distill` saved for the model.
     """
     if name == "baseline":
         return _hf_method(name, model, sampling)
@@ -136,8 +138,11 @@ def make_method(
             raise MethodError(f"method {name} needs --draft-model")
         budget = tree_budget if fixed is None else fixed
         options = {} if budget is None else {"tree_budget": budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_model=draft_model, scheduler=scheduler,
-                                     **options)
+        try:
+            decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_model=draft_model,
+                                         draft_head=draft_head, scheduler=scheduler, **options)
+        except FileNotFoundError as err:
+            raise MethodError(f"method {name}: {err}") from None
 
         def run(prompt_ids: torch.Tensor, max_new_tokens: int, seed: int | None) -> Generation:
             options = {"do_sample": False} if not sampling else {**sampling, "generator": seed}

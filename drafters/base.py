@@ -47,6 +47,9 @@ class VerifyFeedback:
         tree: the verified tree (``None`` for the prompt prefill).
         accepted_nodes: ``node_idx`` of the accepted draft nodes, root to tip.
         bonus_token: the target's own token after the accepted path (-1 for the prefill).
+        feature: ``[1, h]`` on the model's device, what the target's LM head read at the slot whose
+            prediction is the next root (the last committed token); only for drafters that set
+            ``needs_features``, else None.
     """
 
     tokens: np.ndarray
@@ -55,17 +58,20 @@ class VerifyFeedback:
     tree: TokenTree | None = None
     accepted_nodes: tuple[int, ...] = ()
     bonus_token: int = -1
+    feature: Any = None
 
 
 class Drafter(ABC):
     """Proposes token trees and learns from verification.
 
-    Subclasses set ``name`` and ``feedback_topk`` (how many of the target's top successors per
-    verified token they want in `observe`; 0 when they need none).
+    Subclasses set ``name``, ``feedback_topk`` (how many of the target's top successors per
+    verified token they want in `observe`; 0 when they need none) and ``needs_features`` (whether
+    `observe` needs the target's feature at the new root's slot, `VerifyFeedback.feature`).
     """
 
     name: str = "drafter"
     feedback_topk: int = 0
+    needs_features: bool = False
 
     @abstractmethod
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:

@@ -19,11 +19,13 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
+@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
 @click.option("--tp", is_flag=True, help="Shard the model across the ranks of this torchrun job (tensor parallelism).")
+@click.option("--head", "head_path", type=click.Path(dir_okay=False), default=None,
+              help="Trained draft head (default: the one `specdec distill` saved for the model, if any).")
 def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_new_tokens: int, drafter: str,
-             tree_budget: int | None, tp: bool) -> None:
+             tree_budget: int | None, tp: bool, head_path: str | None) -> None:
     """Answer PROMPT (with the chat template) and print speed statistics (under ``--tp``: rank 0 prints)."""
     from specdec import SpeculativeDecoder
     from specdec.prompts import encode_chat
@@ -33,10 +35,10 @@ def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_n
     model, tokenizer = _load(model_path, dtype, device, tp)
     try:
         options = {} if tree_budget is None else {"tree_budget": tree_budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_head=head_path, **options)
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
         out = decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
     stats = out.spec_stats
     if tp and _rank() != 0:
@@ -78,6 +80,63 @@ def _load(model_path: str | None, dtype: str, device: str, tp: bool = False):
         raise click.UsageError(str(err)) from None
 
 
+@main.command()
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, or alias (default: SmolLM2-135M-Instruct).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Head file to write (default: the model's cache entry, where `auto` finds it).")
+@click.option("--minutes", type=float, default=20.0, show_default=True, help="Time budget, data included.")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Spec-Bench JSONL or one prompt per line (repeatable); read, never copied.")
+@click.option("--self-prompts", type=int, default=64, show_default=True,
+              help="Prompts the model writes for itself (Magpie-style).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="fp32", show_default=True,
+              help="The target's dtype while distilling.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts answered together.")
+@click.option("--max-new-tokens", type=int, default=160, show_default=True, help="Reply length per prompt.")
+@click.option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are skipped.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, batch_size, max_new_tokens,
+            max_prompt_tokens, seed) -> None:
+    """Train a draft head for the model by self-distillation (resumable: rerun to continue)."""
+    import resource
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from drafters import default_head_path
+    from specdec.distill import DistillError, distill as run_distill, read_prompts
+
+    if not minutes > 0 or min(batch_size, max_new_tokens, max_prompt_tokens) < 1 or self_prompts < 0:
+        raise click.UsageError("--minutes must be > 0, --batch-size, --max-new-tokens and --max-prompt-tokens >= 1, "
+                               "--self-prompts >= 0")
+    try:
+        prompts = [p for f in prompt_files for p in read_prompts(f)]
+    except DistillError as err:
+        raise click.UsageError(str(err)) from None
+    model, tokenizer = _load(model_path, dtype, "cpu")
+    out = Path(out_path) if out_path else default_head_path(model)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=_stderr_console()) as bar:
+        tasks = {"data": bar.add_task("replies + features", total=1.0), "train": bar.add_task("training", total=1.0)}
+        try:
+            report = run_distill(model, tokenizer, out, minutes, prompts, self_prompts, batch_size, max_new_tokens,
+                                 max_prompt_tokens, seed=seed, progress=lambda phase, done: bar.update(tasks[phase], completed=done))
+        except DistillError as err:
+            raise click.UsageError(str(err)) from None
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    click.echo(f"head saved to {out} ({report.file_mb:.1f} MB): {report.prompts} prompts, {report.tokens} tokens "
+               f"({report.data_seconds / 60:.1f} min), {report.train_steps} training steps "
+               f"({report.train_seconds / 60:.1f} min), readout {report.readout_size} tokens, held-out top-1 "
+               f"{report.held_out_top1:.3f}, peak memory {peak_mb:.0f} MB")
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit (or end of input)"
 
 
@@ -88,7 +147,7 @@ CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit 
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, or several joined by +.")
+@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
 @click.option("--temperature", type=float, default=None, help="Sample at this temperature (default: greedy).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
               help="Drafter + scheduler state file: loaded if it exists, saved on exit.")
@@ -106,7 +165,7 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
     model, tokenizer = _load(model_path, dtype, device)
     try:
         decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from None
     if state_path and os.path.exists(state_path):
         try:

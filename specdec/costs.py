@@ -87,6 +87,7 @@ class CostModel:
     def __init__(self) -> None:
         self.samples = [np.zeros((0, 3)) for _ in SIZE_BUCKETS]  # per bucket: [k, (size, context, seconds)]
         self._fit = None
+        self._curve = None  # the fit's curve at context 0 (see `_curve_at_zero`)
         self._pending = 0  # records since the last fit
 
     @staticmethod
@@ -106,7 +107,7 @@ class CostModel:
         self.samples[b] = np.vstack([self.samples[b], [size, context_len, seconds]])[-PER_BUCKET:]
         self._pending += 1
         if new_bucket or self._pending >= REFIT_EVERY:  # medians move slowly: refit every few records
-            self._fit, self._pending = None, 0
+            self._fit, self._curve, self._pending = None, None, 0
 
     def context_slope(self) -> float:
         """Seconds per context token (>= 0): Theil-Sen over same-bucket pairs, pooled."""
@@ -115,10 +116,20 @@ class CostModel:
     def curve(self, context_len: int) -> tuple[np.ndarray, np.ndarray]:
         """``([65], [65])``: estimated seconds for tree sizes 0..64 at ``context_len`` and their
         standard errors (NaN everywhere while nothing is measured)."""
+        slope, at_zero, relative = self._curve_at_zero()
+        seconds = at_zero + slope * context_len
+        return seconds, relative * seconds
+
+    def _curve_at_zero(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """(context slope, ``[65]`` seconds at context 0, ``[65]`` relative standard errors); kept
+        with the fit, so a step only adds the context term."""
+        if self._curve is not None:
+            return self._curve
         slope, xs, ys, errors = self._fitted()
         sizes = np.arange(SIZE_BUCKETS[-1] + 1)
         if not len(xs):
-            return np.full(len(sizes), np.nan), np.full(len(sizes), np.nan)
+            self._curve = (0.0, np.full(len(sizes), np.nan), np.full(len(sizes), np.nan))
+            return self._curve
         base = ys[0] / (1 + PRIOR_SLOPE * xs[0])
         step = self._node_slope(xs, ys, base)
         at_zero = np.interp(sizes, xs, ys)
@@ -129,8 +140,8 @@ class CostModel:
         nearest = np.abs(sizes[:, None] - xs[None, :]).argmin(axis=1)
         distance = np.abs(sizes - xs[nearest])
         relative = errors[nearest] / ys[nearest] + UNMEASURED_SPREAD * np.minimum(distance / (xs[nearest] + 4), 1)
-        seconds = at_zero + slope * context_len
-        return seconds, relative * seconds
+        self._curve = (slope, at_zero, relative)
+        return self._curve
 
     @staticmethod
     def _node_slope(xs: np.ndarray, ys: np.ndarray, base: float) -> float:
@@ -183,4 +194,4 @@ class CostModel:
                    for size in array[:, 0]):
                 raise StateError(f"{where}: samples[{b}] holds sizes outside bucket {SIZE_BUCKETS[b]}")
             samples.append(array.astype(float))
-        self.samples, self._fit, self._pending = samples, None, 0
+        self.samples, self._fit, self._curve, self._pending = samples, None, None, 0

@@ -26,6 +26,7 @@ from specdec import distributed, kv
 from specdec.accept import Outcome, read_outcome
 from specdec.arguments import run_generate
 from specdec.device_tree import TreeUploader
+from specdec.features import FeatureTap
 from specdec.request import DecodeRequest, DecodeResult, KVState, SpecStats
 from specdec.scheduler import Scheduler
 from specdec.timing import StepTimer
@@ -95,11 +96,15 @@ def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[l
     return block[:room], len(block) >= room
 
 
-def resolve_drafter_name(drafter: str | Drafter, draft_model=None) -> str | Drafter:
+def resolve_drafter_name(drafter: str | Drafter, draft_model=None, model=None, draft_head=None) -> str | Drafter:
     """``"auto"`` means every available drafter: recycling and n-gram, plus the model drafter
-    when a draft model is given."""
+    when a draft model is given and the head drafter when a head is given or `specdec distill`
+    saved one for ``model`` (`drafters.default_head_path`)."""
     if drafter == AUTO:
-        return "recycling+ngram" + ("+model" if draft_model is not None else "")
+        from drafters import default_head_path
+
+        has_head = draft_head is not None or (model is not None and default_head_path(model).is_file())
+        return "recycling+ngram" + ("+model" if draft_model is not None else "") + ("+head" if has_head else "")
     return drafter
 
 
@@ -115,6 +120,8 @@ class SpeculativeDecoder:
         tree_budget: draft nodes verified per step; ``None`` lets the `Scheduler` choose each step
             from measured costs and learned acceptance (0 = plain decoding).
         draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
+        draft_head: the ``head`` drafter's trained head (a path or `drafters.HeadFile`); None: the
+            one ``specdec distill`` saved for this model, if any (``auto`` then includes it).
         scheduler: a `Scheduler` to use (and share); a new one by default.
         clock: the host time source for step timings (seconds; tests inject a fake one).
         tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
@@ -129,6 +136,7 @@ class SpeculativeDecoder:
         drafter: str | Drafter = AUTO,
         tree_budget: int | None = None,
         draft_model=None,
+        draft_head=None,
         scheduler: Scheduler | None = None,
         clock=time.perf_counter,
         tree_kernel: bool | None = None,
@@ -145,8 +153,8 @@ class SpeculativeDecoder:
             self.kernel  # required: probe now, so an unusable kernel is an error here
         self.vocab_size = vocab_size_of(model)
         self.logits_size = int(model.get_output_embeddings().weight.shape[0])
-        self.drafter = make_drafter(resolve_drafter_name(drafter, draft_model), self.logits_size,
-                                    draft_model=draft_model)
+        self.drafter = make_drafter(resolve_drafter_name(drafter, draft_model, model, draft_head), self.logits_size,
+                                    draft_model=draft_model, target=model, draft_head=draft_head)
         self.tree_budget = None if tree_budget is None else check_tree_budget(tree_budget)
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
@@ -155,7 +163,8 @@ class SpeculativeDecoder:
         self.clock = clock
         self.position_limit = position_limit(model)
         self.uploader = TreeUploader(model.device)
-        self._drafter_spec, self._draft_model = drafter, draft_model
+        self.features = FeatureTap(model, self.drafter.needs_features)
+        self._drafter_spec, self._draft_model, self._draft_head = drafter, draft_model, draft_head
         self.last_stats: SpecStats | None = None
         self._sequences = itertools.count()
 
@@ -167,7 +176,8 @@ class SpeculativeDecoder:
             spec = copy.deepcopy(spec)
             spec.reset()
         return SpeculativeDecoder(self.model, self.tokenizer, drafter=spec, tree_budget=self.tree_budget,
-                                  draft_model=self._draft_model, scheduler=self.scheduler, clock=self.clock,
+                                  draft_model=self._draft_model, draft_head=self._draft_head,
+                                  scheduler=self.scheduler, clock=self.clock,
                                   tree_kernel=self.tree_kernel)
 
     @property
@@ -279,14 +289,15 @@ class SpeculativeDecoder:
         draws = None if request.draws is None else request.draws.uniforms(run.n_committed, tree.max_depth + 1)
         slots = self.uploader.upload(tree, run.root, draws)  # one host-to-device copy
         timer.verify_begins()
-        logits = verify_forward(self.model, run.cache, slots, run.prefix_len, self.kernel)  # [n+1, V] device
+        with self.features.capture():
+            logits = verify_forward(self.model, run.cache, slots, run.prefix_len, self.kernel)  # [n+1, V] device
         timer.verify_ends()
         scores = request.rule.scores(logits, slots, run.history_device[: run.n_committed])
         accepted = request.rule.accept(slots, scores)  # device
         outcome = read_outcome(accepted, self._topk(logits))  # the step's one device-to-host read
         emitted, finished = self._emit(run, request, result, outcome, logits, scores, accepted.path)
         kv.compact(run.cache, run.prefix_len, accepted.path[: len(emitted)])  # root + accepted nodes up to a stop
-        self._observe(tree, run.root, outcome)
+        self._observe(tree, run.root, outcome, self.features.rows(accepted.path[len(emitted) - 1 : len(emitted)]))
         times = timer.end()
         self.scheduler.record(tree, run.prefix_len, times.verify, times.overhead, outcome.accepted_nodes)
         run.advance(emitted, accepted.block[: len(emitted)])
@@ -345,8 +356,9 @@ class SpeculativeDecoder:
                 return emitted[: i + 1], True
         return emitted, False
 
-    def _observe(self, tree: TokenTree, root: int, outcome: Outcome) -> None:
-        """Tell the drafter what the target predicted at every slot; committed slots last."""
+    def _observe(self, tree: TokenTree, root: int, outcome: Outcome, feature: torch.Tensor | None) -> None:
+        """Tell the drafter what the target predicted at every slot (committed slots last) and its
+        ``feature`` (``[1, h]`` device) at the slot that chose the new root."""
         kept = outcome.path_slots
         rejected = sorted(set(range(len(tree) + 1)) - set(kept))
         order = np.asarray(rejected + kept, dtype=np.int64)
@@ -357,6 +369,7 @@ class SpeculativeDecoder:
             tokens=slot_tokens[order],
             topk_ids=outcome.topk_ids[order] if outcome.topk_ids.size else np.zeros((order.size, 0), np.int64),
             committed=committed, tree=tree, accepted_nodes=outcome.accepted_nodes, bonus_token=outcome.bonus_token,
+            feature=feature,
         ))
 
     def _count(self, stats: SpecStats, tree: TokenTree, outcome: Outcome, emitted: list[int], times) -> None:
@@ -408,13 +421,16 @@ class SpeculativeDecoder:
         if context.numel() == 0:
             return cached
         k = self.drafter.feedback_topk
-        out = forward_with_cache(self.model, cache, input_ids=context[None].to(self.model.device),
-                                 logits_to_keep=0 if k else 1)
-        if k:
+        with self.features.capture():
+            out = forward_with_cache(self.model, cache, input_ids=context[None].to(self.model.device),
+                                     logits_to_keep=0 if k else 1)
+        feature = self.features.rows(torch.tensor([context.numel() - 1 if k else 0], device=self.model.device))  # last
+        if k or feature is not None:
             self.drafter.observe(VerifyFeedback(
                 tokens=context.numpy(),
-                topk_ids=out.logits[0].topk(k, dim=-1).indices.cpu().numpy(),  # [m, k]: once per generation
-                committed=np.ones(context.numel(), dtype=bool),
+                topk_ids=(out.logits[0].topk(k, dim=-1).indices.cpu().numpy() if k  # [m, k]: once per generation
+                          else np.zeros((context.numel(), 0), dtype=np.int64)),
+                committed=np.ones(context.numel(), dtype=bool), feature=feature,
             ))
         return cached + context.numel()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 
-from drafters import Drafter
+from drafters import Drafter, HeadFile
 from specdec.arguments import SpeculativeGenerateOutput, run_generate
 from specdec.engine import SpeculativeDecoder
 
@@ -18,16 +18,18 @@ __all__ = ["SpeculativeGenerateOutput", "decoder_for", "generate"]
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(model, drafter: str, draft_model=None) -> SpeculativeDecoder:
+def decoder_for(model, drafter: str, draft_model=None, draft_head=None) -> SpeculativeDecoder:
     """The decoder cached for ``model`` and drafter name: drafter state persists between calls."""
     per_model = _DECODERS.setdefault(model, {})
-    key = (drafter, None if draft_model is None else id(draft_model))
+    head_key = id(draft_head) if isinstance(draft_head, HeadFile) else (None if draft_head is None else str(draft_head))
+    key = (drafter, None if draft_model is None else id(draft_model), head_key)
     if key not in per_model:
-        per_model[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model)
+        per_model[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model, draft_head=draft_head)
     return per_model[key]
 
 
-def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_model=None, **kwargs):
+def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_model=None, draft_head=None,
+             **kwargs):
     """Speculative generation; takes and returns what ``model.generate`` does for one sequence.
 
     Greedy output is token-identical to ``model.generate(do_sample=False)``; sampled output has
@@ -40,10 +42,12 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
         *args: ``model.generate``'s other positional arguments (``generation_config``,
             ``logits_processor``, ``stopping_criteria``, ...).
         drafter: ``"auto"`` (every available drafter under the scheduler), a drafter name
-            (``"recycling"``, ``"ngram"``, ``"model"``, or several joined by ``+``) or a
+            (``"recycling"``, ``"ngram"``, ``"model"``, ``"head"``, or several joined by ``+``) or a
             `Drafter` instance; named drafters keep their state per model across calls
             (use `SpeculativeDecoder` to hold state explicitly).
         draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
+        draft_head: the ``head`` drafter's trained head (path or `drafters.HeadFile`); default: the
+            one ``specdec distill`` saved for this model, which ``auto`` then includes.
         **kwargs: any ``model.generate`` keyword that applies to one sequence: ``generation_config``,
             ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``min_length``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
@@ -67,5 +71,5 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
     if isinstance(drafter, Drafter):
         decoder = SpeculativeDecoder(model, drafter=drafter)
     else:
-        decoder = decoder_for(model, drafter, draft_model)
+        decoder = decoder_for(model, drafter, draft_model, draft_head)
     return run_generate(decoder, inputs, *args, **kwargs)

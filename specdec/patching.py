@@ -20,13 +20,13 @@ _MARK = "__specdec_decoder__"
 _SPECDEC_ONLY = ("tree_budget", "generator")
 
 
-def patch(model, drafter: str | Drafter = AUTO, *, tokenizer=None, draft_model=None, tree_budget: int | None = None,
-          fallback: bool = False) -> SpeculativeDecoder:
+def patch(model, drafter: str | Drafter = AUTO, *, tokenizer=None, draft_model=None, draft_head=None,
+          tree_budget: int | None = None, fallback: bool = False) -> SpeculativeDecoder:
     """Make ``model.generate(...)`` speculative for this model instance.
 
     Args:
         model: a transformers causal LM.
-        drafter, draft_model, tree_budget, tokenizer: as for `SpeculativeDecoder`.
+        drafter, draft_model, draft_head, tree_budget, tokenizer: as for `SpeculativeDecoder`.
         fallback: when True, a call specdec does not run (beam search, batches, padding, an
             assistant model; see `UnsupportedGeneration`) goes to transformers' own ``generate``
             with a warning instead of raising.
@@ -36,7 +36,8 @@ def patch(model, drafter: str | Drafter = AUTO, *, tokenizer=None, draft_model=N
     """
     if is_patched(model):
         raise ValueError("model is already patched by specdec; call specdec.unpatch(model) first")
-    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=tree_budget, draft_model=draft_model)
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=tree_budget, draft_model=draft_model,
+                                 draft_head=draft_head)
     original = model.generate
 
     @functools.wraps(type(model).generate)

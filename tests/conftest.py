@@ -34,6 +34,23 @@ def tiny_llama(vocab_size: int = 96, seed: int = 0, **overrides) -> LlamaForCaus
     return model
 
 
+def untrained_head(model, seed: int = 12):
+    """A randomly initialised `drafters.HeadFile` for ``model`` reading out its whole vocabulary
+    (its trees are wide and mostly rejected: it exercises the head's plumbing, not its training)."""
+    from drafters.head import DraftHead, HeadFile, model_identity
+
+    torch.manual_seed(seed)
+    hidden = model.config.hidden_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return HeadFile(DraftHead(hidden, 2 * hidden), torch.arange(vocab), model_identity(model), {})
+
+
+@pytest.fixture(autouse=True)
+def no_saved_heads(tmp_path_factory, monkeypatch):
+    """Tests never see heads that `specdec distill` saved on this machine (``auto`` would use them)."""
+    monkeypatch.setenv("SPECDEC_HOME", str(tmp_path_factory.getbasetemp() / "specdec-home"))
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_llama()

@@ -5,11 +5,15 @@ same things on a fresh clone as in CI."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from bench.datasets import BUILTIN_QUESTIONS
+from drafters import HeadFile
+from drafters.head import choose_readout, model_identity
 from specdec import SpeculativeDecoder, load_default_model
+from specdec.distill import Shard, Trainer, chat_ids, distill_batch, eos_ids_of, pad_id, split_positions
 from specdec.prompts import encode_chat
 
 pytestmark = pytest.mark.real_model
@@ -56,6 +60,39 @@ def test_greedy_identical_to_hf_on_builtin_prompts(real_model, references, draft
     assert mismatches == []
     if tree_budget is not None:  # with fixed trees acceptance does not depend on timings
         assert new_tokens / steps > 1.2  # the drafter must actually be accepting drafts on real text
+
+
+@pytest.fixture(scope="module")
+def distilled_head(real_model):
+    """A head distilled in about a minute from the model's replies to the built-in questions
+    (weak, but its nodes are accepted: the acceptance path runs with real features)."""
+    model, tokenizer = real_model
+    prompts = [chat_ids(tokenizer, q.turns[0]) for q in BUILTIN_QUESTIONS]
+    data = Shard.cat([distill_batch(model, prompts[i : i + 8], 48, pad_id(tokenizer), eos_ids_of(model, tokenizer))
+                      for i in range(0, len(prompts), 8)])
+    counts = np.bincount(data.topk_ids[:, 0].numpy(), minlength=model.config.vocab_size).astype(float)
+    readout = choose_readout(counts, eos_ids_of(model, tokenizer))
+    trainer = Trainer(model, data, readout, inner=2 * model.config.hidden_size)
+    trainer.train(split_positions(data)[0], until=float("inf"), total_steps=80)
+    return HeadFile(trainer.head, readout, model_identity(model), {})
+
+
+@pytest.mark.parametrize("drafter, tree_budget", [("head", 12), ("auto", None)])
+def test_greedy_identical_with_a_distilled_head(real_model, references, distilled_head, drafter, tree_budget):
+    """The head alone and ``auto`` with the head (recycling+ngram+head under the scheduler)."""
+    model, tokenizer = real_model
+    decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_head=distilled_head,
+                                 tree_budget=tree_budget)
+    assert "head" in decoder.drafter.name
+    proposed = accepted = 0
+    for name, ids, ref in references[:6]:
+        out = decoder.generate(ids, max_new_tokens=128, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref), name
+        proposed += out.spec_stats.per_drafter.get("head", {}).get("proposed", 0)
+        accepted += out.spec_stats.per_drafter.get("head", {}).get("accepted", 0)
+    assert proposed > 0
+    if tree_budget is not None:
+        assert accepted > 0
 
 
 def test_cli_generate_runs_default_model():

@@ -21,7 +21,7 @@ import specdec
 from specdec.accept import Accepted, read_outcome
 from specdec.device_tree import DeviceTree, TreeUploader
 from specdec.sampling import accept_sampled
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, untrained_head
 from trees import TokenTree
 
 P_VALUE = 1e-3
@@ -140,10 +140,12 @@ def exact_joint(model) -> dict:
     return expected
 
 
-def sample_generate(model, trials: int, seed: int, drafter: str = "auto", draft_model=None) -> tuple[dict, int]:
+def sample_generate(model, trials: int, seed: int, drafter: str = "auto", draft_model=None,
+                    draft_head=None) -> tuple[dict, int]:
     """Counts of the first two sampled tokens, and the widest tree level verified."""
     generator = torch.Generator().manual_seed(seed)
-    decoder = specdec.SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model, tree_budget=6)
+    decoder = specdec.SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model, draft_head=draft_head,
+                                         tree_budget=6)
     counts: dict = {}
     widest = 0
     for _ in range(trials):
@@ -155,19 +157,23 @@ def sample_generate(model, trials: int, seed: int, drafter: str = "auto", draft_
     return counts, widest
 
 
-@pytest.mark.parametrize("drafter", ["auto", "recycling", "ngram", "model"])
+@pytest.mark.parametrize("drafter", ["auto", "recycling", "ngram", "model", "head", "auto+head"])
 def test_generate_sampling_matches_exact_distribution(small_model, drafter, monkeypatch):
     """Each drafter's trees (width > 1), then the same test with a biased verifier (must fail)."""
     draft_model = tiny_llama(vocab_size=SMALL_V, seed=11) if drafter == "model" else None
+    draft_head = untrained_head(small_model) if "head" in drafter else None
+    drafter = "auto" if drafter == "auto+head" else drafter
     trials = 1200
     expected = exact_joint(small_model)
-    counts, widest = sample_generate(small_model, trials, seed=7, drafter=drafter, draft_model=draft_model)
+    counts, widest = sample_generate(small_model, trials, seed=7, drafter=drafter, draft_model=draft_model,
+                                     draft_head=draft_head)
     assert widest > 1
     assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
     assert chi_square_p(counts, expected, trials) > P_VALUE
     monkeypatch.setattr("specdec.sampling.accept_sampled",
                         lambda tree, probs, uniforms: broken_accept(tree, probs, uniforms, threshold=0.05))
-    broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model)
+    broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model,
+                                draft_head=draft_head)
     assert chi_square_p(broken, expected, trials // 2) < 1e-6
 
 

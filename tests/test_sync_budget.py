@@ -19,7 +19,7 @@ import torch
 
 from specdec import SpeculativeDecoder
 from specdec.engine import SpeculativeDecoder as Engine
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, untrained_head
 
 ROOT = Path(__file__).resolve().parent.parent
 READS = {"item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__int__", "__float__", "__index__"}
@@ -111,3 +111,23 @@ def test_the_counter_sees_reads(tracked_model):
     decoder._topk = topk_with_a_read
     out = decoder.generate(PROMPT, max_new_tokens=10, eos_token_id=-1, return_dict_in_generate=True)
     assert len(Tracked.reads) == 2 * out.spec_stats.steps
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_a_head_adds_at_most_its_tree_read(tracked_model, mode):
+    """The head drafter grows its tree on the device from the target's features (tracked too: they
+    are what the LM head reads) and brings it to the host in one copy: at most two reads a step."""
+    handle = tracked_model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].as_subclass(Tracked),))
+    try:
+        decoder = SpeculativeDecoder(tracked_model, drafter="auto", draft_head=untrained_head(tracked_model),
+                                     tree_budget=12)
+        Tracked.reads = []
+        out = decoder.generate(PROMPT, max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True,
+                               **MODES[mode])
+    finally:
+        handle.remove()
+    steps = out.spec_stats.steps
+    assert steps >= 5 and out.spec_stats.per_drafter["head"]["proposed"] > 0
+    sites = sorted({site for _, site in Tracked.reads})
+    assert len(Tracked.reads) <= 2 * steps, f"{len(Tracked.reads)} reads in {steps} steps at {sites}"
+    assert {site.partition(":")[0] for site in sites} == {"accept.py", "head.py"}, sites
