@@ -12,7 +12,6 @@ from drafters.ngram import NGramDrafter
 from drafters.recycling import TokenRecycling
 
 
-
 def head_drafter(target, draft_head=None) -> HeadDrafter:
     """The ``head`` drafter for ``target``: ``draft_head`` is a `HeadFile`, a path, or None for the
     head `specdec distill` saved at `default_head_path` (FileNotFoundError when there is none)."""

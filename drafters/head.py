@@ -114,20 +114,13 @@ class HeadFile:
         Raises FileNotFoundError for a missing file and `drafters.state.StateError` (a
         ValueError) for anything malformed or made for another target.
         """
-        from drafters.state import StateError, array_field, field, int_field
+        from drafters.state import StateError, array_field, field, int_field, read_state_file
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"head file {path} does not exist; train one with `specdec distill`")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise StateError(f"{path} is not a readable head file ({reason[:200]}); it may be truncated or "
-                             "another kind of file: expected what `specdec distill` writes") from None
+        payload = read_state_file(path, HEAD_KIND)
         where = f"head file {path}"
-        if not isinstance(payload, dict) or payload.get("kind") != HEAD_KIND:
-            raise StateError(f"{path} is not a specdec head file (kind {HEAD_KIND!r}); train one with `specdec distill`")
         if int_field(payload, "version", where) != HEAD_VERSION:
             raise StateError(f"{where}: version {payload['version']} is not {HEAD_VERSION}; retrain with `specdec distill`")
         hidden = int_field(payload, "hidden", where, low=1, high=1 << 16)

@@ -20,6 +20,7 @@ KINDS = {
     "specdec-drafter": "Drafter.load",
     "specdec-decoder": "SpeculativeDecoder.load",
     "specdec-chat-session": "ChatSession.load",
+    "specdec-head": "HeadFile.load (written by `specdec distill`)",
 }
 
 

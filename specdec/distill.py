@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from drafters.head import DraftHead, HeadFile, choose_readout, model_identity, readout_coverage
+from specdec.prompts import encode_chat
 
 TOP_K = 8  # target probabilities kept per position (soft labels)
 COVERAGE = 0.95  # share of reply tokens the readout must cover
@@ -116,13 +117,8 @@ class DistillReport:
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids through the chat template (plain text for a tokenizer without one)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return [int(t) for t in (ids[0] if ids and isinstance(ids[0], list) else ids)]
-    return tokenizer(prompt)["input_ids"]
+    """Prompt ids of one user message through the chat template (`specdec.prompts.encode_chat`)."""
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])[0].tolist()
 
 
 def self_prompts(model, tokenizer, count: int, batch_size: int, max_tokens: int = 48, seed: int = 0) -> list[str]:

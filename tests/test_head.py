@@ -192,8 +192,9 @@ class CharTokenizer:
     chat_template = None
     pad_token_id, eos_token_id = 0, 2
 
-    def __call__(self, text, **_):
-        return {"input_ids": [3 + ord(c) % (VOCAB - 3) for c in text]}
+    def __call__(self, text, return_tensors=None, **_):
+        ids = [3 + ord(c) % (VOCAB - 3) for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
 
 def test_distill_resumes_after_an_interruption(trained_target, tmp_path):
