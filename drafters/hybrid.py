@@ -29,7 +29,10 @@ class HybridDrafter(Drafter):
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:
             return TokenTree.empty()
-        return merge([member.propose(ctx, budget) for member in self.members]).prune(budget)
+        trees = [tree for tree in (member.propose(ctx, budget) for member in self.members) if len(tree)]
+        if len(trees) <= 1:  # nothing to merge: one drafter's tree is already a valid tree
+            return trees[0].prune(budget) if trees else TokenTree.empty()
+        return merge(trees).prune(budget)
 
     def observe(self, feedback: VerifyFeedback) -> None:
         for member in self.members:

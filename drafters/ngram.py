@@ -303,5 +303,4 @@ def with_rank_scores(tree: TokenTree, rates: np.ndarray, source: int) -> TokenTr
     scores = np.empty(len(tree), dtype=np.float32)
     for node_idx, parent in enumerate(tree.parents.tolist()):
         scores[node_idx] = edge[node_idx] + (scores[parent] if parent != ROOT else 0.0)
-    return TokenTree(tree.tokens, tree.parents, torch.from_numpy(scores),
-                     torch.full((len(tree),), source, dtype=torch.int8), tree.ranks)
+    return tree.with_scores(torch.from_numpy(scores), source)

@@ -35,12 +35,15 @@ class Calibration:
         self.predicted = np.zeros((MAX_SOURCES, MAX_DEPTH))  # decayed sums of raw node values
         self.accepted = np.zeros((MAX_SOURCES, MAX_DEPTH))  # decayed counts of accepted nodes
         self.error_sums = np.zeros((MAX_SOURCES, 3))  # decayed (raw predicted, calibrated predicted, accepted)
+        self._factors = None  # `factors`, until the sums change
 
     def factors(self) -> np.ndarray:
         """``[MAX_SOURCES, MAX_DEPTH]`` multipliers: cell, shrunk to drafter, shrunk to global."""
-        overall = (self.accepted.sum() + PRIOR) / (self.predicted.sum() + PRIOR)
-        per_source = (self.accepted.sum(1) + PRIOR * overall) / (self.predicted.sum(1) + PRIOR)
-        return (self.accepted + PRIOR * per_source[:, None]) / (self.predicted + PRIOR)
+        if self._factors is None:
+            overall = (self.accepted.sum() + PRIOR) / (self.predicted.sum() + PRIOR)
+            per_source = (self.accepted.sum(1) + PRIOR * overall) / (self.predicted.sum(1) + PRIOR)
+            self._factors = (self.accepted + PRIOR * per_source[:, None]) / (self.predicted + PRIOR)
+        return self._factors
 
     def apply(self, values: np.ndarray, sources: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """``[n]`` calibrated values in [0, 1] of nodes with raw ``values``, ``sources`` and ``depths`` (>= 1)."""
@@ -50,6 +53,7 @@ class Calibration:
     def record(self, values: np.ndarray, sources: np.ndarray, depths: np.ndarray, accepted: np.ndarray) -> None:
         """Verified nodes (raw ``values``, ``sources``, ``depths``) and which were ``accepted`` (bool)."""
         calibrated = self.apply(values, sources, depths)  # what the scheduler believed when it chose them
+        self._factors = None
         self.predicted *= self.decay
         self.accepted *= self.decay
         self.error_sums *= self.decay
@@ -92,3 +96,4 @@ class Calibration:
         accepted = array_field(state, "accepted", where, (MAX_SOURCES, MAX_DEPTH), low=0.0)
         error_sums = array_field(state, "error_sums", where, (MAX_SOURCES, 3), low=0.0)
         self.predicted, self.accepted, self.error_sums = predicted, accepted, error_sums
+        self._factors = None

@@ -1,23 +1,21 @@
 """A proposed tree on the model's device, from one host-to-device copy.
 
 Everything the verify forward, the per-node logits processors and acceptance need about a tree is
-packed on the host into one int64 tensor (pinned when the device is a GPU), copied up once
-without blocking, and unpacked there; the ancestor matrix and root paths are derived on the
-device. Tensors here are in slot space (``[n+1]``: slot 0 is the root, slot ``i + 1`` draft node
-``i``).
+computed on the host (numpy: a tree has at most 64 nodes, and a handful of small numpy operations
+costs less than launching one device kernel) and packed into one flat int64 buffer (pinned when
+the device is a GPU), copied up once without blocking; on the device every field is a view of
+that copy, so uploading a tree runs no device computation. Tensors here are in slot space
+(``[n+1]``: slot 0 is the root, slot ``i + 1`` draft node ``i``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trees import TokenTree
-
-# rows of the host pack, before the packed ancestor words (_UNIFORMS: float64 bits, first max_depth+1 columns)
-_TOKENS, _DEPTHS, _PARENTS, _CANDIDATES, _BY_DEPTH, _UNIFORMS = range(6)
-_ROWS = 6
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,33 @@ class DeviceTree:
         return (self.depths + prefix_len)[None]
 
 
-def candidate_flags(tree: TokenTree) -> torch.Tensor:
+def candidate_flags(tree: TokenTree) -> np.ndarray:
     """``[n]`` bool: node is the first child of its parent with its token (host)."""
-    seen: set[tuple[int, int]] = set()
-    flags = torch.ones(len(tree), dtype=torch.bool)
-    for node_idx, key in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())):
-        if key in seen:
-            flags[node_idx] = False
-        seen.add(key)
+    keys = (tree.parents.numpy() + 1) << 32 | tree.tokens.numpy()  # token ids are below 2**32
+    flags = np.zeros(len(tree), dtype=bool)
+    flags[np.unique(keys, return_index=True)[1]] = True
     return flags
+
+
+class _Layout:
+    """Where each field sits in the flat int64 upload buffer of a tree with ``slots`` slots,
+    ``words`` ancestor words per slot and paths of ``width`` slots."""
+
+    def __init__(self, slots: int, words: int, width: int) -> None:
+        self.slots, self.words, self.width = slots, words, width
+        sizes = {"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
+                 "paths": slots * width, "uniforms": width,
+                 "flags": -(-(slots * slots + slots) // 8)}  # bytes: ancestors [slots, slots], then candidates
+        self.spans, offset = {}, 0
+        for name, size in sizes.items():
+            self.spans[name] = (offset, offset + size)
+            offset += size
+        self.size = offset
+
+    def view(self, flat, name: str):
+        """The span of field ``name`` in ``flat`` (a tensor or array), as a view."""
+        start, end = self.spans[name]
+        return flat[start:end]
 
 
 class TreeUploader:
@@ -76,7 +92,8 @@ class TreeUploader:
 
     On a GPU the host buffer is pinned and reused once the previous copy out of it has completed
     (normally long before: every step synchronises when it reads its outcome back); a copy still
-    in flight gets a fresh buffer instead of a wait.
+    in flight gets a fresh buffer instead of a wait. On a CPU the buffer is the device tree itself,
+    so each tree gets its own.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -85,62 +102,50 @@ class TreeUploader:
         self._buffer = torch.empty(0, dtype=torch.long)
         self._copied = None  # CUDA event recorded after the last copy out of the buffer
 
-    def _host(self, rows: int, cols: int) -> torch.Tensor:
+    def _host(self, size: int) -> torch.Tensor:
+        if self.device.type == "cpu":  # the "copy" is the buffer itself: a fresh one per tree
+            return torch.empty(size, dtype=torch.long)
         in_flight = self._copied is not None and not self._copied.query()
-        if in_flight or self._buffer.numel() < rows * cols:
-            self._buffer = torch.empty(max(rows * cols, 2 * self._buffer.numel()), dtype=torch.long,
-                                       pin_memory=self._pinned)
-        return self._buffer[: rows * cols].view(rows, cols)
+        if in_flight or self._buffer.numel() < size:
+            self._buffer = torch.empty(max(size, 2 * self._buffer.numel()), dtype=torch.long, pin_memory=self._pinned)
+        return self._buffer[:size]
 
     def upload(self, tree: TokenTree, root: int, uniforms: torch.Tensor | None = None) -> DeviceTree:
         """``tree`` below ``root`` on the device; ``uniforms`` (``[max_depth+1]`` float64, host) are
         the sampling draws of the tree's positions, carried in the same copy."""
-        n = len(tree)
-        max_depth = tree.max_depth
-        packed = tree.packed_ancestor_mask()  # [n+1, W] host int64
-        words = packed.shape[1]
-        depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths])  # [n+1]
-        host = self._host(_ROWS + words, n + 1)
-        host[_TOKENS, 0] = root
-        host[_TOKENS, 1:] = tree.tokens
-        host[_DEPTHS] = depths
-        host[_PARENTS, 0] = 0
-        host[_PARENTS, 1:] = tree.parents + 1
-        host[_CANDIDATES, 0] = 1
-        host[_CANDIDATES, 1:] = candidate_flags(tree)
-        host[_BY_DEPTH] = torch.argsort(depths, stable=True)
-        host[_UNIFORMS] = 0
-        if uniforms is not None:
-            host[_UNIFORMS, : max_depth + 1] = uniforms.view(torch.int64)  # the float64 bits
-        host[_ROWS:] = packed.T
-        pack = host.to(self.device, non_blocking=True)  # [rows, n+1]: the one host-to-device copy
+        n, max_depth = len(tree), tree.max_depth
+        slots, width = n + 1, max_depth + 1
+        ancestors = tree.ancestor_mask().numpy()  # [n+1, n+1] bool
+        packed = tree.packed_ancestor_mask().numpy()  # [n+1, W]
+        layout = _Layout(slots, packed.shape[1], width)
+        host = self._host(layout.size)
+        host_array = host.numpy()
+        fields = {name: layout.view(host_array, name) for name in layout.spans}  # numpy views of the buffer
+        depths = fields["depths"]
+        depths[0], depths[1:] = 0, tree.depths.numpy()
+        fields["tokens"][0], fields["tokens"][1:] = root, tree.tokens.numpy()
+        fields["parents"][0], fields["parents"][1:] = 0, tree.parents.numpy() + 1
+        fields["by_depth"][:] = np.argsort(depths, kind="stable")
+        fields["packed"][:] = packed.reshape(-1)
+        # each slot's ancestors in slot order (slot order is topological: root first, itself last), then padding
+        fields["paths"][:] = np.argsort(~ancestors, axis=1, kind="stable")[:, :width].reshape(-1)
+        fields["uniforms"][:] = 0 if uniforms is None else uniforms.numpy().view(np.int64)  # the float64 bits
+        flags = fields["flags"].view(np.uint8)
+        flags[: slots * slots] = ancestors.reshape(-1)
+        flags[slots * slots] = True  # the root
+        flags[slots * slots + 1 : slots * slots + slots] = candidate_flags(tree)
+        pack = host.to(self.device, non_blocking=True)  # [size]: the one host-to-device copy
         if self._pinned:
             self._copied = torch.cuda.Event()
             self._copied.record()
-        counts = torch.bincount(depths, minlength=max_depth + 1).tolist()  # host data
-        starts = [0]
-        for count in counts:
-            starts.append(starts[-1] + count)
-        packed_device = pack[_ROWS:].T.contiguous()  # [n+1, W]
-        ancestors = unpack_bits(packed_device, n + 1)
+        starts = np.zeros(width + 1, dtype=np.int64)
+        np.cumsum(np.bincount(depths, minlength=width), out=starts[1:])
+        flag_bytes = layout.view(pack, "flags").view(torch.uint8).view(torch.bool)
         return DeviceTree(
-            tokens=pack[_TOKENS], depths=pack[_DEPTHS], parent_slots=pack[_PARENTS],
-            candidates=pack[_CANDIDATES].bool(), by_depth=pack[_BY_DEPTH], packed_ancestors=packed_device,
-            ancestors=ancestors, paths=root_paths(ancestors, max_depth),
-            uniforms=pack[_UNIFORMS, : max_depth + 1].view(torch.float64), n=n, max_depth=max_depth,
-            depth_starts=starts,
+            tokens=layout.view(pack, "tokens"), depths=layout.view(pack, "depths"),
+            parent_slots=layout.view(pack, "parents"), candidates=flag_bytes[slots * slots : slots * slots + slots],
+            by_depth=layout.view(pack, "by_depth"), packed_ancestors=layout.view(pack, "packed").view(slots, -1),
+            ancestors=flag_bytes[: slots * slots].view(slots, slots), paths=layout.view(pack, "paths").view(slots, width),
+            uniforms=layout.view(pack, "uniforms").view(torch.float64), n=n, max_depth=max_depth,
+            depth_starts=starts.tolist(),
         )
-
-
-def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """``[r, W]`` int64 -> ``[r, cols]`` bool on the same device (bit j of word j // 64)."""
-    shifts = torch.arange(64, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1  # arithmetic shift; & 1 keeps the bit, the sign bit too
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
-
-
-def root_paths(ancestors: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """``[n+1, max_depth+1]``: for each slot, its ancestors in slot order (root first, itself last)
-    followed by padding. Slot order is topological, so ascending slots are root-to-leaf order."""
-    order = torch.sort((~ancestors).to(torch.uint8), dim=1, stable=True).indices  # ancestors first
-    return order[:, : max_depth + 1]

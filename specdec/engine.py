@@ -27,6 +27,7 @@ from specdec.accept import Outcome, read_outcome
 from specdec.arguments import run_generate
 from specdec.device_tree import TreeUploader
 from specdec.features import FeatureTap
+from specdec.reductions import row_topk_ids
 from specdec.request import DecodeRequest, DecodeResult, KVState, SpecStats
 from specdec.scheduler import Scheduler
 from specdec.timing import StepTimer
@@ -296,7 +297,7 @@ class SpeculativeDecoder:
         accepted = request.rule.accept(slots, scores)  # device
         outcome = read_outcome(accepted, self._topk(logits))  # the step's one device-to-host read
         emitted, finished = self._emit(run, request, result, outcome, logits, scores, accepted.path)
-        kv.compact(run.cache, run.prefix_len, accepted.path[: len(emitted)])  # root + accepted nodes up to a stop
+        kv.compact(run.cache, run.prefix_len, accepted.path[: len(emitted)], outcome.path_slots[: len(emitted)])
         self._observe(tree, run.root, outcome, self.features.rows(accepted.path[len(emitted) - 1 : len(emitted)]))
         times = timer.end()
         self.scheduler.record(tree, run.prefix_len, times.verify, times.overhead, outcome.accepted_nodes)
@@ -328,7 +329,7 @@ class SpeculativeDecoder:
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``[n+1, k]`` the target's top-k ids at every slot, when the drafter learns from them."""
         k = self.drafter.feedback_topk
-        return logits.topk(k, dim=-1).indices if k else None
+        return row_topk_ids(logits, k) if k else None
 
     def _emit(self, run: _Run, request: DecodeRequest, result: DecodeResult, outcome: Outcome,
               logits: torch.Tensor, scores: torch.Tensor, path: torch.Tensor) -> tuple[list[int], bool]:
@@ -428,7 +429,7 @@ class SpeculativeDecoder:
         if k or feature is not None:
             self.drafter.observe(VerifyFeedback(
                 tokens=context.numpy(),
-                topk_ids=(out.logits[0].topk(k, dim=-1).indices.cpu().numpy() if k  # [m, k]: once per generation
+                topk_ids=(row_topk_ids(out.logits[0], k).cpu().numpy() if k  # [m, k]: once per generation
                           else np.zeros((context.numel(), 0), dtype=np.int64)),
                 committed=np.ones(context.numel(), dtype=bool), feature=feature,
             ))

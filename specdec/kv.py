@@ -8,10 +8,12 @@ from drafters.modeling import SlotCache
 from specdec import ops
 
 
-def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor) -> None:
+def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor, host_slots: list[int] | None = None) -> None:
     """Keep the first ``prefix_len`` positions of ``cache``, then the verified slots ``kept_slots``
     (``[m]`` int64 on the cache's device, strictly increasing, slot 0 = position ``prefix_len``)
-    in that order; everything after is forgotten.
+    in that order; everything after is forgotten. ``host_slots``, the same slots where the host
+    has read them already, lets a path whose rows are all in place (slots ``0..m-1``: the root
+    alone, or the first children down a chain) skip the operator.
 
     The kept rows of every layer move next to the prefix in one ``kv_compact`` call (the prefix
     itself is never copied; rows already in place are not moved). The slot values are never read
@@ -22,7 +24,8 @@ def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor) -> None
     if m > held:
         raise ValueError(f"cannot keep {m} of {held} verified slots")
     layers = [layer for layer in cache.layers if layer.is_initialized]
-    if layers:
+    in_place = host_slots is not None and host_slots == list(range(m))
+    if layers and not in_place:
         end = cache.length  # views of the held rows: the operator checks slots against them
         ops.kv_compact([layer.keys[:, :, :end] for layer in layers], [layer.values[:, :, :end] for layer in layers],
                        prefix_len, kept_slots)

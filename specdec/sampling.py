@@ -24,6 +24,7 @@ from transformers.generation import logits_process as lp
 
 from specdec.accept import Accepted, accept
 from specdec.device_tree import DeviceTree
+from specdec.reductions import row_argmax
 
 
 def _classes(*names: str) -> tuple[type, ...]:
@@ -75,7 +76,7 @@ class NodeRule:
         """The accepted path: following the argmax (greedy) or the delta rule (sampling, with the
         tree's per-depth uniforms)."""
         if not self.do_sample:
-            return accept(tree, scores.argmax(dim=-1))
+            return accept(tree, row_argmax(scores))
         return accept_sampled(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
 
 

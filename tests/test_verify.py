@@ -88,9 +88,10 @@ def test_tree_logits_equal_sequential_decoding(model, seed, prefix_len):
         torch.testing.assert_close(logits[slot], expected, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("host_slots", [False, True])
 @pytest.mark.parametrize("seed", range(8))
 @torch.inference_mode()
-def test_compacted_cache_equals_fresh_prefill(model, seed):
+def test_compacted_cache_equals_fresh_prefill(model, seed, host_slots):
     rng = np.random.default_rng(50 + seed)
     tree = random_tree(rng, int(rng.integers(1, 20)), vocab=96)
     prefix = torch.tensor(rng.integers(0, 96, 11), dtype=torch.long)
@@ -100,7 +101,8 @@ def test_compacted_cache_equals_fresh_prefill(model, seed):
     verify_forward(model, cache, TreeUploader(torch.device("cpu")).upload(tree, root), prefix.numel())
     node = int(rng.integers(0, len(tree)))
     path = tree.path_to(node) if seed % 4 else []  # also cover "nothing accepted"
-    kv.compact(cache, prefix.numel(), torch.tensor([0] + [p + 1 for p in path]))
+    kept = [0] + [p + 1 for p in path]
+    kv.compact(cache, prefix.numel(), torch.tensor(kept), kept if host_slots else None)
     committed = torch.cat([prefix, torch.tensor([root]), tree.tokens[path]])
     fresh = _prefill(model, committed)
     assert cache.length == committed.numel() and cache.capacity == capacity_before  # in place, no growth
@@ -108,6 +110,61 @@ def test_compacted_cache_equals_fresh_prefill(model, seed):
         held = committed.numel()
         torch.testing.assert_close(mine.keys[:, :, :held], ref.keys[:, :, :held], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(mine.values[:, :, :held], ref.values[:, :, :held], atol=2e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_path_already_in_place_is_not_moved(model, monkeypatch):
+    """Accepting the first nodes of a chain leaves every kept row where the forward wrote it: with
+    the host's copy of the slots the operator is skipped, and the cache still equals a prefill."""
+    prefix, root, chain = torch.arange(9), 3, TokenTree.chain([5, 6, 7, 8])
+    cache = _prefill(model, prefix)
+    verify_forward(model, cache, TreeUploader(torch.device("cpu")).upload(chain, root), prefix.numel())
+
+    def moved(*args):
+        raise AssertionError("kv_compact ran for rows already in place")
+
+    monkeypatch.setattr(kv.ops, "kv_compact", moved)
+    kv.compact(cache, prefix.numel(), torch.tensor([0, 1, 2]), [0, 1, 2])
+    fresh = _prefill(model, torch.cat([prefix, torch.tensor([root, 5, 6])]))
+    assert cache.length == 12
+    for mine, ref in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(mine.keys[:, :, :12], ref.keys[:, :, :12], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values[:, :, :12], ref.values[:, :, :12], atol=2e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="already in place"):  # a branch does move rows
+        kv.compact(cache, 9, torch.tensor([0, 2]), [0, 2])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_uploaded_tree_fields_follow_the_tree(seed):
+    """Every field of the uploaded tree against the tree's own host structure, and a later upload
+    never changes an earlier tree."""
+    rng = np.random.default_rng(300 + seed)
+    uploader = TreeUploader(torch.device("cpu"))
+    tree = random_tree(rng, int(rng.integers(0, 70)), vocab=5)  # up to two ancestor words, duplicates
+    slots = uploader.upload(tree, root=4)
+    snapshot = {name: getattr(slots, name).clone() for name in ("tokens", "depths", "parent_slots", "candidates",
+                                                                "by_depth", "packed_ancestors", "ancestors", "paths")}
+    uploader.upload(random_tree(rng, 30, vocab=5), root=1)
+    for name, before in snapshot.items():
+        assert torch.equal(getattr(slots, name), before), name
+    n, tokens, parents = len(tree), tree.tokens.tolist(), tree.parents.tolist()
+    assert slots.tokens.tolist() == [4] + tokens
+    assert slots.parent_slots.tolist() == [0] + [p + 1 for p in parents]
+    assert slots.depths.tolist() == [0] + tree.depths.tolist()
+    assert torch.equal(slots.ancestors, brute_ancestors(tree))
+    assert torch.equal(slots.packed_ancestors, tree.packed_ancestor_mask())
+    first_seen = {}
+    for node_idx, key in enumerate(zip(parents, tokens)):
+        first_seen.setdefault(key, node_idx)
+    assert slots.candidates.tolist() == [True] + [first_seen[k] == i for i, k in enumerate(zip(parents, tokens))]
+    for slot in range(n + 1):
+        path = [0] + [p + 1 for p in (tree.path_to(slot - 1) if slot else [])]
+        assert slots.paths[slot, : len(path)].tolist() == path
+    depths = slots.depths.tolist()
+    assert [depths[s] for s in slots.by_depth.tolist()] == sorted(depths)
+    for depth in range(slots.max_depth + 1):
+        start, end = slots.depth_starts[depth], slots.depth_starts[depth + 1]
+        assert {depths[s] for s in slots.by_depth[start:end].tolist()} == {depth}
 
 
 def test_compact_rejects_bad_slots(model):

@@ -68,12 +68,13 @@ class TokenTree:
             raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
         if sources.shape != (n,):
             raise ValueError(f"sources must have shape ({n},), got {tuple(sources.shape)}")
-        if n and bool(torch.isnan(scores).any()):
-            raise ValueError("scores must not be NaN")
-        if n:
-            if bool((tokens < 0).any()):
+        if n:  # checked on numpy views: a tree is small, and torch's per-op cost dominates here
+            if np.isnan(scores.numpy()).any():
+                raise ValueError("scores must not be NaN")
+            if (tokens.numpy() < 0).any():
                 raise ValueError("tokens must be non-negative token ids")
-            if bool((parents < ROOT).any()) or bool((parents >= torch.arange(n)).any()):
+            parent_idx = parents.numpy()
+            if (parent_idx < ROOT).any() or (parent_idx >= np.arange(n)).any():
                 raise ValueError("parents[i] must be -1 (root) or the index of an earlier node")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
@@ -85,7 +86,7 @@ class TokenTree:
             ranks = _as_long("ranks", self.ranks)
             if ranks.shape != (n,):
                 raise ValueError(f"ranks must have shape ({n},), got {tuple(ranks.shape)}")
-            if n and bool((ranks < 0).any()):
+            if n and (ranks.numpy() < 0).any():
                 raise ValueError("ranks must be non-negative")
         object.__setattr__(self, "ranks", ranks)
 
@@ -129,7 +130,7 @@ class TokenTree:
 
     @property
     def max_depth(self) -> int:
-        return int(self.depths.max()) if len(self) else 0
+        return int(self.depths.numpy().max()) if len(self) else 0
 
     def children(self) -> list[list[int]]:
         """``children()[slot_idx]`` lists the child ``node_idx`` of each slot (slot 0 = root)."""
@@ -200,18 +201,37 @@ class TokenTree:
         return path[::-1]
 
     # ------------------------------------------------------------------ transforms
-    def select(self, keep: torch.Tensor) -> "TokenTree":
-        """Sub-tree of the nodes where ``keep`` (bool ``[n]``) is true; must be ancestor-closed."""
-        keep = torch.as_tensor(keep, dtype=torch.bool)
+    def select(self, keep) -> "TokenTree":
+        """Sub-tree of the nodes where ``keep`` (bool ``[n]``, numpy or torch) is true; must be
+        ancestor-closed."""
+        keep = np.asarray(keep, dtype=bool)
         if keep.shape != (len(self),):
             raise ValueError(f"keep must have shape ({len(self)},), got {tuple(keep.shape)}")
-        parent_kept = torch.where(self.parents >= 0, keep[self.parents.clamp(min=0)], torch.ones_like(keep))
-        if bool((keep & ~parent_kept).any()):
+        parents = self.parents.numpy()
+        kept_parents = parents[keep]
+        if not keep[kept_parents[kept_parents >= 0]].all():
             raise ValueError("keep is not ancestor-closed: a kept node has a dropped parent")
-        new_index = torch.cumsum(keep.long(), 0) - 1
-        parents = self.parents[keep]
-        parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-        return TokenTree._derived(self.tokens[keep], parents, self.scores[keep], self.sources[keep], self.ranks[keep])
+        new_index = np.cumsum(keep) - 1
+        new_parents = np.where(kept_parents >= 0, new_index[np.maximum(kept_parents, 0)], ROOT)
+        tokens, scores, sources, ranks = (torch.from_numpy(field.numpy()[keep])
+                                          for field in (self.tokens, self.scores, self.sources, self.ranks))
+        tree = TokenTree._derived(tokens, torch.from_numpy(new_parents), scores, sources, ranks)
+        if "depths" in self._cache:  # an ancestor-closed subset keeps every depth
+            tree._cache["depths"] = torch.from_numpy(self._cache["depths"].numpy()[keep])
+        return tree
+
+    def with_scores(self, scores: torch.Tensor, source: int | None = None) -> "TokenTree":
+        """The same tree with ``scores`` (``[n]`` float32, no NaN) and, if given, every node's
+        source set to ``source``; the structure and what was derived from it are reused."""
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+        if scores.shape != (len(self),):
+            raise ValueError(f"scores must have shape ({len(self)},), got {tuple(scores.shape)}")
+        if np.isnan(scores.numpy()).any():
+            raise ValueError("scores must not be NaN")
+        sources = self.sources if source is None else torch.full((len(self),), source, dtype=torch.int8)
+        tree = TokenTree._derived(self.tokens, self.parents, scores, sources, self.ranks)
+        tree._cache.update(self._cache)  # structure only: nothing cached depends on scores
+        return tree
 
     def prune(self, budget: int) -> "TokenTree":
         """Keep the ``budget`` best-scored nodes, ancestor-closed.
@@ -292,11 +312,9 @@ def sibling_ranks(parents: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``[n]`` rank of each node among its siblings by score (0 = best; ties by node order)."""
     n = len(parents)
     order = np.lexsort((np.arange(n), -scores, parents))  # grouped by parent, best score first
+    grouped = parents[order]
+    group_start = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])  # first position of each parent's group
+    positions = np.arange(n)
     ranks = np.empty(n, dtype=np.int64)
-    previous_parent, rank = None, 0
-    for node_idx in order:
-        parent = parents[node_idx]
-        rank = rank + 1 if parent == previous_parent else 0
-        ranks[node_idx] = rank
-        previous_parent = parent
+    ranks[order] = positions - group_start[np.searchsorted(group_start, positions, side="right") - 1]
     return ranks
