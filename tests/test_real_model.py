@@ -5,6 +5,8 @@ same things on a fresh clone as in CI."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,21 @@ def test_cli_generate_runs_default_model():
     result = CliRunner().invoke(main, ["generate", "Say hello in French.", "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     assert "mean accepted tokens per step" in result.output
+
+
+@pytest.mark.real_model
+def test_a_model_loaded_in_bf16_is_verified_with_trees(real_model):
+    """``from_pretrained(..., dtype=torch.bfloat16)`` keeps the rotary frequencies in fp32 while the
+    weights are bf16; such a model used to fail the first-use probe (special-token probe ids gave
+    bf16 activations where HF's own full and cached forwards part by 13 logits) and was refused.
+    The probe now compares with cached sequential decoding on ordinary tokens."""
+    from specdec.support import probe, support_for
+
+    model, _ = real_model
+    frequencies = {name: buffer.clone() for name, buffer in model.named_buffers() if "inv_freq" in name}  # fp32
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for name, buffer in frequencies.items():  # what a bf16 load leaves: frequencies computed in fp32
+        owner, attribute = name.rsplit(".", 1)
+        setattr(bf16.get_submodule(owner), attribute, buffer)
+    assert probe(bf16, None) is None
+    assert support_for(bf16).reason is None
