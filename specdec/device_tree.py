@@ -71,7 +71,6 @@ class _Layout:
     ``words`` ancestor words per slot and paths of ``width`` slots."""
 
     def __init__(self, slots: int, words: int, width: int) -> None:
-        self.slots, self.words, self.width = slots, words, width
         sizes = {"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
                  "paths": slots * width, "uniforms": width,
                  "flags": -(-(slots * slots + slots) // 8)}  # bytes: ancestors [slots, slots], then candidates
