@@ -30,7 +30,8 @@ class HybridDrafter(Drafter):
         if budget <= 0:
             return TokenTree.empty()
         trees = [tree for tree in (member.propose(ctx, budget) for member in self.members) if len(tree)]
-        if len(trees) <= 1:  # nothing to merge: one drafter's tree is already a valid tree
+        if len(trees) <= 1:  # nothing to merge: one tree is verified as its drafter made it (duplicate
+            # siblings included, as for a single drafter: only the first of them can be accepted)
             return trees[0].prune(budget) if trees else TokenTree.empty()
         return merge(trees).prune(budget)
 

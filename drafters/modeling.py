@@ -38,6 +38,12 @@ def forward_with_cache(model, cache, **kwargs):
     return model(**{cache_keyword(model): cache}, use_cache=True, **kwargs)
 
 
+def returned_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned (``cache`` from transformers 5.24,
+    ``past_key_values`` before)."""
+    return output.get("cache", output.get("past_key_values"))
+
+
 class CacheFullError(ValueError):
     """A forward would write past the cache's capacity."""
 

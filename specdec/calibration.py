@@ -43,6 +43,7 @@ class Calibration:
             overall = (self.accepted.sum() + PRIOR) / (self.predicted.sum() + PRIOR)
             per_source = (self.accepted.sum(1) + PRIOR * overall) / (self.predicted.sum(1) + PRIOR)
             self._factors = (self.accepted + PRIOR * per_source[:, None]) / (self.predicted + PRIOR)
+            self._factors.setflags(write=False)  # shared until the next record
         return self._factors
 
     def apply(self, values: np.ndarray, sources: np.ndarray, depths: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """A proposed tree on the model's device, from one host-to-device copy.
 
 Everything the verify forward, the per-node logits processors and acceptance need about a tree is
-computed on the host (numpy: a tree has at most 64 nodes, and a handful of small numpy operations
+computed on the host (numpy: a tree has a few dozen nodes, and a handful of small numpy operations
 costs less than launching one device kernel) and packed into one flat int64 buffer (pinned when
 the device is a GPU), copied up once without blocking; on the device every field is a view of
 that copy, so uploading a tree runs no device computation. Tensors here are in slot space
@@ -73,7 +73,7 @@ class _Layout:
     def __init__(self, slots: int, words: int, width: int) -> None:
         sizes = {"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
                  "paths": slots * width, "uniforms": width,
-                 "flags": -(-(slots * slots + slots) // 8)}  # bytes: ancestors [slots, slots], then candidates
+                 "flags": -(-(slots * slots + slots) // 8)}  # words holding bool bytes: ancestors [slots, slots], candidates
         self.spans, offset = {}, 0
         for name, size in sizes.items():
             self.spans[name] = (offset, offset + size)
@@ -102,6 +102,7 @@ class TreeUploader:
         self._copied = None  # CUDA event recorded after the last copy out of the buffer
 
     def _host(self, size: int) -> torch.Tensor:
+        """``[size]`` int64 host buffer for the next tree."""
         if self.device.type == "cpu":  # the "copy" is the buffer itself: a fresh one per tree
             return torch.empty(size, dtype=torch.long)
         in_flight = self._copied is not None and not self._copied.query()
@@ -136,7 +137,7 @@ class TreeUploader:
         pack = host.to(self.device, non_blocking=True)  # [size]: the one host-to-device copy
         if self._pinned:
             self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))  # the stream the copy went on
         starts = np.zeros(width + 1, dtype=np.int64)
         np.cumsum(np.bincount(depths, minlength=width), out=starts[1:])
         flag_bytes = layout.view(pack, "flags").view(torch.uint8).view(torch.bool)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.modeling import SlotCache, forward_with_cache
+from drafters.modeling import SlotCache, forward_with_cache, returned_cache
 from trees import TokenTree
 
 
@@ -86,11 +86,11 @@ _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to the logit
 
 def _sequential_logits(model, prefix: torch.Tensor, path: list[int]) -> torch.Tensor:
     """``[V]`` float32 logits after ``prefix`` then ``path``, decoded as ``model.generate`` does: the
-    prefix in one forward, then one cached token at a time."""
-    cache = SlotCache.for_model(model, prefix.numel() + len(path))
-    out = forward_with_cache(model, cache, input_ids=prefix[None])
+    prefix in one forward, then one token at a time on the cache transformers builds for the model
+    (its own, not specdec's `SlotCache`, so the reference shares no code with the tree path)."""
+    out = model(input_ids=prefix[None], use_cache=True)
     for token in path:
-        out = forward_with_cache(model, cache, input_ids=torch.tensor([[token]], device=prefix.device))
+        out = forward_with_cache(model, returned_cache(out), input_ids=torch.tensor([[token]], device=prefix.device))
     return out.logits[0, -1].float()
 
 

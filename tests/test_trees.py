@@ -148,3 +148,20 @@ def test_static_shapes():
         wide_shallow([2, -1])
     with pytest.raises(ValueError, match="budget"):
         best_first(-3)
+
+
+def test_with_scores_keeps_the_structure_and_select_keeps_depths():
+    tree = TokenTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, 0, 2]), torch.tensor([0.0, -1.0, -0.5, -2.0]))
+    depths, ancestors = tree.depths, tree.ancestor_mask()
+    rescored = tree.with_scores(torch.tensor([-3.0, -1.0, -2.0, -0.5], dtype=torch.float64), source=2)
+    assert rescored.scores.dtype == torch.float32 and rescored.scores.tolist() == [-3.0, -1.0, -2.0, -0.5]
+    assert rescored.sources.tolist() == [2, 2, 2, 2] and torch.equal(rescored.ranks, tree.ranks)
+    assert torch.equal(rescored.depths, depths) and torch.equal(rescored.ancestor_mask(), ancestors)
+    with pytest.raises(ValueError, match="NaN"):
+        tree.with_scores(torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    with pytest.raises(ValueError, match="shape"):
+        tree.with_scores(torch.zeros(3))
+    sub = tree.select(torch.tensor([True, False, True, True]))
+    assert sub.tokens.tolist() == [5, 7, 8] and sub.parents.tolist() == [-1, 0, 1]
+    fresh = TokenTree(sub.tokens, sub.parents)
+    assert torch.equal(sub.depths, fresh.depths) and torch.equal(sub.ancestor_mask(), fresh.ancestor_mask())

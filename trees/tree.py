@@ -8,7 +8,8 @@ Index spaces used throughout specdec:
   root (the last committed token, whose KV is not in the cache yet) and slot ``node_idx + 1`` is
   draft node ``node_idx``.
 
-A tree is pure data (CPU tensors); it never holds model state.
+A tree is pure data (CPU tensors: fields given on another device are copied to the host); it
+never holds model state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = -1
 
 
 def _as_long(name: str, values) -> torch.Tensor:
-    tensor = torch.as_tensor(values)
+    tensor = torch.as_tensor(values).detach().cpu()
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(tensor.shape)}")
     if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
@@ -62,8 +63,8 @@ class TokenTree:
         n = tokens.numel()
         if parents.numel() != n:
             raise ValueError(f"parents has {parents.numel()} entries but tokens has {n}")
-        scores = torch.zeros(n) if self.scores is None else torch.as_tensor(self.scores, dtype=torch.float32)
-        sources = torch.zeros(n, dtype=torch.int8) if self.sources is None else torch.as_tensor(self.sources)
+        scores = torch.zeros(n) if self.scores is None else torch.as_tensor(self.scores).detach().cpu().float()
+        sources = torch.zeros(n, dtype=torch.int8) if self.sources is None else torch.as_tensor(self.sources).cpu()
         if scores.shape != (n,):
             raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
         if sources.shape != (n,):
@@ -222,8 +223,10 @@ class TokenTree:
 
     def with_scores(self, scores: torch.Tensor, source: int | None = None) -> "TokenTree":
         """The same tree with ``scores`` (``[n]`` float32, no NaN) and, if given, every node's
-        source set to ``source``; the structure and what was derived from it are reused."""
-        scores = torch.as_tensor(scores, dtype=torch.float32)
+        source set to ``source``. Tokens, parents and ``ranks`` are kept as they are (ranks that
+        were derived from the old scores are not re-derived), and so is every structure derived
+        from them (depths, children, ancestor masks)."""
+        scores = torch.as_tensor(scores).detach().cpu().float()
         if scores.shape != (len(self),):
             raise ValueError(f"scores must have shape ({len(self)},), got {tuple(scores.shape)}")
         if np.isnan(scores.numpy()).any():
