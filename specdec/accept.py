@@ -40,14 +40,26 @@ class Accepted:
 
 def accept(tree: DeviceTree, choices: torch.Tensor) -> Accepted:
     """The accepted path given the target's choice ``choices [n+1]`` (int64) at every slot."""
-    matched = (tree.tokens == choices[tree.parent_slots]) & tree.candidates  # [n+1]
-    matched[0] = True  # the root is committed already
-    on_path = ~(tree.ancestors & ~matched).any(dim=-1)  # [n+1]: every slot from the root to here matched
-    best = torch.where(on_path, tree.depths, -1).argmax()  # the tip: matched slots form one chain
-    path = tree.paths[best]  # [D+1]
-    count = tree.depths[best] + 1
-    block = torch.cat([tree.tokens[path[1:]], choices[best].view(1)])  # [D+1]
-    block = block.scatter(0, (count - 1).view(1), choices[best].view(1))  # the bonus right after the path
+    rows = accept_rows(tree.tokens[None], tree.parent_slots[None], tree.candidates[None], tree.ancestors[None],
+                       tree.depths[None], tree.paths[None], choices[None])
+    return Accepted(path=rows.path[0], block=rows.block[0], count=rows.count[0])
+
+
+def accept_rows(tokens: torch.Tensor, parent_slots: torch.Tensor, candidates: torch.Tensor, ancestors: torch.Tensor,
+                depths: torch.Tensor, paths: torch.Tensor, choices: torch.Tensor) -> Accepted:
+    """`accept` for ``B`` trees at once, each padded to ``q`` slots: ``tokens``, ``parent_slots``,
+    ``candidates``, ``depths``, ``choices`` ``[B, q]``, ``ancestors [B, q, q]``, ``paths [B, q, D]``.
+    Returns ``path``, ``block`` ``[B, D]`` and ``count [B]``."""
+    matched = (tokens == choices.gather(1, parent_slots)) & candidates  # [B, q]
+    matched[:, 0] = True  # the root is committed already
+    on_path = ~(ancestors & ~matched[:, None, :]).any(dim=-1)  # [B, q]: every slot from the root to here matched
+    best = torch.where(on_path, depths, -1).argmax(dim=-1)  # [B] the tips: matched slots form one chain
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    path = paths[rows, best]  # [B, D]
+    count = depths[rows, best] + 1  # [B]
+    bonus = choices[rows, best][:, None]  # [B, 1]
+    block = torch.cat([tokens.gather(1, path[:, 1:]), bonus], dim=1)  # [B, D]
+    block = block.scatter(1, (count - 1)[:, None], bonus)  # the bonus right after the path
     return Accepted(path=path, block=block, count=count)
 
 
@@ -78,14 +90,30 @@ class Outcome:
 def read_outcome(accepted: Accepted, topk_ids: torch.Tensor | None) -> Outcome:
     """Copy the outcome (and the top-k ids ``[n+1, k]`` the drafters learn from) to the host in
     one transfer: the only blocking read of the step."""
-    width = accepted.path.numel()
-    parts = [accepted.count.view(1), accepted.path, accepted.block]
+    rows = Accepted(path=accepted.path[None], block=accepted.block[None], count=accepted.count.view(1))
+    return read_outcomes(rows, topk_ids, [topk_ids.shape[0] if topk_ids is not None else 0])[0]
+
+
+def read_outcomes(accepted: Accepted, topk_ids: torch.Tensor | None, slots: list[int | None]) -> list[Outcome | None]:
+    """The outcomes of ``B`` rows (``accepted`` from `accept_rows`) and, when asked, the top-k ids
+    ``[B * q, k]`` of their ``q`` slots, in one transfer (the step's synchronisation point).
+    ``slots[b]`` is how many of row b's slots are real (None: an idle row, whose outcome is None)."""
+    batch, width = accepted.path.shape
+    parts = [accepted.count, accepted.path.reshape(-1), accepted.block.reshape(-1)]
     if topk_ids is not None:
         parts.append(topk_ids.reshape(-1))
-    host = torch.cat(parts).tolist()  # the step's synchronisation point
-    count = host[0]
-    slots = host[1 : 1 + width]
-    block = host[1 + width : 1 + 2 * width]
-    topk = np.asarray(host[1 + 2 * width :], dtype=np.int64).reshape(topk_ids.shape) if topk_ids is not None \
-        else np.zeros((0, 0), dtype=np.int64)
-    return Outcome(path_slots=slots[:count], tokens=block[:count], topk_ids=topk)
+    host = torch.cat(parts).tolist()
+    counts = host[:batch]
+    paths = host[batch : batch + batch * width]
+    blocks = host[batch + batch * width : batch + 2 * batch * width]
+    if topk_ids is not None:
+        topk = np.asarray(host[batch + 2 * batch * width :], dtype=np.int64).reshape(batch, -1, topk_ids.shape[-1])
+    outcomes = []
+    for b, real in enumerate(slots):
+        if real is None:
+            outcomes.append(None)
+            continue
+        row = slice(b * width, b * width + counts[b])
+        outcomes.append(Outcome(path_slots=paths[row], tokens=blocks[row],
+                                topk_ids=topk[b, :real] if topk_ids is not None else np.zeros((0, 0), np.int64)))
+    return outcomes

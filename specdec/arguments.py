@@ -5,7 +5,8 @@ model's generation config > defaults), and the logits processors and stopping cr
 ones transformers itself builds from them, so every option that applies to one sequence behaves
 as in ``model.generate``: processors run per tree node with that node's history, and stopping
 criteria are checked after every accepted token. This module knows the decoder only through its
-attributes (it imports no engine), so the engine can use it without an import cycle.
+attributes (it imports no engine), so the engine can use it without an import cycle; the
+``generate`` driver over them is `specdec.generation`.
 """
 
 from __future__ import annotations
@@ -42,62 +43,6 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     """``GenerateDecoderOnlyOutput`` plus ``spec_stats`` (steps, new tokens, mean accepted tokens)."""
 
     spec_stats: SpecStats | None = None
-
-
-def run_generate(
-    decoder: SpeculativeDecoder,
-    inputs=None,
-    generation_config=None,
-    logits_processor=None,
-    stopping_criteria=None,
-    prefix_allowed_tokens_fn=None,
-    synced_gpus=None,
-    assistant_model=None,
-    streamer=None,
-    negative_prompt_ids=None,
-    negative_prompt_attention_mask=None,
-    custom_generate=None,
-    *,
-    tree_budget: int | None = None,
-    generator: torch.Generator | int | None = None,
-    tokenizer=None,
-    **kwargs,
-):
-    """``model.generate``'s signature over ``decoder`` (see `specdec.generate`).
-
-    Returns what ``model.generate`` returns, on the prompt's device (scores and logits on the
-    model's)."""
-    if decoder.unsupported:
-        raise UnsupportedGeneration(decoder.unsupported)
-    for name, value in (("assistant_model", assistant_model), ("negative_prompt_ids", negative_prompt_ids),
-                        ("negative_prompt_attention_mask", negative_prompt_attention_mask),
-                        ("custom_generate", custom_generate), ("synced_gpus", synced_gpus or None)):
-        if value is not None:
-            raise UnsupportedGeneration(f"{name} is not supported by specdec's generate")
-    source = inputs if inputs is not None else kwargs.get("input_ids")
-    device = source.device if isinstance(source, torch.Tensor) else torch.device("cpu")
-    request, config = prepare_request(
-        decoder, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
-        tree_budget, generator, tokenizer if tokenizer is not None else decoder.tokenizer, kwargs,
-    )
-    if streamer is not None:
-        streamer.put(request.prompt[None])  # [1, L], as model.generate does first
-        request.on_tokens = lambda tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
-    try:
-        result = decoder.decode(request)
-    finally:
-        if streamer is not None:
-            streamer.end()
-    decoder.last_stats = result.stats
-    sequences = torch.cat([request.prompt, torch.tensor(result.tokens, dtype=torch.long)])[None].to(device)  # [1, L + new]
-    if not config.return_dict_in_generate:
-        return sequences
-    return SpeculativeGenerateOutput(
-        sequences=sequences,
-        scores=tuple(row[None] for row in result.scores) if config.output_scores else None,  # [1, V] each
-        logits=tuple(row[None] for row in result.logits) if config.output_logits else None,
-        spec_stats=result.stats,
-    )
 
 
 def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logits_processor, stopping_criteria,

@@ -32,6 +32,15 @@ class TreeMeta:
     prefix_len: int
 
 
+@dataclass(frozen=True)
+class BatchTreeMeta:
+    """The same for a batch (`specdec.serving.batch_tree`): ``ancestors [B, q, W]`` and each row's
+    cache length (host ints); row b's slots sit right after its own prefix."""
+
+    ancestors: torch.Tensor
+    lengths: list[int]
+
+
 def _delegate(original: str, module):
     """The original attention function for ``module`` (eager lives in the model's own module)."""
     if original in ALL_ATTENTION_FUNCTIONS:
@@ -45,13 +54,18 @@ def _register(original: str) -> str:
         return name
 
     def tree_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        meta: TreeMeta | None = kwargs.pop(TREE_KWARG, None)
+        meta: TreeMeta | BatchTreeMeta | None = kwargs.pop(TREE_KWARG, None)
         if meta is None:
             return _delegate(original, module)(module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = ops.tree_attention(query, key, value, meta.ancestors, meta.prefix_len, float(scale))  # [B, n, Hq, D]
-        return out, None
+        scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if isinstance(meta, TreeMeta):
+            return ops.tree_attention(query, key, value, meta.ancestors, meta.prefix_len, scale), None  # [B, n, Hq, D]
+        queries = query.shape[2]
+        rows = [ops.tree_attention(query[b : b + 1], key[b : b + 1, :, : length + queries],
+                                   value[b : b + 1, :, : length + queries], meta.ancestors[b], length, scale)
+                for b, length in enumerate(meta.lengths)]  # each row over its own prefix and slots
+        return torch.cat(rows), None  # [B, q, Hq, D]
 
     AttentionInterface.register(name, tree_attention_forward)
     mask = ALL_MASK_ATTENTION_FUNCTIONS.get(original if original in ALL_MASK_ATTENTION_FUNCTIONS else "eager")

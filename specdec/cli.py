@@ -1,5 +1,5 @@
-"""The ``specdec`` command line: ``generate`` and ``chat``, plus the commands other packages register
-(``bench``, ``bench-chat``, ``bench-verify`` from the ``bench`` package)."""
+"""The ``specdec`` command line: ``generate``, ``chat``, ``distill`` and ``serve``, plus the commands
+other packages register (``bench``, ``bench-chat``, ``bench-verify`` from the ``bench`` package)."""
 
 from __future__ import annotations
 
@@ -226,6 +226,55 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
                    f"prefilled {stats.prefilled_tokens} (reused {stats.reused_prefix_tokens})]", err=True)
     if state_path:
         decoder.save(state_path)
+
+
+@main.command()
+@click.option("--model", "model_path", default=None,
+              help="Local HF model dir, .gguf, alias (gemma3-270m) or random:<shape> (default: SmolLM2-135M).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
+@click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
+@click.option("--api-key", envvar="SPECDEC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 requests (default: $SPECDEC_API_KEY, else none).")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="The largest max_tokens a request may ask for (and the length of one that sets none).")
+@click.option("--served-model-name", default=None,
+              help="The model name clients send (default: the model's directory name, or SmolLM2-135M-Instruct).")
+def serve(model_path, dtype, device, host, port, drafter, tree_budget, api_key, max_tokens_limit,
+          served_model_name) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions
+    (streamed or not), /v1/models and /health; concurrent requests are batched."""
+    import uvicorn
+
+    from specdec import SpeculativeDecoder
+    from specdec.serving.server import build_app
+
+    model, tokenizer = _load(model_path, dtype, device)
+    name = served_model_name or _served_name(model_path)
+    try:
+        options = {} if tree_budget is None else {"tree_budget": tree_budget}
+        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
+        app = build_app(decoder, name, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(f"specdec serve: {name} at http://{host}:{port}/v1 (OpenAI API"
+               f"{', API key required' if api_key else ''}; Ctrl-C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _served_name(model_path: str | None) -> str:
+    """The default ``--served-model-name``: the model's directory (or file) name."""
+    from pathlib import Path
+
+    from specdec.models import DEFAULT_MODEL_NAME
+
+    if not model_path:
+        return DEFAULT_MODEL_NAME
+    path = Path(model_path)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def _add_plugin_commands() -> None:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import threading
 import time
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,66 +21,19 @@ from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_
 from drafters.modeling import SlotCache, forward_with_cache
 from specdec import distributed, kv
 from specdec.accept import Outcome, read_outcome
-from specdec.arguments import run_generate
+from specdec.generation import run_generate
 from specdec.device_tree import TreeUploader
 from specdec.features import FeatureTap
 from specdec.reductions import row_topk_ids
 from specdec.request import DecodeRequest, DecodeResult, KVState, SpecStats
 from specdec.scheduler import Scheduler
+from specdec.sequence import SequenceState, common_prefix_len, model_lock
 from specdec.timing import StepTimer
 from specdec.validation import UnsupportedGeneration
 from specdec.verify import verify_forward
 from trees import TokenTree
 
 AUTO = "auto"
-
-
-@dataclass
-class _Run:
-    """One generation's state between steps.
-
-    The cache holds ``prefix_len`` positions: the model-visible history but its last token,
-    ``root``, which the next verify forward feeds. ``history`` (host) and ``history_device``
-    (the model's device) hold the ``n_committed`` committed ids (prompt, padding included, then
-    new tokens); ``seen`` (host) the ids the model attended to, for KV reuse.
-    """
-
-    cache: SlotCache
-    history: np.ndarray
-    history_device: torch.Tensor
-    n_committed: int
-    prefix_len: int
-    root: int
-    sequence_id: int
-    prompt_len: int
-    seen: list[int]
-
-    def advance(self, emitted: list[int], block: torch.Tensor) -> None:
-        """Commit ``emitted`` (host) whose device copy is ``block`` (``[len(emitted)]``)."""
-        end = self.n_committed + len(emitted)
-        self.history[self.n_committed : end] = emitted
-        self.history_device[self.n_committed : end] = block
-        self.prefix_len += len(emitted)
-        self.n_committed = end
-        self.seen.extend(emitted)
-        self.root = emitted[-1]
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two id lists."""
-    limit = min(len(a), len(b))
-    mismatch = np.flatnonzero(np.asarray(a[:limit]) != np.asarray(b[:limit]))
-    return int(mismatch[0]) if mismatch.size else limit
-
-
-_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> threading.RLock:
-    """The lock every decoder of ``model`` holds for each step (one forward at a time)."""
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def cut_at_stop(block: list[int], room: int, eos_ids: frozenset[int]) -> tuple[list[int], bool]:
@@ -167,6 +117,7 @@ class SpeculativeDecoder:
         self.features = FeatureTap(model, self.drafter.needs_features)
         self._drafter_spec, self._draft_model, self._draft_head = drafter, draft_model, draft_head
         self.last_stats: SpecStats | None = None
+        self.batcher = None  # the shared `specdec.serving.batcher.Batcher`, made on first batched use
         self._sequences = itertools.count()
 
     def fork(self) -> "SpeculativeDecoder":
@@ -282,7 +233,7 @@ class SpeculativeDecoder:
             with lock:
                 self._finish(run, request, result, started, consistent=not mid_step)
 
-    def _step(self, run: _Run, request: DecodeRequest, result: DecodeResult) -> tuple[list[int], bool]:
+    def _step(self, run: SequenceState, request: DecodeRequest, result: DecodeResult) -> tuple[list[int], bool]:
         """propose -> verify -> accept -> compact -> observe -> schedule. Returns (new tokens, finished)."""
         timer = StepTimer(self.clock, self.model.device)
         timer.begin()
@@ -305,9 +256,18 @@ class SpeculativeDecoder:
         self._count(result.stats, tree, outcome, emitted, times)
         return emitted, finished
 
-    def _propose(self, run: _Run, budget: int | None) -> TokenTree:
-        """The drafter's tree, pruned to ``budget`` or to the size the scheduler picks, and to the
-        model's learned positions (a node at depth d sits at position ``prefix_len + d``)."""
+    def _propose(self, run: SequenceState, budget: int | None) -> TokenTree:
+        """The drafter's tree (`_draft`), pruned to ``budget`` or to the size the scheduler picks."""
+        tree = self._draft(run, budget)
+        if budget is None:
+            selected = self.scheduler.select(tree, run.prefix_len)
+            return distributed.agree_on_selection(selected) if self.sharded else selected  # timings are rank-local
+        return tree.prune(budget) if len(tree) > budget else tree
+
+    def _draft(self, run: SequenceState, budget: int | None) -> TokenTree:
+        """The drafter's tree for ``run`` (asked for ``budget`` nodes, or for the scheduler's draft
+        budget), checked against the vocabulary and cut to the model's learned positions (a node
+        at depth d sits at position ``prefix_len + d``)."""
         context_len = run.prefix_len
         if self.position_limit is not None and context_len >= self.position_limit:
             raise ValueError(f"the next token would sit at position {context_len}, past the model's "
@@ -321,17 +281,14 @@ class SpeculativeDecoder:
                              f"the model's vocabulary [0, {self.vocab_size})")
         if self.position_limit is not None and len(tree) and context_len + tree.max_depth >= self.position_limit:
             tree = tree.select(tree.depths < self.position_limit - context_len)
-        if budget is None:
-            selected = self.scheduler.select(tree, context_len)
-            return distributed.agree_on_selection(selected) if self.sharded else selected  # timings are rank-local
-        return tree.prune(budget) if len(tree) > budget else tree
+        return tree
 
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``[n+1, k]`` the target's top-k ids at every slot, when the drafter learns from them."""
         k = self.drafter.feedback_topk
         return row_topk_ids(logits, k) if k else None
 
-    def _emit(self, run: _Run, request: DecodeRequest, result: DecodeResult, outcome: Outcome,
+    def _emit(self, run: SequenceState, request: DecodeRequest, result: DecodeResult, outcome: Outcome,
               logits: torch.Tensor, scores: torch.Tensor, path: torch.Tensor) -> tuple[list[int], bool]:
         """The accepted block cut where plain decoding would stop (EOS, length, stop criteria)."""
         emitted, finished = cut_at_stop(outcome.tokens, request.max_new_tokens - len(result.tokens),
@@ -348,7 +305,7 @@ class SpeculativeDecoder:
         return emitted, finished
 
     @staticmethod
-    def _cut_at_criteria(stop, run: _Run, emitted: list[int], scores: torch.Tensor,
+    def _cut_at_criteria(stop, run: SequenceState, emitted: list[int], scores: torch.Tensor,
                          path_slots: list[int]) -> tuple[list[int], bool]:
         """Check ``stop`` after every emitted token, as plain decoding would; cut after the first hit."""
         ids = torch.from_numpy(np.concatenate([run.history[: run.n_committed], emitted]))[None]  # [1, L + e] host
@@ -392,7 +349,7 @@ class SpeculativeDecoder:
             entry["accepted"] += int(accepted[source])
 
     # ------------------------------------------------------------------ start and finish
-    def _start(self, request: DecodeRequest, stats: SpecStats) -> _Run:
+    def _start(self, request: DecodeRequest, stats: SpecStats) -> SequenceState:
         """Reuse the longest cached prefix of what the model sees (``request.kv``) and prefill the
         rest, all but the last token, which becomes the first root."""
         prompt = request.prompt
@@ -413,7 +370,7 @@ class SpeculativeDecoder:
         history = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
         history[: prompt.numel()] = prompt.numpy()
         history_device = torch.from_numpy(history).to(self.model.device)  # the prompt, copied up once
-        return _Run(cache, history, history_device, prompt.numel(), prefix_len, seen[-1], next(self._sequences),
+        return SequenceState(cache, history, history_device, prompt.numel(), prefix_len, seen[-1], next(self._sequences),
                     prompt.numel(), seen)
 
     def _prefill(self, cache: SlotCache, context: torch.Tensor, cached: int) -> int:
@@ -435,7 +392,7 @@ class SpeculativeDecoder:
             ))
         return cached + context.numel()
 
-    def _finish(self, run: _Run, request: DecodeRequest, result: DecodeResult, started: float,
+    def _finish(self, run: SequenceState, request: DecodeRequest, result: DecodeResult, started: float,
                 consistent: bool) -> None:
         """Final statistics; leave ``request.kv`` holding exactly what the model saw but its last token."""
         stats = result.stats

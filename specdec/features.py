@@ -46,3 +46,11 @@ class FeatureTap:
             return None
         last, self._last = self._last, None
         return last[0].index_select(0, slot_idx).detach()
+
+    def batch_rows(self, row_idx: torch.Tensor, slot_idx: torch.Tensor) -> torch.Tensor | None:
+        """``[m, h]`` features of a batched forward (``[B, q, h]``) at rows ``row_idx`` and slots
+        ``slot_idx`` (``[m]`` int64 on the model's device), then forgotten; None as `rows`."""
+        if self.head is None or self._last is None:
+            return None
+        last, self._last = self._last, None
+        return last[row_idx, slot_idx].detach()

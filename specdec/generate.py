@@ -9,7 +9,8 @@ from __future__ import annotations
 import weakref
 
 from drafters import Drafter, HeadFile
-from specdec.arguments import SpeculativeGenerateOutput, run_generate
+from specdec.arguments import SpeculativeGenerateOutput
+from specdec.generation import run_generate
 from specdec.engine import SpeculativeDecoder
 
 __all__ = ["SpeculativeGenerateOutput", "decoder_for", "generate"]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from drafters import Drafter
 from specdec.engine import AUTO, SpeculativeDecoder
-from specdec.arguments import run_generate
+from specdec.generation import run_generate
 from specdec.validation import UnsupportedGeneration
 
 _MARK = "__specdec_decoder__"

@@ -72,23 +72,33 @@ class NodeRule:
             return logits
         return processed_scores(logits, tree, history, self.processors)
 
+    def choose(self, tree: DeviceTree, scores: torch.Tensor) -> torch.Tensor:
+        """``[n+1]`` int64 the target's choice at every slot: the argmax (greedy) or the draw at the
+        uniform of the slot's position (sampling, with the tree's per-depth uniforms)."""
+        if not self.do_sample:
+            return row_argmax(scores)
+        return sampled_choices(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
+
     def accept(self, tree: DeviceTree, scores: torch.Tensor) -> Accepted:
-        """The accepted path: following the argmax (greedy) or the delta rule (sampling, with the
-        tree's per-depth uniforms)."""
+        """The accepted path: following the argmax (greedy) or the delta rule (sampling)."""
         if not self.do_sample:
             return accept(tree, row_argmax(scores))
         return accept_sampled(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
 
 
 def accept_sampled(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> Accepted:
-    """The delta rule on the device: at every slot draw ``y`` from ``probs [n+1, V]`` by inverting
-    its CDF at the uniform of the slot's position (``uniforms [max_depth+1]`` float64, one per
-    depth: the slot's position is the committed length plus its depth), then accept the path that
-    follows the draws."""
+    """The delta rule on the device: accept the path that follows the draws of `sampled_choices`."""
+    return accept(tree, sampled_choices(tree, probs, uniforms))
+
+
+def sampled_choices(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``[n+1]``: at every slot draw ``y`` from ``probs [n+1, V]`` by inverting its CDF at the
+    uniform of the slot's position (``uniforms [max_depth+1]`` float64, one per depth: the slot's
+    position is the committed length plus its depth)."""
     cdf = probs.double().cumsum(dim=-1)  # [n+1, V]
     targets = (uniforms[tree.depths] * cdf[:, -1])[:, None]  # [n+1, 1], below each row's total
     choices = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    return accept(tree, choices.clamp_(max=probs.shape[-1] - 1))
+    return choices.clamp_(max=probs.shape[-1] - 1)
 
 
 _MASK64 = (1 << 64) - 1

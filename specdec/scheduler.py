@@ -55,7 +55,8 @@ class Scheduler:
         self.explore = explore
         self.cost = CostModel()
         self.calibration = Calibration(decay)
-        self.overhead = 0.0  # EMA of per-step seconds outside the verify forward
+        self._batch_costs: dict[int, CostModel] = {}  # forwards of several rows, by row count
+        self._overhead: dict[int, float] = {}  # by row count: EMA of per-step seconds outside the verify forward
         self.steps = 0
         self.probes = 0
         self.last_size = 0
@@ -69,42 +70,75 @@ class Scheduler:
     def choose_size(self, values: np.ndarray, context_len: int) -> int:
         """How many of the nodes with calibrated ``values`` (any order) to verify at ``context_len``."""
         with self._lock:
-            return self._size(np.sort(np.asarray(values, dtype=np.float64))[::-1], context_len)
+            return self._size([np.sort(np.asarray(values, dtype=np.float64))[::-1]], context_len)
 
     def select(self, tree: TokenTree, context_len: int) -> TokenTree:
         """The sub-tree to verify: the best nodes by calibrated value, plus any due probes."""
-        n = len(tree)
+        return self.select_batch([tree], context_len)[0]
+
+    def select_batch(self, trees: list[TokenTree], context_len: int) -> list[TokenTree]:
+        """The sub-trees to verify in one batched forward of ``len(trees)`` sequences (the longest
+        at ``context_len``): every row keeps its ``n`` best nodes, ``n`` chosen for the whole
+        batch from the cost measured for this many rows (a batched forward feeds ``n + 1`` slots
+        a row), plus any due probes."""
         with self._lock:
-            if n == 0:
-                self.last_size = 0
-                return tree
-            sources, depths = tree.sources.numpy(), tree.depths.numpy()
-            values = self.calibration.apply(np.exp(tree.scores.numpy().astype(np.float64)), sources, depths)
-            parents = tree.parents.numpy()
-            by_depth = [np.flatnonzero(depths == d) for d in range(2, int(depths.max()) + 1)]
-            for nodes in by_depth:  # a child never beats its parent
-                values[nodes] = np.minimum(values[nodes], values[parents[nodes]])
-            order = np.lexsort((np.arange(n), depths, -values))  # best first, ancestors before descendants
-            keep = np.zeros(n, dtype=bool)
-            keep[order[: self._size(values[order], context_len)]] = True
-            if self.max_budget:
-                self._probe(keep, order, sources)
-            for nodes in reversed(by_depth):  # close over ancestors, deepest first
-                keep[parents[nodes[keep[nodes]]]] = True
-            self.last_size = int(keep.sum())
+            ranked = [self._ranked(tree) for tree in trees]
+            size = self._size([values[order] for values, order, _ in ranked if order.size], context_len, len(trees))
+            selected = [self._keep(tree, order, size, parents) for tree, (_, order, parents) in zip(trees, ranked)]
+            self.last_size = max(len(tree) for tree in selected)
+        return selected
+
+    def _ranked(self, tree: TokenTree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(values, order, parents)``: calibrated node values (a child never above its parent)
+        and the nodes best first, ancestors before descendants."""
+        n = len(tree)
+        if n == 0:
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        sources, depths = tree.sources.numpy(), tree.depths.numpy()
+        values = self.calibration.apply(np.exp(tree.scores.numpy().astype(np.float64)), sources, depths)
+        parents = tree.parents.numpy()
+        for d in range(2, int(depths.max()) + 1):
+            nodes = np.flatnonzero(depths == d)
+            values[nodes] = np.minimum(values[nodes], values[parents[nodes]])
+        return values, np.lexsort((np.arange(n), depths, -values)), parents
+
+    def _keep(self, tree: TokenTree, order: np.ndarray, size: int, parents: np.ndarray) -> TokenTree:
+        """``tree`` cut to its ``size`` best nodes (``order``) and due probes, closed over ancestors."""
+        if len(tree) == 0:
+            return tree
+        keep = np.zeros(len(tree), dtype=bool)
+        keep[order[:size]] = True
+        if self.max_budget:
+            self._probe(keep, order, tree.sources.numpy())
+        depths = tree.depths.numpy()
+        for d in range(int(depths.max()), 1, -1):  # close over ancestors, deepest first
+            nodes = np.flatnonzero((depths == d) & keep)
+            keep[parents[nodes]] = True
         return tree if keep.all() else tree.select(torch.from_numpy(keep))
 
-    def _size(self, values: np.ndarray, context_len: int) -> int:
-        """The number of leading ``values`` (sorted best first) that maximises the optimistic rate."""
-        values = values[: self.max_budget]
-        gain = 1.0 + np.concatenate([[0.0], np.cumsum(values)])  # [m+1] expected tokens per step
-        cost, error = self.cost.curve(context_len)
+    def _size(self, rows: list[np.ndarray], context_len: int, batch: int = 1) -> int:
+        """The per-row node count that maximises the optimistic rate of a forward of ``batch``
+        rows, each row's node values sorted best first."""
+        if not rows:
+            return 0
+        width = min(self.max_budget, max(len(values) for values in rows))
+        gain = np.full(width + 1, float(batch))  # [m+1] expected tokens per step, every row's bonus token
+        for values in rows:
+            cumulative = np.concatenate([[0.0], np.cumsum(values[:width])])
+            gain += np.pad(cumulative, (0, width + 1 - len(cumulative)), mode="edge")
+        cost, error = self._cost(batch).curve(context_len)
         if np.isnan(cost[0]):
-            return min(len(values), FIRST_SIZE)
+            return min(width, FIRST_SIZE)
         cost, error = cost[: len(gain)], error[: len(gain)]
         # a cost's lower bound is also one for every larger size (costs are monotone in n)
         optimistic = np.maximum.accumulate(np.maximum(cost - self.explore * error, 0.5 * cost))
-        return int(np.argmax(gain / (optimistic + self.overhead)))
+        return int(np.argmax(gain / (optimistic + self._overhead.get(batch, 0.0))))
+
+    def _cost(self, batch: int) -> CostModel:
+        """The verify cost model of forwards of ``batch`` rows (``self.cost`` for one)."""
+        if batch == 1:
+            return self.cost
+        return self._batch_costs.setdefault(batch, CostModel())
 
     def _probe(self, keep: np.ndarray, order: np.ndarray, sources: np.ndarray) -> None:
         """Add the best nodes of every drafter left out for `probe_every` steps (`select` adds their ancestors)."""
@@ -123,15 +157,29 @@ class Scheduler:
     def record(self, tree: TokenTree, context_len: int, verify_seconds: float, overhead_seconds: float,
                accepted_nodes) -> None:
         """One verified step: the verified ``tree``, its timing, and the ``node_idx`` it accepted."""
+        self.record_batch([tree], context_len, verify_seconds, overhead_seconds, [accepted_nodes])
+
+    def record_batch(self, trees: list[TokenTree], context_len: int, verify_seconds: float, overhead_seconds: float,
+                     accepted_nodes: list) -> None:
+        """One batched step: the verified ``trees`` (one per row, the longest row at
+        ``context_len``), its timing, and each row's accepted ``node_idx``."""
+        batch = len(trees)
         with self._lock:
             self.steps += 1
-            self.cost.record(len(tree), context_len, verify_seconds)
-            self.overhead = overhead_seconds if self.steps == 1 else 0.9 * self.overhead + 0.1 * overhead_seconds
-            if len(tree):
-                accepted = np.zeros(len(tree), dtype=bool)
-                accepted[list(accepted_nodes)] = True
-                self.calibration.record(np.exp(tree.scores.numpy().astype(np.float64)), tree.sources.numpy(),
-                                        tree.depths.numpy(), accepted)
+            self._cost(batch).record(max(len(tree) for tree in trees), context_len, verify_seconds)
+            last = self._overhead.get(batch)
+            self._overhead[batch] = overhead_seconds if last is None else 0.9 * last + 0.1 * overhead_seconds
+            for tree, nodes in zip(trees, accepted_nodes):
+                if len(tree):
+                    accepted = np.zeros(len(tree), dtype=bool)
+                    accepted[list(nodes)] = True
+                    self.calibration.record(np.exp(tree.scores.numpy().astype(np.float64)), tree.sources.numpy(),
+                                            tree.depths.numpy(), accepted)
+
+    @property
+    def overhead(self) -> float:
+        """EMA of per-step seconds outside the verify forward (one-sequence steps)."""
+        return self._overhead.get(1, 0.0)
 
     def state_dict(self) -> dict:
         return {"cost": self.cost.state_dict(), "calibration": self.calibration.state_dict(),
@@ -150,7 +198,8 @@ class Scheduler:
             part.load_state_dict(value, f"{where}: {key}")
         overhead = float_field(state, "overhead", where, low=0.0)
         steps = int_field(state, "steps", where, low=0)
-        self.cost, self.calibration, self.overhead, self.steps = cost, calibration, overhead, steps
+        self.cost, self.calibration, self.steps = cost, calibration, steps
+        self._overhead = {1: overhead} if steps else {}
 
     def explain(self, context_len: int = 512, names: dict[int, str] | None = None) -> dict:
         """What the scheduler believes: the fitted cost curve (ms) at ``context_len`` with its

@@ -12,8 +12,9 @@ import torch
 
 from specdec.arguments import prepare_request
 from specdec.engine import SpeculativeDecoder
-from specdec.request import DecodeResult, KVState, SpecStats
 from specdec.prompts import encode_chat
+from specdec.request import DecodeResult, KVState, SpecStats
+from specdec.serving.batcher import batcher_for
 
 SESSION_FORMAT = 1
 
@@ -26,8 +27,9 @@ class ChatSession:
     differently just reuses less). Drafter state (the recycling matrix, the n-gram store) and the
     scheduler's statistics are shared by every session of the decoder, so each conversation
     speeds up the next; ``own_drafter=True`` gives this session a private drafter instead.
-    Sessions may run on several threads: generation holds the model's lock, and every session's
-    output is what it would be alone (greedy: token for token).
+    Sessions may run on several threads: concurrent turns of one decoder's sessions are verified
+    together in batched forwards (`specdec.serving.batcher`), and every session's output is what
+    it would be alone (greedy: token for token).
 
     Args:
         decoder: the `SpeculativeDecoder` (with a tokenizer) that generates.
@@ -91,7 +93,7 @@ class ChatSession:
         result = DecodeResult(tokens=[], stats=SpecStats())
         self.history.append({"role": "user", "content": message})
         shown = ""
-        steps = self.decoder.decode_steps(request, result)
+        steps = batcher_for(self.decoder).decode_steps(request, result)  # concurrent sessions share forwards
         try:
             for _ in steps:
                 text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)

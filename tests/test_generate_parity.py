@@ -227,8 +227,10 @@ def test_unsupported_modes_raise_clear_errors(model, kwargs, message):
         specdec.generate(model, PROMPT, max_new_tokens=4, **kwargs)
     with pytest.raises(UnsupportedGeneration, match="assistant_model"):
         specdec.generate(model, PROMPT, max_new_tokens=4, assistant_model=model)
-    with pytest.raises(UnsupportedGeneration, match="batch size 2"):
-        specdec.generate(model, PROMPT.repeat(2, 1), max_new_tokens=4)
+    batch = PROMPT.repeat(2, 1)  # batches are supported now (tests/test_batch.py): HF's own output
+    assert torch.equal(specdec.generate(model, batch, max_new_tokens=4, eos_token_id=-1),
+                       model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                      max_new_tokens=4, eos_token_id=-1, pad_token_id=0))
 
 
 def test_patch_runs_an_unmodified_hf_snippet(tiny_model_dir):

@@ -36,6 +36,35 @@ def tree_attention_mask(visible: torch.Tensor, prefix_len: int, query_pos: torch
     return mask[None, None]
 
 
+def batch_tree_attention_mask(ancestors: torch.Tensor, lengths: torch.Tensor, depths: torch.Tensor, key_len: int,
+                              dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """``[B, 1, q, key_len]`` additive mask of a batched tree forward, on ``ancestors``' device.
+
+    Row ``b`` holds its own ``lengths[b]`` cached positions at keys ``0 .. lengths[b] - 1`` and its
+    ``q`` tree slots right after them; query ``i`` of row ``b`` (at position ``lengths[b] +
+    depths[b, i]``) sees the row's whole prefix and the slots ``j`` with ``ancestors[b, i, j]``
+    (``[B, q, q]`` bool), nothing else (keys past a row's slots belong to longer rows). With a
+    sliding ``window`` a query at ``p`` only sees keys at ``k`` with ``p - k < window``.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    batch, queries = depths.shape
+    device = ancestors.device
+    keys = torch.arange(key_len, device=device)
+    relative = keys[None, :] - lengths[:, None]  # [B, K]: key index within the row's tree slots
+    in_prefix = relative < 0
+    in_tree = ~in_prefix & (relative < queries)
+    slot = relative.clamp(0, queries - 1)  # [B, K]
+    visible = ancestors.gather(2, slot[:, None, :].expand(batch, queries, key_len))  # [B, q, K]
+    allowed = in_prefix[:, None, :] | (in_tree[:, None, :] & visible)
+    if window is not None:
+        key_pos = torch.where(in_prefix, keys[None, :], lengths[:, None] + depths.gather(1, slot))  # [B, K]
+        query_pos = lengths[:, None] + depths  # [B, q]
+        allowed &= (query_pos[:, :, None] - key_pos[:, None, :]) < window
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 def sliding_window_of(config) -> tuple[int | None, bool]:
     """``(window, hybrid)`` of a model config: its sliding window (None without sliding layers),
     and whether it also has full-attention layers (Gemma 3 style: one mask per layer type)."""
