@@ -66,14 +66,10 @@ def candidate_flags(tree: TokenTree) -> np.ndarray:
     return flags
 
 
-class _Layout:
-    """Where each field sits in the flat int64 upload buffer of a tree with ``slots`` slots,
-    ``words`` ancestor words per slot and paths of ``width`` slots."""
+class FieldLayout:
+    """Where each named field sits in one flat int64 upload buffer (``sizes``: words per field, in order)."""
 
-    def __init__(self, slots: int, words: int, width: int) -> None:
-        sizes = {"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
-                 "paths": slots * width, "uniforms": width,
-                 "flags": -(-(slots * slots + slots) // 8)}  # words holding bool bytes: ancestors [slots, slots], candidates
+    def __init__(self, sizes: dict[str, int]) -> None:
         self.spans, offset = {}, 0
         for name, size in sizes.items():
             self.spans[name] = (offset, offset + size)
@@ -84,6 +80,13 @@ class _Layout:
         """The span of field ``name`` in ``flat`` (a tensor or array), as a view."""
         start, end = self.spans[name]
         return flat[start:end]
+
+
+def tree_layout(slots: int, words: int, width: int) -> FieldLayout:
+    """The fields of a tree with ``slots`` slots, ``words`` ancestor words per slot and paths of ``width`` slots."""
+    return FieldLayout({"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
+                        "paths": slots * width, "uniforms": width,
+                        "flags": -(-(slots * slots + slots) // 8)})  # bool bytes: ancestors [slots, slots], candidates
 
 
 class TreeUploader:
@@ -117,7 +120,7 @@ class TreeUploader:
         slots, width = n + 1, max_depth + 1
         ancestors = tree.ancestor_mask().numpy()  # [n+1, n+1] bool
         packed = tree.packed_ancestor_mask().numpy()  # [n+1, W]
-        layout = _Layout(slots, packed.shape[1], width)
+        layout = tree_layout(slots, packed.shape[1], width)
         host = self._host(layout.size)
         host_array = host.numpy()
         fields = {name: layout.view(host_array, name) for name in layout.spans}  # numpy views of the buffer

@@ -63,7 +63,8 @@ class SpeculativeDecoder:
     """Speculative decoding for one HF causal LM, with drafter state kept across calls.
 
     Args:
-        model: a transformers causal LM (batch size 1; on any device).
+        model: a transformers causal LM (on any device); a batch of prompts runs through the
+            decoder's shared `specdec.serving.batcher.Batcher`.
         tokenizer: optional, used by callers that pass text.
         drafter: ``"auto"`` (every available drafter, merged), a registered drafter name
             (``"recycling"``, ``"ngram"``, ``"model"``), several joined by ``+`` for a hybrid

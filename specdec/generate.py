@@ -38,8 +38,9 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
 
     Args:
         model: a transformers causal LM.
-        inputs: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt; ``input_ids=``
-            works too. Batch size 1, no padding.
+        inputs: ``[1, L]`` LongTensor (or ``[L]`` / list of ints) holding the prompt, or ``[B, L]``
+            prompts padded to one length (with ``attention_mask``), verified together as one batch;
+            ``input_ids=`` works too.
         *args: ``model.generate``'s other positional arguments (``generation_config``,
             ``logits_processor``, ``stopping_criteria``, ...).
         drafter: ``"auto"`` (every available drafter under the scheduler), a drafter name
@@ -65,9 +66,8 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
         `SpeculativeGenerateOutput` (``sequences``, ``scores``, ``logits``, ``spec_stats``).
 
     Raises:
-        UnsupportedGeneration: (a ``ValueError``) for beam search, contrastive search, batches,
-            padding, an assistant model, guidance or other modes that are not one sampled or
-            greedy sequence.
+        UnsupportedGeneration: (a ``ValueError``) for beam search, contrastive search, an
+            assistant model, guidance or other modes that are not greedy decoding or sampling.
     """
     if isinstance(drafter, Drafter):
         decoder = SpeculativeDecoder(model, drafter=drafter)

@@ -27,7 +27,7 @@ def patch(model, drafter: str | Drafter = AUTO, *, tokenizer=None, draft_model=N
     Args:
         model: a transformers causal LM.
         drafter, draft_model, draft_head, tree_budget, tokenizer: as for `SpeculativeDecoder`.
-        fallback: when True, a call specdec does not run (beam search, batches, padding, an
+        fallback: when True, a call specdec does not run (beam search, contrastive search, an
             assistant model; see `UnsupportedGeneration`) goes to transformers' own ``generate``
             with a warning instead of raising.
 

@@ -10,7 +10,7 @@ MAX_TREE_BUDGET = 512
 
 
 class UnsupportedGeneration(ValueError):
-    """A ``generate()`` request specdec does not run speculatively (beam search, batches, padding,
+    """A ``generate()`` request specdec does not run speculatively (beam search, contrastive search,
     an assistant model, ...). `specdec.patch` can hand these to transformers instead."""
 
 
@@ -32,8 +32,8 @@ def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
     if input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
             raise UnsupportedGeneration(
-                f"input_ids has batch size {input_ids.shape[0]}; specdec generates one sequence at a time "
-                "(batch size 1)"
+                f"input_ids has batch size {input_ids.shape[0]}; this path takes one sequence (batches go "
+                "through specdec.serving.batch_generate)"
             )
         input_ids = input_ids[0]
     elif input_ids.dim() != 1:

@@ -109,6 +109,7 @@ def test_sequences_join_and_leave_between_steps(model):
             engine.release(member)
         live = [m for m in live if not m.finished]
     assert engine.active == 0
+    assert not any(layer.keys.requires_grad for layer in engine.cache.layers)  # no autograd graph kept alive
     assert cancelled == alone(model, ROWS[1], 12)[: len(cancelled)] and cancelled
     for member, row, new in ((first, ROWS[0], 30), (third, ROWS[2], 20), (fourth, ROWS[3], 25)):
         assert member.result.tokens == alone(model, row, new)

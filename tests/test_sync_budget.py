@@ -19,6 +19,7 @@ import torch
 
 from specdec import SpeculativeDecoder
 from specdec.engine import SpeculativeDecoder as Engine
+from specdec.serving.batch_engine import BatchEngine
 from tests.conftest import tiny_llama, untrained_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,33 @@ def test_at_most_one_read_per_step(tracked_model, drafter, mode):
         sites = sorted({site for _, site in Tracked.reads})
         assert len(Tracked.reads) <= steps, f"{len(Tracked.reads)} reads in {steps} steps at {sites}"
         assert all(site.startswith("accept.py") for site in sites), sites  # the packed outcome only
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("drafter", ["recycling", "ngram", "model", "auto"])
+def test_one_read_per_batched_step_for_the_whole_batch(tracked_model, drafter, mode, monkeypatch):
+    """A batch of three prompts: still at most one read per batched step, whatever the batch size."""
+    step, batch_sizes = BatchEngine.step, []
+
+    def counted_step(self, members):
+        Tracked.active = True
+        try:
+            return step(self, members)
+        finally:
+            Tracked.active = False
+            batch_sizes.append(len(members))
+
+    monkeypatch.setattr(BatchEngine, "step", counted_step)
+    draft_model = tiny_llama(seed=9) if drafter == "model" else None
+    prompts = torch.cat([PROMPT, PROMPT.flip(1), PROMPT.roll(3, 1)])  # [3, L]
+    decoder = SpeculativeDecoder(tracked_model, drafter=drafter, draft_model=draft_model)
+    Tracked.reads = []
+    out = decoder.generate(prompts, max_new_tokens=30, eos_token_id=-1, return_dict_in_generate=True, **MODES[mode])
+    assert len(batch_sizes) >= 5 and max(batch_sizes) == 3  # the rows really were verified together
+    assert sum(stats.drafted_tokens for stats in out.spec_stats) > 0
+    sites = sorted({site for _, site in Tracked.reads})
+    assert len(Tracked.reads) <= len(batch_sizes), f"{len(Tracked.reads)} reads in {len(batch_sizes)} steps at {sites}"
+    assert all(site.startswith("accept.py") for site in sites), sites
 
 
 def test_the_counter_sees_reads(tracked_model):

@@ -10,8 +10,8 @@ compaction is the single-sequence compaction applied to the row. Keys past a row
 to the longest row, are another row's business: the masks hide them.
 
 Why rows and not pages: on this project's targets (135M-1B parameters, contexts of a few
-thousand tokens) a row per sequence costs little memory (SmolLM2-135M in bf16: 46 KB per
-position, 90 MB for 8 rows of 256 positions), keeps every attention read a strided view (no gather
+thousand tokens) a row per sequence costs little memory (SmolLM2-135M in bf16: 23 KB per
+position, 0.4 GB for 8 rows of 2,300 positions), keeps every attention read a strided view (no gather
 of pages per layer per step), and lets the existing kernels run unchanged per row. A sequence
 joins by copying its prefilled batch-1 cache into a free row, and leaves by copying its row back
 (for a conversation that continues) or just freeing it. Nothing here reads the device.

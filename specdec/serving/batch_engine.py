@@ -59,6 +59,7 @@ class BatchEngine:
         """Sequences holding a row."""
         return sum(member is not None for member in self.members)
 
+    @torch.inference_mode()
     def admit(self, request: DecodeRequest, result: DecodeResult) -> Member:
         """Prefill ``request`` (reusing ``request.kv`` as a single generation does) and give it a row."""
         decoder = self.decoder
@@ -83,6 +84,7 @@ class BatchEngine:
         longest = max(m.run.prefix_len + m.request.max_new_tokens for m in members)
         return longest + max(m.limit - m.run.prefix_len - m.request.max_new_tokens for m in members)
 
+    @torch.inference_mode()
     def release(self, member: Member) -> None:
         """Final statistics, ``request.kv`` updated from the row (a conversation), the row freed."""
         if member.request.kv is not None and member.consistent:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.device_tree import DeviceTree, candidate_flags
+from specdec.device_tree import DeviceTree, FieldLayout, candidate_flags
 from trees import TokenTree
 
 
@@ -63,22 +63,11 @@ class BatchTree:
         return self.depths + self.lengths[:, None]
 
 
-class _BatchLayout:
-    """Offsets of the fields of ``b`` rows of ``q`` slots (``w`` ancestor words, paths of ``d``)."""
-
-    def __init__(self, b: int, q: int, w: int, d: int) -> None:
-        sizes = {"tokens": b * q, "depths": b * q, "parents": b * q, "by_depth": b * q, "packed": b * q * w,
-                 "paths": b * q * d, "uniforms": b * d, "lengths": b,
-                 "flags": -(-(b * q * q + b * q) // 8)}  # bool bytes: ancestors [b, q, q], candidates [b, q]
-        self.spans, offset = {}, 0
-        for name, size in sizes.items():
-            self.spans[name] = (offset, offset + size)
-            offset += size
-        self.size = offset
-
-    def view(self, flat, name: str):
-        start, end = self.spans[name]
-        return flat[start:end]
+def batch_layout(b: int, q: int, w: int, d: int) -> FieldLayout:
+    """The fields of ``b`` rows of ``q`` slots (``w`` ancestor words, paths of ``d`` slots)."""
+    return FieldLayout({"tokens": b * q, "depths": b * q, "parents": b * q, "by_depth": b * q, "packed": b * q * w,
+                        "paths": b * q * d, "uniforms": b * d, "lengths": b,
+                        "flags": -(-(b * q * q + b * q) // 8)})  # bool bytes: ancestors [b, q, q], candidates [b, q]
 
 
 def upload_batch(rows: list[RowTree | None], idle_lengths: list[int], device: torch.device) -> BatchTree:
@@ -89,7 +78,7 @@ def upload_batch(rows: list[RowTree | None], idle_lengths: list[int], device: to
     q = 1 + max(len(t) for t in trees)
     d = 1 + max(t.max_depth for t in trees)
     w = -(-q // 64)
-    layout = _BatchLayout(b, q, w, d)
+    layout = batch_layout(b, q, w, d)
     host = torch.zeros(layout.size, dtype=torch.long, pin_memory=torch.device(device).type == "cuda")
     array = host.numpy()
     tokens, depths, parents, by_depth = (layout.view(array, name).reshape(b, q)

@@ -1,0 +1,230 @@
+"""``specdec bench-serve``: N concurrent clients against `specdec serve`, against the same server
+with speculation off (plain batched decoding) and against N sequential HF ``generate`` calls.
+
+Both servers run in this process (uvicorn threads on 127.0.0.1, free ports) over ONE loaded model;
+clients are threads streaming chat completions (SSE) with httpx. Each configuration answers the
+same first-turn questions (greedy, ``max_tokens`` each); configurations run one after another,
+interleaved per concurrency level, after one warm-up pass each; every run starts with cold drafter
+state (the scheduler's cost measurements are kept), so no run reuses answers an earlier run of the
+same questions taught the n-gram store. Reported per run: total completion
+tokens/s (tokens over the wall time of the whole run), mean and p90 request latency, mean time to
+first token, and the mean accepted tokens per verify step.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import click
+
+from bench.cli import BenchError, load_target
+from bench.datasets import BUILTIN_QUESTIONS, read_spec_bench, select
+
+
+@dataclass
+class RunFigures:
+    """One configuration at one concurrency level."""
+
+    config: str
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    latency_mean: float
+    latency_p90: float
+    ttft_mean: float
+    mat: float | None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Server:
+    """`specdec serve`'s app for ``decoder`` on a loopback port, in a thread."""
+
+    def __init__(self, decoder, name: str) -> None:
+        import uvicorn
+
+        from specdec.serving.server import build_app
+
+        self.decoder = decoder
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(decoder, name), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise BenchError("the benchmark server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def _stream_one(client, url: str, model: str, question: str, max_tokens: int) -> tuple[float, float, int, float]:
+    """One streamed chat completion: ``(latency, time to first token, completion tokens, MAT)``."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started, first, tokens, mat = time.perf_counter(), None, 0, float("nan")
+    with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise BenchError(f"the server answered {response.status_code}: {response.read()[:200]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("specdec"):
+                mat = chunk["specdec"].get("mean_accepted_tokens", mat)
+    latency = time.perf_counter() - started
+    return latency, latency if first is None else first, tokens, mat
+
+
+def _run_clients(url: str, model: str, questions: list[str], max_tokens: int, concurrency: int):
+    """``questions`` answered by ``concurrency`` client threads taking the next question in turn."""
+    import httpx
+
+    results, queue, lock = [], list(enumerate(questions)), threading.Lock()
+    errors: list[BaseException] = []
+
+    def client_loop():
+        with httpx.Client(timeout=600) as client:
+            while True:
+                with lock:
+                    if not queue or errors:
+                        return
+                    _, question = queue.pop(0)
+                try:
+                    figures = _stream_one(client, url, model, question, max_tokens)
+                except BaseException as err:  # reported after the run
+                    with lock:
+                        errors.append(err)
+                    return
+                with lock:
+                    results.append(figures)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results, time.perf_counter() - started
+
+
+def _figures(config: str, concurrency: int, results, seconds: float) -> RunFigures:
+    latencies = sorted(r[0] for r in results)
+    tokens = sum(r[2] for r in results)
+    mats = [r[3] for r in results if r[3] == r[3]]
+    return RunFigures(config, concurrency, len(results), tokens, seconds, tokens / seconds,
+                      statistics.fmean(latencies), latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+                      statistics.fmean(r[1] for r in results), statistics.fmean(mats) if mats else None)
+
+
+def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> RunFigures:
+    """The same questions as N sequential HF ``generate(do_sample=False)`` calls (no server)."""
+    import torch
+
+    from specdec.prompts import encode_chat
+
+    results, started = [], time.perf_counter()
+    for question in questions:
+        ids = encode_chat(tokenizer, [{"role": "user", "content": question}])
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        latency = time.perf_counter() - begin
+        results.append((latency, latency, out.shape[1] - ids.shape[1], float("nan")))
+    return _figures("hf-sequential", 1, results, time.perf_counter() - started)
+
+
+@click.command("bench-serve")
+@click.option("--dataset", type=click.Path(dir_okay=False), default=None,
+              help="Spec-Bench JSONL (default: the built-in questions); first turns are asked.")
+@click.option("--limit-per-category", type=int, default=None, help="First N questions of each task.")
+@click.option("--requests", "n_requests", type=int, default=16, show_default=True, help="Questions per run.")
+@click.option("--concurrency", default="1,2,4,8", show_default=True, help="Comma list of client counts.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--model", "model_path", default=None, help="As `specdec bench` (default: SmolLM2-135M-Instruct).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--drafter", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
+def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens, model_path, dtype, device, drafter,
+                json_path) -> None:
+    """Throughput of `specdec serve` under N concurrent clients, speculative and plain."""
+    from specdec import SpeculativeDecoder
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of ints, got {concurrency!r}", param_hint="--concurrency")
+    if not levels or min(levels) < 1:
+        raise click.BadParameter("client counts must be >= 1", param_hint="--concurrency")
+    if n_requests < 1 or max_tokens < 1:
+        raise click.BadParameter("--requests and --max-tokens must be >= 1")
+    try:
+        questions = read_spec_bench(dataset) if dataset else list(BUILTIN_QUESTIONS)
+        questions = select(questions, None, limit_per_category)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    prompts = [q.turns[0] for q in questions][:n_requests]
+    model, tokenizer, _ = load_target(model_path, dtype, device)
+    name = "bench-model"
+    servers = {"specdec": _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter), name),
+               "plain-batched": _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=0), name)}
+    rows: list[RunFigures] = []
+    try:
+        for config, server in servers.items():  # warm-up: the cost curves of every batch size
+            _run_clients(server.url, name, prompts[: max(levels)], 16, max(levels))
+        rows.append(_hf_sequential(model, tokenizer, prompts, max_tokens))
+        for level in levels:
+            for config, server in servers.items():
+                server.decoder.reset()  # cold drafter state: no run sees answers an earlier run learned
+                results, seconds = _run_clients(server.url, name, prompts, max_tokens, level)
+                rows.append(_figures(config, level, results, seconds))
+                click.echo(_line(rows[-1]), err=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    click.echo(_markdown(rows))
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump([asdict(row) for row in rows], out, indent=1)
+
+
+def _line(row: RunFigures) -> str:
+    return (f"{row.config} x{row.concurrency}: {row.tokens_per_second:.1f} tok/s, latency {row.latency_mean:.2f} s, "
+            f"ttft {row.ttft_mean:.2f} s")
+
+
+def _markdown(rows: list[RunFigures]) -> str:
+    base = rows[0].tokens_per_second
+    one = {r.config: r.tokens_per_second for r in rows if r.concurrency == 1}
+    lines = ["| config | clients | requests | tokens | tok/s | vs HF sequential | vs same config x1 | "
+             "latency mean / p90 s | TTFT s | MAT |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.config} | {r.concurrency} | {r.requests} | {r.tokens} | {r.tokens_per_second:.1f} | "
+                     f"{r.tokens_per_second / base:.2f}x | {r.tokens_per_second / one.get(r.config, base):.2f}x | "
+                     f"{r.latency_mean:.2f} / {r.latency_p90:.2f} | {r.ttft_mean:.2f} | "
+                     f"{'-' if r.mat is None else f'{r.mat:.2f}'} |")
+    return "\n".join(lines)
