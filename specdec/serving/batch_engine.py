@@ -37,7 +37,8 @@ class Member:
     run: SequenceState
     row: int
     started: float
-    limit: int  # the most positions its cache row will hold, a tree's slots included
+    final_len: int  # the most positions its sequence reaches (prompt and every new token)
+    largest_tree: int  # the most draft nodes one of its trees may have
     finished: bool = False
     consistent: bool = True
 
@@ -68,7 +69,7 @@ class BatchEngine:
         result.stats.prefill_seconds = decoder.clock() - started
         largest_tree = request.tree_budget if request.tree_budget is not None else decoder.scheduler.max_budget
         row = next((i for i, member in enumerate(self.members) if member is None), len(self.members))
-        member = Member(request, result, run, row, started, run.prefix_len + request.max_new_tokens + largest_tree + 1)
+        member = Member(request, result, run, row, started, run.prefix_len + request.max_new_tokens, largest_tree)
         if row == len(self.members):
             self.members.append(None)
         self.members[row] = member
@@ -79,10 +80,10 @@ class BatchEngine:
         return member
 
     def _capacity(self) -> int:
-        """Positions a row needs: the longest any member reaches plus the largest tree of any (padding)."""
+        """Positions a row needs: the longest any member reaches, plus the slots of the largest tree
+        any member may have (every row of a forward feeds that many slots)."""
         members = [m for m in self.members if m is not None]
-        longest = max(m.run.prefix_len + m.request.max_new_tokens for m in members)
-        return longest + max(m.limit - m.run.prefix_len - m.request.max_new_tokens for m in members)
+        return max(m.final_len for m in members) + max(m.largest_tree for m in members) + 1
 
     @torch.inference_mode()
     def release(self, member: Member) -> None:
@@ -144,11 +145,8 @@ class BatchEngine:
     def _propose(self, members: list[Member]) -> list[TokenTree]:
         """Each member's tree: its fixed budget, or the scheduler's choice for the scheduled ones together."""
         decoder = self.decoder
-        trees = []
-        for member in members:
-            budget = member.request.tree_budget
-            tree = decoder._draft(member.run, budget)
-            trees.append(tree if budget is None or len(tree) <= budget else tree.prune(budget))
+        trees = [decoder._draft(m.run, None) if m.request.tree_budget is None
+                 else decoder._propose(m.run, m.request.tree_budget) for m in members]
         scheduled = [i for i, member in enumerate(members) if member.request.tree_budget is None]
         if scheduled:
             context_len = max(members[i].run.prefix_len for i in scheduled)
