@@ -47,9 +47,11 @@ class VerifyFeedback:
         tree: the verified tree (``None`` for the prompt prefill).
         accepted_nodes: ``node_idx`` of the accepted draft nodes, root to tip.
         bonus_token: the target's own token after the accepted path (-1 for the prefill).
-        feature: ``[1, h]`` on the model's device, what the target's LM head read at the slot whose
-            prediction is the next root (the last committed token); only for drafters that set
-            ``needs_features``, else None.
+        features: ``[e, h]`` on the model's device, what the target's LM head read at the latest
+            ``e`` committed positions, in order, the last one the position before the next root
+            (a step's ``e`` = its emitted tokens; a prefill's = at most ``needs_features``); only
+            for drafters that set ``needs_features``, else None.
+        sequence_id: the sequence verified (`DraftContext.sequence_id`).
     """
 
     tokens: np.ndarray
@@ -58,20 +60,22 @@ class VerifyFeedback:
     tree: TokenTree | None = None
     accepted_nodes: tuple[int, ...] = ()
     bonus_token: int = -1
-    feature: Any = None
+    features: Any = None
+    sequence_id: int = 0
 
 
 class Drafter(ABC):
     """Proposes token trees and learns from verification.
 
     Subclasses set ``name``, ``feedback_topk`` (how many of the target's top successors per
-    verified token they want in `observe`; 0 when they need none) and ``needs_features`` (whether
-    `observe` needs the target's feature at the new root's slot, `VerifyFeedback.feature`).
+    verified token they want in `observe`; 0 when they need none) and ``needs_features`` (how many
+    of the latest committed positions' target features `observe` needs after a prefill,
+    `VerifyFeedback.features`; 0 for none).
     """
 
     name: str = "drafter"
     feedback_topk: int = 0
-    needs_features: bool = False
+    needs_features: int = 0
 
     @abstractmethod
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:

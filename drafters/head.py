@@ -1,16 +1,20 @@
 """The ``head`` drafter: a small learned head that reads the target's own features.
 
-The head (trained by ``specdec distill``) predicts the target's next feature, what its LM head
-reads, from the current feature and the embedding of the next token; read out through the
-target's frozen LM head restricted to the ``K`` most frequent tokens of the distilled data
-(FR-Spec), it gives a distribution over the next-next token. Applied recurrently to its own
-predicted features it drafts deeper (EAGLE's feature recurrence; this head is a residual MLP over
-the fused inputs, with no attention and so no draft KV cache to keep in step).
+The head (`drafters.head_net.DraftHead`, trained by ``specdec distill``) predicts the target's next
+feature, what its LM head reads, from the features of the latest committed positions and the
+tokens that followed them (EAGLE's layout: one attention block over a window of past entries);
+read out through the target's frozen LM head restricted to the ``K`` most frequent tokens of the
+distillation text (FR-Spec), it gives a distribution over the token after next. Fed its own
+predicted features it drafts deeper.
 
-Drafting (EAGLE-2's dynamic tree): from the feature at the slot that chose the root, each depth
+Drafting (EAGLE-2's dynamic tree): the first depth reads the entry of the root; each further depth
 runs one batched head forward over the ``beam`` best frontier nodes, each offers its ``top_k``
-children scored by cumulative log-probability, and the best ``budget`` nodes overall are kept. It
-all runs on the model's device; the finished tree comes to the host in one copy.
+children scored by cumulative log-probability, and the best ``budget`` nodes overall are kept.
+Depths stop early (`DepthRule`): a depth is drafted only while its measured acceptance, in
+seconds of decoding it saves, exceeds its measured draft time, and the whole draft stays within
+`DRAFT_SHARE` of a step; a head whose first depth does not pay drafts only now and then, to
+keep measuring. It all runs on the model's device; the finished tree
+comes to the host in one copy.
 """
 
 from __future__ import annotations
@@ -26,33 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.depth_rule import DRAFT_SHARE, DepthRule
+from drafters.head_net import DraftHead, attend
 from trees import TokenTree
 
 HEAD_KIND = "specdec-head"
-HEAD_VERSION = 1
+HEAD_VERSION = 2  # 2: the attention head over a window of entries
 FINGERPRINT_ROWS = 4  # embedding rows whose values identify the target's weights
 FINGERPRINT_COLS = 16
-
-
-class DraftHead(nn.Module):
-    """``[m, h]`` feature and ``[m, h]`` next-token embedding -> ``[m, h]`` predicted next feature.
-
-    Both inputs are RMS-normalised, fused by a linear layer, and refined by one residual SiLU MLP.
-    """
-
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.hidden, self.inner = hidden, inner
-        self.feature_norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.token_norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.fuse = nn.Linear(2 * hidden, hidden)
-        self.mlp_norm = nn.RMSNorm(hidden, eps=1e-6)
-        self.up = nn.Linear(hidden, inner, bias=False)
-        self.down = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        fused = self.fuse(torch.cat([self.feature_norm(features), self.token_norm(embeddings)], dim=-1))
-        return fused + self.down(F.silu(self.up(self.mlp_norm(fused))))
 
 
 def model_identity(model) -> dict:
@@ -103,6 +88,7 @@ class HeadFile:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"kind": HEAD_KIND, "version": HEAD_VERSION, "hidden": self.head.hidden, "inner": self.head.inner,
+                    "heads": self.head.heads, "window": self.head.window,
                     "weights": {k: v.detach().float().cpu() for k, v in self.head.state_dict().items()},
                     "readout_ids": self.readout_ids.cpu(), "identity": self.identity,
                     "info": json.dumps(self.info)}, path)
@@ -125,6 +111,10 @@ class HeadFile:
             raise StateError(f"{where}: version {payload['version']} is not {HEAD_VERSION}; retrain with `specdec distill`")
         hidden = int_field(payload, "hidden", where, low=1, high=1 << 16)
         inner = int_field(payload, "inner", where, low=1, high=1 << 18)
+        heads = int_field(payload, "heads", where, low=1, high=hidden)
+        window = int_field(payload, "window", where, low=1, high=1 << 12)
+        if hidden % heads or (hidden // heads) % 2:
+            raise StateError(f"{where}: hidden size {hidden} does not split into {heads} heads of an even size")
         identity = field(payload, "identity", where)
         vocab = int_field(identity, "vocab_size", f"{where}: identity", low=1)
         if int_field(identity, "hidden_size", f"{where}: identity", low=1) != hidden:
@@ -135,7 +125,7 @@ class HeadFile:
         readout = array_field(payload, "readout_ids", where, shape=(None,), kind="int", low=0, high=vocab - 1)
         if readout.size == 0 or len(np.unique(readout)) != readout.size:
             raise StateError(f"{where}: readout_ids must be non-empty and distinct")
-        head = DraftHead(hidden, inner)
+        head = DraftHead(hidden, inner, heads, window)
         weights = field(payload, "weights", where)
         expected = head.state_dict()
         if not isinstance(weights, dict) or set(weights) != set(expected):
@@ -172,8 +162,22 @@ class HeadFile:
                              "(embedding values differ): train a head for this one with `specdec distill`")
 
 
+@dataclass
+class _Window:
+    """One sequence's committed entries as the head sees them (device tensors)."""
+
+    pending: list  # [e, h] features observed since the last draft, oldest first
+    keys: torch.Tensor | None = None  # [1, H, <= window, d] rotated keys of the latest entries
+    values: torch.Tensor | None = None  # [1, H, <= window, d]
+    entries: int = 0  # entries made so far (the next entry's position)
+    last: tuple | None = None  # (entry [1, 1, h], query [1, H, 1, d], position) of the latest entry
+    proposed: tuple | None = None  # (tokens, parents, drafted depths) of the last tree, host
+    drafted_at: float | None = None  # perf_counter() of the last draft
+    emitted: int = 1  # tokens the last verified step emitted
+
+
 class HeadDrafter(Drafter):
-    """Drafts with a trained `HeadFile` from the target's feature at the root's slot.
+    """Drafts with a trained `HeadFile` from the target's features at the latest committed slots.
 
     Args:
         head_file: the trained head (checked against ``model``).
@@ -181,53 +185,112 @@ class HeadDrafter(Drafter):
         top_k: children offered by each expanded node.
         beam: frontier nodes expanded per depth.
         max_depth: deepest drafted node.
+        draft_share: the most a draft may take of a step (`DepthRule`'s ``share``).
+        clock: seconds for the depth rule's measurements (``time.perf_counter``).
     """
 
     name = "head"
-    needs_features = True
 
-    def __init__(self, head_file: HeadFile, model, top_k: int = 4, beam: int = 4, max_depth: int = 6) -> None:
+    def __init__(self, head_file: HeadFile, model, top_k: int = 4, beam: int = 4, max_depth: int = 6,
+                 draft_share: float = DRAFT_SHARE, clock=None) -> None:
+        import time
+
         if top_k < 1 or beam < 1 or max_depth < 1:
             raise ValueError("top_k, beam and max_depth must be >= 1")
+        if not 0 < draft_share <= 1:
+            raise ValueError(f"draft_share must be in (0, 1], got {draft_share}")
         head_file.check_target(model)
         device = model.device
         self.head_file = head_file
         self.head = head_file.head.to(device=device, dtype=torch.float32).eval()
+        self.needs_features = self.head.window
         self.embed = model.get_input_embeddings()
         self.readout_ids = head_file.readout_ids.to(device)  # [K]
         self.readout = model.get_output_embeddings().weight.detach()[self.readout_ids].float()  # [K, h]
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
+        self.draft_share = draft_share
+        self.depths = DepthRule(max_depth, draft_share)
+        self.clock = clock or time.perf_counter
         self.source_id = 0
-        self._feature: torch.Tensor | None = None  # [1, h] device: the feature at the root's slot
+        self._windows: dict[int, _Window] = {}
 
     def observe(self, feedback: VerifyFeedback) -> None:
-        if feedback.feature is not None:
-            self._feature = feedback.feature.float()
+        if feedback.features is None:
+            return
+        window = self._windows.setdefault(feedback.sequence_id, _Window([]))
+        window.pending.append(feedback.features.float())
+        if feedback.tree is not None and window.proposed is not None:
+            tokens, parents, depth = window.proposed
+            accepted = feedback.tree.tokens[list(feedback.accepted_nodes)].tolist()
+            self.depths.record_outcome(depth, own_path_depth(tokens, parents, accepted))
+            window.proposed = None
+        if feedback.tree is not None:
+            window.emitted = len(feedback.accepted_nodes) + 1
 
     def end_sequence(self, sequence_id: int) -> None:
-        self._feature = None
+        self._windows.pop(sequence_id, None)
 
     def reset(self) -> None:
-        self._feature = None
+        self._windows.clear()
+        self.depths = DepthRule(self.max_depth, self.draft_share)
 
-    def log_probs(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One head step: ``[m, h]`` features and ``[m]`` next tokens (device) -> predicted features
-        ``[m, h]`` and log-probabilities ``[m, K]`` over the readout tokens."""
-        predicted = self.head(features, self.embed(tokens).float())
-        return predicted, torch.log_softmax(predicted @ self.readout.T, dim=-1)
+    def _extend(self, window: _Window, history: np.ndarray) -> None:
+        """Turn the pending features into entries, paired with the tokens that followed them (the
+        tail of ``history``, the root last); keep the keys of the latest ``window`` entries."""
+        features = torch.cat(window.pending)[-self.head.window :]  # [e, h]
+        window.pending = []
+        tokens = torch.from_numpy(np.ascontiguousarray(history[-len(features) :])).to(features.device)  # [e]
+        entries = self.head.entries(features, self.embed(tokens).float())[None]  # [1, e, h]
+        positions = torch.arange(window.entries, window.entries + len(features), device=features.device)
+        q, k, v = self.head.project(entries, positions)
+        keep = self.head.window
+        window.keys = k if window.keys is None else torch.cat([window.keys, k], dim=2)[:, :, -keep:]
+        window.values = v if window.values is None else torch.cat([window.values, v], dim=2)[:, :, -keep:]
+        window.entries += len(features)
+        window.last = (entries[:, -1:], q[:, :, -1:], window.entries - 1)
+
+    def read_out(self, predicted: torch.Tensor) -> torch.Tensor:
+        """``[m, K]`` log-probabilities over the readout tokens of predicted features ``[m, h]``."""
+        return torch.log_softmax(predicted @ self.readout.T, dim=-1)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
-        if budget <= 0 or self._feature is None:
+        window = self._windows.get(ctx.sequence_id)
+        if budget <= 0 or window is None:
+            return TokenTree.empty()
+        now = self.clock()
+        if window.drafted_at is not None:
+            self.depths.record_step(now - window.drafted_at, window.emitted)
+        window.drafted_at = now
+        if window.pending and len(ctx.token_ids) >= sum(len(f) for f in window.pending):
+            self._extend(window, ctx.token_ids)
+        if window.last is None:
             return TokenTree.empty()
         device = self.readout.device
-        features = self._feature  # [1, h]
-        tokens = torch.tensor([ctx.root], device=device)  # [1]
+        entry, query, position = window.last
+        empty = window.keys.new_zeros(*query.shape[:3], 0, query.shape[-1])  # [1, H, 1, 0, d]
+        chain_k = chain_v = empty  # [f, H, 1, J, d]: the frontier's chain entries
         frontier_nodes = torch.full((1,), -1, dtype=torch.long, device=device)  # node_idx of the frontier
         frontier_scores = torch.zeros(1, device=device)
-        parts, drafted = [], 0
-        for _ in range(min(self.max_depth, budget)):
-            features, logp = self.log_probs(features, tokens)  # [f, h], [f, K]
+        parts, drafted, spent, depth = [], 0, 0.0, 0
+        while depth < min(self.max_depth, budget) and self.depths.should_draft(depth + 1, spent):
+            depth += 1
+            started = self.clock()
+            if depth == 1:
+                predicted = self.head.finish(entry, attend(query, window.keys, window.values, None, empty, empty))[:, 0]
+            else:  # expand the best frontier nodes of the depth above
+                best = scores.topk(min(self.beam, scores.numel()))
+                parent_of = best.indices // k
+                tokens, frontier_scores = child_tokens[best.indices], best.values
+                frontier_nodes = drafted + best.indices
+                drafted += scores.numel()
+                entries = self.head.entries(predicted[parent_of], self.embed(tokens).float())[:, None]  # [f, 1, h]
+                q, k_new, v_new = self.head.project(entries, torch.tensor([position + depth - 1], device=device))
+                chain_k = torch.cat([chain_k[parent_of], k_new.unsqueeze(3)], dim=3)
+                chain_v = torch.cat([chain_v[parent_of], v_new.unsqueeze(3)], dim=3)
+                attended = attend(q, window.keys, window.values, None, chain_k, chain_v)
+                predicted = self.head.finish(entries, attended)[:, 0]  # [f, h]
+            logp = self.read_out(predicted)  # [f, K]
             k = min(self.top_k, logp.shape[-1])
             top = logp.topk(k, dim=-1)
             scores = (frontier_scores[:, None] + top.values).flatten()  # [f*k]
@@ -235,17 +298,22 @@ class HeadDrafter(Drafter):
             parents = frontier_nodes[:, None].expand(-1, k).flatten()
             ranks = torch.arange(k, device=device).repeat(len(frontier_nodes))
             parts.append(torch.stack([child_tokens.double(), parents.double(), scores.double(), ranks.double()]))
-            best = scores.topk(min(self.beam, scores.numel()))
-            features = features[best.indices // k]
-            tokens, frontier_scores = child_tokens[best.indices], best.values
-            frontier_nodes = drafted + best.indices
-            drafted += scores.numel()
+            seconds = self.clock() - started
+            self.depths.record_depth(depth, seconds)
+            spent += seconds
+        if not parts:
+            return TokenTree.empty()
         packed = np.asarray(torch.cat(parts, dim=1).tolist())  # [4, n]: the tree's one copy to the host
         tree = TokenTree(torch.from_numpy(packed[0].astype(np.int64)), torch.from_numpy(packed[1].astype(np.int64)),
                          torch.from_numpy(packed[2].astype(np.float32)),
                          torch.full((packed.shape[1],), self.source_id, dtype=torch.int8),
                          torch.from_numpy(packed[3].astype(np.int64)))
+        window.proposed = (tree.tokens.numpy(), tree.parents.numpy(), depth)
         return tree.prune(budget) if len(tree) > budget else tree
+
+    def explain(self) -> dict:
+        """The depth rule's measurements: per-depth reach and draft milliseconds."""
+        return self.depths.report()
 
     def state_dict(self) -> dict:
         return {"vocab_size": int(self.head_file.identity["vocab_size"])}
@@ -254,6 +322,18 @@ class HeadDrafter(Drafter):
         from drafters.state import check_vocab_size
 
         check_vocab_size(state, int(self.head_file.identity["vocab_size"]), "head drafter state")
+
+
+def own_path_depth(tokens: np.ndarray, parents: np.ndarray, accepted: list[int]) -> int:
+    """How deep the accepted tokens (root to tip) follow a path of the tree ``tokens``/``parents``
+    (``node_idx`` space, -1 the root)."""
+    node = -1
+    for depth, token in enumerate(accepted):
+        match = np.flatnonzero((parents == node) & (tokens == token))
+        if not match.size:
+            return depth
+        node = int(match[0])
+    return len(accepted)
 
 
 def readout_coverage(counts: np.ndarray, sizes) -> dict[int, float]:

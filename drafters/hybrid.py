@@ -24,7 +24,7 @@ class HybridDrafter(Drafter):
         self.members = members
         self.name = "+".join(names)
         self.feedback_topk = max(m.feedback_topk for m in members)
-        self.needs_features = any(m.needs_features for m in members)
+        self.needs_features = max(m.needs_features for m in members)
 
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:

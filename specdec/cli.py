@@ -85,18 +85,20 @@ def _load(model_path: str | None, dtype: str, device: str, tp: bool = False):
               help="Local HF model dir, .gguf, or alias (default: SmolLM2-135M-Instruct).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Head file to write (default: the model's cache entry, where `auto` finds it).")
-@click.option("--minutes", type=float, default=20.0, show_default=True, help="Time budget, data included.")
+@click.option("--minutes", type=float, default=30.0, show_default=True, help="Time budget, data included.")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
               help="Spec-Bench JSONL or one prompt per line (repeatable); read, never copied.")
 @click.option("--self-prompts", type=int, default=64, show_default=True,
               help="Prompts the model writes for itself (Magpie-style).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="fp32", show_default=True,
-              help="The target's dtype while distilling.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
+              help="The target's dtype while distilling (labels at prefill speed; the head serves any dtype).")
+@click.option("--text-chars", type=int, default=6_000_000, show_default=True,
+              help="Characters of documentation shipped with installed packages to label (0: replies only).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts answered together.")
 @click.option("--max-new-tokens", type=int, default=160, show_default=True, help="Reply length per prompt.")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are skipped.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, batch_size, max_new_tokens,
+def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, text_chars, batch_size, max_new_tokens,
             max_prompt_tokens, seed) -> None:
     """Train a draft head for the model by self-distillation (resumable: rerun to continue)."""
     import resource
@@ -107,9 +109,9 @@ def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, ba
     from drafters import default_head_path
     from specdec.distill import DistillError, distill as run_distill, read_prompts
 
-    if not minutes > 0 or min(batch_size, max_new_tokens, max_prompt_tokens) < 1 or self_prompts < 0:
+    if not minutes > 0 or min(batch_size, max_new_tokens, max_prompt_tokens) < 1 or min(self_prompts, text_chars) < 0:
         raise click.UsageError("--minutes must be > 0, --batch-size, --max-new-tokens and --max-prompt-tokens >= 1, "
-                               "--self-prompts >= 0")
+                               "--self-prompts and --text-chars >= 0")
     try:
         prompts = [p for f in prompt_files for p in read_prompts(f)]
     except DistillError as err:
@@ -118,17 +120,20 @@ def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, ba
     out = Path(out_path) if out_path else default_head_path(model)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=_stderr_console()) as bar:
-        tasks = {"data": bar.add_task("replies + features", total=1.0), "train": bar.add_task("training", total=1.0)}
+        tasks = {"data": bar.add_task("replies + labels", total=1.0), "train": bar.add_task("training", total=1.0)}
         try:
             report = run_distill(model, tokenizer, out, minutes, prompts, self_prompts, batch_size, max_new_tokens,
-                                 max_prompt_tokens, seed=seed, progress=lambda phase, done: bar.update(tasks[phase], completed=done))
+                                 max_prompt_tokens, text_chars=text_chars, seed=seed,
+                                 progress=lambda phase, done: bar.update(tasks[phase], completed=done))
         except DistillError as err:
             raise click.UsageError(str(err)) from None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    click.echo(f"head saved to {out} ({report.file_mb:.1f} MB): {report.prompts} prompts, {report.tokens} tokens "
-               f"({report.data_seconds / 60:.1f} min), {report.train_steps} training steps "
-               f"({report.train_seconds / 60:.1f} min), readout {report.readout_size} tokens, held-out top-1 "
-               f"{report.held_out_top1:.3f}, peak memory {peak_mb:.0f} MB")
+    held = report.held_out
+    click.echo(f"head saved to {out} ({report.file_mb:.1f} MB): {report.tokens} labelled tokens "
+               f"({report.reply_tokens} of the model's replies to {report.prompts} prompts, {report.text_tokens} of "
+               f"text) in {report.data_seconds / 60:.1f} min, {report.train_steps} training steps in "
+               f"{report.train_seconds / 60:.1f} min, readout {report.readout_size} tokens; held-out per depth: top-1 "
+               f"{held.get('top1')}, chain {held.get('chain')}; peak memory {peak_mb:.0f} MB")
 
 
 def _stderr_console():

@@ -250,7 +250,7 @@ class SpeculativeDecoder:
         outcome = read_outcome(accepted, self._topk(logits))  # the step's one device-to-host read
         emitted, finished = self._emit(run, request, result, outcome, logits, scores, accepted.path)
         kv.compact(run.cache, run.prefix_len, accepted.path[: len(emitted)], outcome.path_slots[: len(emitted)])
-        self._observe(tree, run.root, outcome, self.features.rows(accepted.path[len(emitted) - 1 : len(emitted)]))
+        self._observe(tree, run, outcome, self.features.rows(accepted.path[: len(emitted)]))
         times = timer.end()
         self.scheduler.record(tree, run.prefix_len, times.verify, times.overhead, outcome.accepted_nodes)
         run.advance(emitted, accepted.block[: len(emitted)])
@@ -315,9 +315,11 @@ class SpeculativeDecoder:
                 return emitted[: i + 1], True
         return emitted, False
 
-    def _observe(self, tree: TokenTree, root: int, outcome: Outcome, feature: torch.Tensor | None) -> None:
-        """Tell the drafter what the target predicted at every slot (committed slots last) and its
-        ``feature`` (``[1, h]`` device) at the slot that chose the new root."""
+    def _observe(self, tree: TokenTree, run: SequenceState, outcome: Outcome, features: torch.Tensor | None) -> None:
+        """Tell the drafter what the target predicted at every slot of ``run``'s step (committed
+        slots last) and its ``features`` (``[e, h]`` device) at the slots that chose the ``e``
+        emitted tokens."""
+        root = run.root
         kept = outcome.path_slots
         rejected = sorted(set(range(len(tree) + 1)) - set(kept))
         order = np.asarray(rejected + kept, dtype=np.int64)
@@ -328,7 +330,7 @@ class SpeculativeDecoder:
             tokens=slot_tokens[order],
             topk_ids=outcome.topk_ids[order] if outcome.topk_ids.size else np.zeros((order.size, 0), np.int64),
             committed=committed, tree=tree, accepted_nodes=outcome.accepted_nodes, bonus_token=outcome.bonus_token,
-            feature=feature,
+            features=features, sequence_id=run.sequence_id,
         ))
 
     def _count(self, stats: SpecStats, tree: TokenTree, outcome: Outcome, emitted: list[int], times) -> None:
@@ -366,30 +368,34 @@ class SpeculativeDecoder:
             kv_state.token_ids = kv_state.token_ids[:reused]  # true even if the prefill below fails
         if cache is None:
             cache = SlotCache.for_model(self.model, capacity)
-        prefix_len = self._prefill(cache, torch.tensor(seen[reused:-1], dtype=torch.long), reused)
+        sequence_id = next(self._sequences)
+        prefix_len = self._prefill(cache, torch.tensor(seen[reused:-1], dtype=torch.long), reused, sequence_id)
         stats.reused_prefix_tokens, stats.prefilled_tokens = reused, len(seen) - 1 - reused
         history = np.empty(prompt.numel() + request.max_new_tokens + 1, dtype=np.int64)
         history[: prompt.numel()] = prompt.numpy()
         history_device = torch.from_numpy(history).to(self.model.device)  # the prompt, copied up once
-        return SequenceState(cache, history, history_device, prompt.numel(), prefix_len, seen[-1], next(self._sequences),
+        return SequenceState(cache, history, history_device, prompt.numel(), prefix_len, seen[-1], sequence_id,
                     prompt.numel(), seen)
 
-    def _prefill(self, cache: SlotCache, context: torch.Tensor, cached: int) -> int:
+    def _prefill(self, cache: SlotCache, context: torch.Tensor, cached: int, sequence_id: int) -> int:
         """Cache ``context`` (``[m]`` host ids after the ``cached`` positions already in ``cache``)
-        and show the drafter what the target predicted there. Returns the cache length."""
+        and show the drafter what the target predicted there (its features at the last
+        ``needs_features`` positions). Returns the cache length."""
         if context.numel() == 0:
             return cached
         k = self.drafter.feedback_topk
+        featured = min(context.numel(), self.drafter.needs_features)
         with self.features.capture():
             out = forward_with_cache(self.model, cache, input_ids=context[None].to(self.model.device),
-                                     logits_to_keep=0 if k else 1)
-        feature = self.features.rows(torch.tensor([context.numel() - 1 if k else 0], device=self.model.device))  # last
-        if k or feature is not None:
+                                     logits_to_keep=0 if k else max(featured, 1))
+        kept = context.numel() if k else max(featured, 1)  # positions the LM head read, the last ones
+        features = self.features.rows(torch.arange(kept - featured, kept, device=self.model.device))
+        if k or features is not None:
             self.drafter.observe(VerifyFeedback(
                 tokens=context.numpy(),
                 topk_ids=(row_topk_ids(out.logits[0], k).cpu().numpy() if k  # [m, k]: once per generation
                           else np.zeros((context.numel(), 0), dtype=np.int64)),
-                committed=np.ones(context.numel(), dtype=bool), feature=feature,
+                committed=np.ones(context.numel(), dtype=bool), features=features, sequence_id=sequence_id,
             ))
         return cached + context.numel()
 

@@ -42,7 +42,10 @@ def untrained_head(model, seed: int = 12):
     torch.manual_seed(seed)
     hidden = model.config.hidden_size
     vocab = model.get_output_embeddings().weight.shape[0]
-    return HeadFile(DraftHead(hidden, 2 * hidden), torch.arange(vocab), model_identity(model), {})
+    from specdec.distill.training import head_heads
+
+    head = DraftHead(hidden, 2 * hidden, head_heads(hidden), window=8)
+    return HeadFile(head, torch.arange(vocab), model_identity(model), {})
 
 
 @pytest.fixture(autouse=True)

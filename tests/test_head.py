@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from drafters import HeadDrafter, HeadFile, default_head_path, make_drafter
-from drafters.head import DraftHead, choose_readout, model_identity
+from drafters.depth_rule import DepthRule
+from drafters.head import choose_readout, model_identity
+from drafters.head_net import attend, rotate
 from drafters.state import StateError
 from specdec import SpeculativeDecoder
-from specdec.distill import Shard, Trainer, distill_batch, split_positions
+from specdec.distill import Shard, Trainer, generate_replies, label_sequences, reply_counts, split_positions
+from specdec.distill.training import head_heads
 from tests.conftest import hf_greedy, tiny_llama
 
 VOCAB = 96
@@ -55,20 +58,21 @@ def trained_target():
 def train_head(model, book, steps: int) -> HeadFile:
     """Distil a head from the target's greedy replies to phrase-book prompts (``steps`` = 0: untrained)."""
     prompts = sentences(book, 48, 12, seed=1000).tolist()
-    shards = [distill_batch(model, prompts[i : i + 16], 40, pad=0, eos_ids=[2]) for i in range(0, 48, 16)]
-    data = Shard.cat(shards)
-    counts = np.bincount(data.topk_ids[:, 0].numpy(), minlength=VOCAB).astype(float)
-    readout = choose_readout(counts, [2], coverage=0.99, smallest=32)
-    trainer = Trainer(model, data, readout, inner=128, lr=3e-3, batch_size=128)
+    replies = [r for i in range(0, 48, 16) for r in generate_replies(model, prompts[i : i + 16], 40, pad=0, eos_ids=[2])]
+    sequences = [(p + r, len(p)) for p, r in zip(prompts, replies)]
+    readout = choose_readout(reply_counts(sequences, VOCAB), [2], coverage=0.99, smallest=32)
+    data = Shard.cat([label_sequences(model, sequences[i : i + 16], readout, context=8, pad=0) for i in range(0, 48, 16)])
+    trainer = Trainer(model, data, readout, inner=128, heads=head_heads(64), window=8, lr=3e-3, chunks=8, chunk_len=32)
     train, _ = split_positions(data)
     if steps:
-        trainer.train(train, until=float("inf"), total_steps=steps)
+        trainer.train(trainer.usable_starts(train), until=float("inf"), total_steps=steps)
     return HeadFile(trainer.head.eval(), readout, model_identity(model), {})
 
 
 def acceptance(model, head_file, prompts) -> float:
-    """Mean accepted draft tokens per step with the head drafter at a fixed budget of 8."""
-    decoder = SpeculativeDecoder(model, drafter=HeadDrafter(head_file, model), tree_budget=8)
+    """Mean accepted draft tokens per step with the head drafter at a fixed budget of 8 (the tiny
+    target's forward costs about as much as a head depth: no cap on the draft's share of a step)."""
+    decoder = SpeculativeDecoder(model, drafter=HeadDrafter(head_file, model, draft_share=1.0), tree_budget=8)
     accepted = []
     for prompt in prompts:
         decoder.generate(prompt[None], max_new_tokens=32)
@@ -133,6 +137,8 @@ def test_malformed_head_files_are_state_errors(trained_target, tmp_path):
         "readout repeated": {**good, "readout_ids": torch.tensor([3, 3])},
         "weight shape": {**good, "weights": {**good["weights"], "fuse.bias": torch.zeros(3)}},
         "weight NaN": {**good, "weights": {**good["weights"], "fuse.bias": torch.full((64,), float("nan"))}},
+        "heads": {**good, "heads": 5},
+        "window": {**good, "window": 0},
         "missing weight": {**good, "weights": {k: v for k, v in good["weights"].items() if k != "up.weight"}},
         "hidden": {**good, "hidden": -1},
     }
@@ -154,7 +160,48 @@ def test_head_drafter_without_a_feature_proposes_nothing(trained_target):
     from drafters import DraftContext
 
     assert len(drafter.propose(DraftContext(np.array([5, 6, 7])), 8)) == 0
-    assert isinstance(DraftHead(8, 16)(torch.zeros(2, 8), torch.zeros(2, 8)), torch.Tensor)
+
+
+def test_attend_equals_masked_attention_over_context_and_chain():
+    """The head's attention (shared context + each query's own chain) is softmax attention over
+    the keys each query may see, as one explicit mask says."""
+    torch.manual_seed(0)
+    batch, heads, queries, context, chain, size = 2, 3, 5, 7, 2, 8
+    q = torch.randn(batch, heads, queries, size)
+    ctx_k, ctx_v = torch.randn(batch, heads, context, size), torch.randn(batch, heads, context, size)
+    chain_k, chain_v = torch.randn(batch, heads, queries, chain, size), torch.randn(batch, heads, queries, chain, size)
+    mask = torch.rand(batch, queries, context) > 0.4
+    mask[..., 0] = True
+    got = attend(q, ctx_k, ctx_v, mask, chain_k, chain_v)
+    for b in range(batch):
+        for i in range(queries):
+            keys = torch.cat([ctx_k[b, :, mask[b, i]], chain_k[b, :, i]], dim=1)  # [H, visible, d]
+            values = torch.cat([ctx_v[b, :, mask[b, i]], chain_v[b, :, i]], dim=1)
+            want = torch.softmax(q[b, :, i, None] @ keys.transpose(1, 2) / size ** 0.5, dim=-1) @ values
+            assert torch.allclose(got[b, :, i], want[:, 0], atol=1e-5)
+    # rotary positions: scores depend on position differences only
+    a, b = torch.randn(1, 1, 4, size), torch.randn(1, 1, 4, size)
+    at = torch.arange(4)
+    assert torch.allclose(rotate(a, at) @ rotate(b, at).transpose(-1, -2),
+                          rotate(a, at + 100) @ rotate(b, at + 100).transpose(-1, -2), atol=1e-4)
+
+
+def test_depth_rule_drafts_only_depths_that_pay():
+    rule = DepthRule(max_depth=4, share=0.15, probe_every=4)
+    assert rule.should_draft(3, 0.0)  # unmeasured: measure it
+    for _ in range(40):
+        rule.record_step(0.050, emitted=2)  # 25 ms per emitted token
+        rule.record_outcome(4, reached=1)  # depth 1 always right, depth 2+ never
+    for depth in range(1, 5):
+        rule.record_depth(depth, 0.002)
+    assert rule.reach()[0] > 0.9 and rule.reach()[1] < 0.1
+    assert rule.should_draft(1, 0.0)  # saves ~23 ms for 2 ms
+    assert not rule.should_draft(2, 0.002)  # saves < 2.5 ms for 2 ms: reach too low
+    for _ in range(40):
+        rule.record_depth(1, 0.010)
+    assert not rule.should_draft(1, 0.0)  # 10 ms > 15 % of a 50 ms step
+    drafted = [rule.should_draft(1, 0.0) for _ in range(8)]
+    assert drafted == [False, False, True, False, False, False, True, False]  # probes keep measuring
 
 
 def test_prompt_files_are_checked(tmp_path):
@@ -197,13 +244,17 @@ class CharTokenizer:
         return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
 
-def test_distill_resumes_after_an_interruption(trained_target, tmp_path):
-    from specdec.distill import distill
+def test_distill_resumes_after_an_interruption(trained_target, tmp_path, monkeypatch):
+    import specdec.distill as distill_module
 
     model, _ = trained_target
     prompts = [f"prompt number {i} about {'xyz' * (i % 3)}" for i in range(12)]
     out = tmp_path / "head.pt"
     work = tmp_path / "head.pt.work"
+    generated = []
+    real_generate = distill_module.generate_replies
+    monkeypatch.setattr(distill_module, "generate_replies",
+                        lambda *args, **kwargs: generated.append(1) or real_generate(*args, **kwargs))
 
     class Interrupted(Exception):
         pass
@@ -215,13 +266,13 @@ def test_distill_resumes_after_an_interruption(trained_target, tmp_path):
         ticks = iter(range(10**9))
         return lambda: 0.5 * next(ticks)
 
-    options = dict(minutes=1, prompts=prompts, self_prompt_count=0, batch_size=4, max_new_tokens=12)
+    options = dict(minutes=2, prompts=prompts, self_prompt_count=0, batch_size=4, max_new_tokens=12, text_chars=0)
     with pytest.raises(Interrupted):
-        distill(model, CharTokenizer(), out, progress=interrupt, clock=fake_clock(), **options)
-    assert len(list(work.glob("shard-*.pt"))) == 1 and not out.exists()
-    seen = []
-    report = distill(model, CharTokenizer(), out, clock=fake_clock(), progress=lambda *p: seen.append(p), **options)
+        distill_module.distill(model, CharTokenizer(), out, progress=interrupt, clock=fake_clock(), **options)
+    assert len(generated) == 1 and not out.exists() and (work / "manifest.json").is_file()
+    report = distill_module.distill(model, CharTokenizer(), out, clock=fake_clock(), **options)
+    assert len(generated) == 3  # the first batch of replies was kept, not redone
     assert out.is_file() and not work.exists()
-    assert seen[0] == ("data", pytest.approx(8 / 12))  # the first batch was kept, not redone
-    assert report.sequences == len(prompts) and report.train_steps > 0
+    assert report.sequences == len(prompts) and report.train_steps > 0 and report.tokens > 0
+    assert len(report.held_out["chain"]) == len(report.held_out["top1"])
     HeadFile.load(out, model)

@@ -15,7 +15,9 @@ from bench.datasets import BUILTIN_QUESTIONS
 from drafters import HeadFile
 from drafters.head import choose_readout, model_identity
 from specdec import SpeculativeDecoder, load_default_model
-from specdec.distill import Shard, Trainer, chat_ids, distill_batch, eos_ids_of, pad_id, split_positions
+from specdec.distill import (Shard, Trainer, chat_ids, eos_ids_of, generate_replies, label_sequences, pad_id,
+                             reply_counts, split_positions)
+from specdec.distill.training import head_heads
 from specdec.prompts import encode_chat
 
 pytestmark = pytest.mark.real_model
@@ -70,12 +72,15 @@ def distilled_head(real_model):
     (weak, but its nodes are accepted: the acceptance path runs with real features)."""
     model, tokenizer = real_model
     prompts = [chat_ids(tokenizer, q.turns[0]) for q in BUILTIN_QUESTIONS]
-    data = Shard.cat([distill_batch(model, prompts[i : i + 8], 48, pad_id(tokenizer), eos_ids_of(model, tokenizer))
-                      for i in range(0, len(prompts), 8)])
-    counts = np.bincount(data.topk_ids[:, 0].numpy(), minlength=model.config.vocab_size).astype(float)
-    readout = choose_readout(counts, eos_ids_of(model, tokenizer))
-    trainer = Trainer(model, data, readout, inner=2 * model.config.hidden_size)
-    trainer.train(split_positions(data)[0], until=float("inf"), total_steps=80)
+    replies = [r for i in range(0, len(prompts), 8)
+               for r in generate_replies(model, prompts[i : i + 8], 48, pad_id(tokenizer), eos_ids_of(model, tokenizer))]
+    sequences = [(p + r, len(p)) for p, r in zip(prompts, replies)]
+    readout = choose_readout(reply_counts(sequences, model.config.vocab_size), eos_ids_of(model, tokenizer))
+    data = Shard.cat([label_sequences(model, sequences[i : i + 8], readout, 16, pad_id(tokenizer))
+                      for i in range(0, len(sequences), 8)])
+    hidden = model.config.hidden_size
+    trainer = Trainer(model, data, readout, inner=2 * hidden, heads=head_heads(hidden), window=16)
+    trainer.train(trainer.usable_starts(split_positions(data)[0]), until=float("inf"), total_steps=80)
     return HeadFile(trainer.head, readout, model_identity(model), {})
 
 

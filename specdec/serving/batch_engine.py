@@ -129,7 +129,7 @@ class BatchEngine:
                 emitted.append(new)
             features = self._features(members, accepted.path, emitted)
             for member, tree, new, feature in zip(members, trees, emitted, features):
-                decoder._observe(tree, member.run.root, outcomes[member.row], feature)
+                decoder._observe(tree, member.run, outcomes[member.row], feature)
             times = timer.end()
             decoder.scheduler.record_batch(trees, max(m.run.prefix_len for m in members), times.verify,
                                            times.overhead, [outcomes[m.row].accepted_nodes for m in members])
@@ -186,9 +186,10 @@ class BatchEngine:
         return choices, scores
 
     def _features(self, members: list[Member], paths: torch.Tensor, emitted: list[list[int]]) -> list:
-        """Each member's target feature at the slot that chose its new root (None without a head)."""
+        """Each member's target features (``[e, h]`` device) at the slots that chose its ``e``
+        emitted tokens (None without a drafter that reads features)."""
         device = paths.device
-        rows = torch.tensor([m.row for m in members], device=device)
-        cut = torch.tensor([len(new) - 1 for new in emitted], device=device)
-        features = self.decoder.features.batch_rows(rows, paths[rows, cut])
-        return [None] * len(members) if features is None else list(features.split(1))
+        rows = torch.tensor([m.row for m, new in zip(members, emitted) for _ in new], device=device)  # host-built
+        depth = torch.tensor([i for new in emitted for i in range(len(new))], device=device)
+        features = self.decoder.features.batch_rows(rows, paths[rows, depth])
+        return [None] * len(members) if features is None else list(features.split([len(new) for new in emitted]))
