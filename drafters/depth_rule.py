@@ -23,7 +23,8 @@ class DepthRule:
     Args:
         max_depth: the deepest depth measured.
         share: the most a draft may take of a step (seconds of drafting / seconds per step).
-        probe_every: when even depth 1 does not pay, still draft every ``probe_every``-th step.
+        probe_every: a depth that does not pay is still drafted at every ``probe_every``-th
+            refusal, so its reach and cost stay measured.
     """
 
     def __init__(self, max_depth: int, share: float = DRAFT_SHARE, probe_every: int = 16) -> None:
@@ -34,7 +35,7 @@ class DepthRule:
         self.depth_seconds = np.zeros(max_depth)  # decayed mean seconds of depth d's forward (0: unmeasured)
         self.step_seconds = 0.0  # decayed mean seconds between successive drafts (0: unmeasured)
         self.tokens_per_step = 1.0
-        self.skipped = 0  # consecutive steps without a draft
+        self.skipped = np.zeros(max_depth, dtype=np.int64)  # consecutive refusals of depth d
 
     def reach(self) -> np.ndarray:
         """``[max_depth]`` measured chance that the drafter's own path is accepted to depth d."""
@@ -47,16 +48,14 @@ class DepthRule:
             return True  # unmeasured: draft, and so measure
         saves = self.reach()[depth - 1] * self.step_seconds / max(self.tokens_per_step, 1.0)
         pays = saves > cost and drafted_seconds + cost <= self.share * self.step_seconds
-        if depth == 1:
-            if pays:
-                self.skipped = 0
-                return True
-            self.skipped += 1
-            if self.skipped >= self.probe_every:
-                self.skipped = 0
-                return True
-            return False
-        return pays
+        if pays:
+            self.skipped[depth - 1] = 0
+            return True
+        self.skipped[depth - 1] += 1
+        if self.skipped[depth - 1] >= self.probe_every:  # a probe: keep measuring what does not pay
+            self.skipped[depth - 1] = 0
+            return True
+        return False
 
     def record_depth(self, depth: int, seconds: float) -> None:
         """``depth``'s draft forward took ``seconds``."""

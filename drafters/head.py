@@ -38,6 +38,7 @@ HEAD_KIND = "specdec-head"
 HEAD_VERSION = 2  # 2: the attention head over a window of entries
 FINGERPRINT_ROWS = 4  # embedding rows whose values identify the target's weights
 FINGERPRINT_COLS = 16
+MAX_OPEN_SEQUENCES = 64  # sequences whose windows are kept at once
 
 
 def model_identity(model) -> dict:
@@ -169,11 +170,10 @@ class _Window:
     pending: list  # [e, h] features observed since the last draft, oldest first
     keys: torch.Tensor | None = None  # [1, H, <= window, d] rotated keys of the latest entries
     values: torch.Tensor | None = None  # [1, H, <= window, d]
-    entries: int = 0  # entries made so far (the next entry's position)
+    entries: int = 0  # the next entry's rotary position (entries made so far)
     last: tuple | None = None  # (entry [1, 1, h], query [1, H, 1, d], position) of the latest entry
     proposed: tuple | None = None  # (tokens, parents, drafted depths) of the last tree, host
-    drafted_at: float | None = None  # perf_counter() of the last draft
-    emitted: int = 1  # tokens the last verified step emitted
+    observed_at: float | None = None  # clock() of the last verified step's feedback
 
 
 class HeadDrafter(Drafter):
@@ -215,17 +215,25 @@ class HeadDrafter(Drafter):
         self._windows: dict[int, _Window] = {}
 
     def observe(self, feedback: VerifyFeedback) -> None:
-        if feedback.features is None:
+        if feedback.features is None or not len(feedback.features):
             return
-        window = self._windows.setdefault(feedback.sequence_id, _Window([]))
+        window = self._windows.get(feedback.sequence_id)
+        if window is None:
+            while len(self._windows) >= MAX_OPEN_SEQUENCES:  # sequences never ended: forget the oldest
+                self._windows.pop(next(iter(self._windows)))
+            window = self._windows[feedback.sequence_id] = _Window([])
         window.pending.append(feedback.features.float())
-        if feedback.tree is not None and window.proposed is not None:
-            tokens, parents, depth = window.proposed
-            accepted = feedback.tree.tokens[list(feedback.accepted_nodes)].tolist()
-            self.depths.record_outcome(depth, own_path_depth(tokens, parents, accepted))
-            window.proposed = None
+        now = self.clock()
         if feedback.tree is not None:
-            window.emitted = len(feedback.accepted_nodes) + 1
+            if window.observed_at is not None:
+                self.depths.record_step(now - window.observed_at, len(feedback.features))
+            if window.proposed is not None and len(feedback.tree):
+                tokens, parents, depth = window.proposed
+                accepted = feedback.tree.tokens[list(feedback.accepted_nodes)].tolist()
+                verified_depth = min(depth, feedback.tree.max_depth)  # pruning may cut the head's depths
+                self.depths.record_outcome(verified_depth, own_path_depth(tokens, parents, accepted))
+        window.proposed = None
+        window.observed_at = now
 
     def end_sequence(self, sequence_id: int) -> None:
         self._windows.pop(sequence_id, None)
@@ -258,10 +266,6 @@ class HeadDrafter(Drafter):
         window = self._windows.get(ctx.sequence_id)
         if budget <= 0 or window is None:
             return TokenTree.empty()
-        now = self.clock()
-        if window.drafted_at is not None:
-            self.depths.record_step(now - window.drafted_at, window.emitted)
-        window.drafted_at = now
         if window.pending and len(ctx.token_ids) >= sum(len(f) for f in window.pending):
             self._extend(window, ctx.token_ids)
         if window.last is None:
@@ -272,6 +276,7 @@ class HeadDrafter(Drafter):
         chain_k = chain_v = empty  # [f, H, 1, J, d]: the frontier's chain entries
         frontier_nodes = torch.full((1,), -1, dtype=torch.long, device=device)  # node_idx of the frontier
         frontier_scores = torch.zeros(1, device=device)
+        positions = torch.arange(position + 1, position + self.max_depth, device=device)  # chain entries'
         parts, drafted, spent, depth = [], 0, 0.0, 0
         while depth < min(self.max_depth, budget) and self.depths.should_draft(depth + 1, spent):
             depth += 1
@@ -285,7 +290,7 @@ class HeadDrafter(Drafter):
                 frontier_nodes = drafted + best.indices
                 drafted += scores.numel()
                 entries = self.head.entries(predicted[parent_of], self.embed(tokens).float())[:, None]  # [f, 1, h]
-                q, k_new, v_new = self.head.project(entries, torch.tensor([position + depth - 1], device=device))
+                q, k_new, v_new = self.head.project(entries, positions[depth - 2 : depth - 1])
                 chain_k = torch.cat([chain_k[parent_of], k_new.unsqueeze(3)], dim=3)
                 chain_v = torch.cat([chain_v[parent_of], v_new.unsqueeze(3)], dim=3)
                 attended = attend(q, window.keys, window.values, None, chain_k, chain_v)

@@ -88,14 +88,14 @@ def _load(model_path: str | None, dtype: str, device: str, tp: bool = False):
 @click.option("--minutes", type=float, default=30.0, show_default=True, help="Time budget, data included.")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False),
               help="Spec-Bench JSONL or one prompt per line (repeatable); read, never copied.")
-@click.option("--self-prompts", type=int, default=64, show_default=True,
+@click.option("--self-prompts", type=int, default=256, show_default=True,
               help="Prompts the model writes for itself (Magpie-style).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="The target's dtype while distilling (labels at prefill speed; the head serves any dtype).")
 @click.option("--text-chars", type=int, default=6_000_000, show_default=True,
               help="Characters of documentation shipped with installed packages to label (0: replies only).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts answered together.")
-@click.option("--max-new-tokens", type=int, default=160, show_default=True, help="Reply length per prompt.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Prompts answered together.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Reply length per prompt.")
 @click.option("--max-prompt-tokens", type=int, default=1024, show_default=True, help="Longer prompts are skipped.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, text_chars, batch_size, max_new_tokens,

@@ -1,27 +1,30 @@
 """``specdec distill``: train a draft head for a target by self-distillation, on this machine.
 
-1. **Replies** (`REPLY_SHARE` of the budget): the target answers, greedily and in batches, the
-   user's prompts (Spec-Bench JSONL or one per line) and prompts it writes itself (Magpie-style).
-2. **Text** (`specdec.distill.corpus`): documentation shipped with installed packages, as chat
-   turns, the closest text to chat replies a fresh machine holds.
+1. **Text** (`specdec.distill.corpus`): documentation shipped with installed packages, the
+   closest text to chat replies a fresh machine holds.
+2. **Replies** (until `REPLY_SHARE` of the budget): the target answers, greedily in batches, the
+   user's prompts (Spec-Bench JSONL or one per line), prompts it writes itself (Magpie-style) and
+   requests made from the text (summarise, explain, translate, ...): its own replies are the data
+   closest to what it will be asked to draft.
 3. **Readout**: the fewest most frequent reply tokens covering `COVERAGE` of them (FR-Spec), EOS
    included; replies and text weigh equally.
 4. **Labels** (until `DATA_SHARE` of the budget): one teacher-forced forward per batch gives, at
    every reply position, the target's feature and its top next-token probabilities over the
-   readout (`specdec.distill.labels`), the target's replies first, then the text: thousands of
-   labelled tokens per second against tens for generation.
+   readout (`specdec.distill.labels`), the replies first, then the text as chat turns.
 5. **Training** (the rest, `specdec.distill.training`): the EAGLE-style head on chunks with a
-   window of context, unrolled chains, soft cross-entropy and feature regression.
+   window of context, unrolled chains, soft cross-entropy and feature regression; chunks from
+   the replies are oversampled to `REPLY_WEIGHT` of the draws.
 
 Everything is kept in a work directory beside the output (``<out>.work``): the plan, generated
-replies, labelled shards and training checkpoints, so an interrupted run resumes where it stopped;
-it is removed once the head is saved.
+replies, labelled shards and training checkpoints, so an interrupted run resumes where it stopped
+(within the same budget); it is removed once the head is saved.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +34,16 @@ import numpy as np
 import torch
 
 from drafters.head import HeadFile, choose_readout, model_identity, readout_coverage
-from specdec.distill.corpus import PIECE_TOKENS, Text, packaged_texts
+from specdec.distill.corpus import PIECE_TOKENS, Text, packaged_texts, task_prompts
 from specdec.distill.labels import Shard, batches_by_length, generate_replies, label_sequences
 from specdec.distill.training import Trainer, head_heads, split_positions
 from specdec.prompts import encode_chat
 
 COVERAGE = 0.95  # share of reply tokens the readout must cover
-REPLY_SHARE = 0.15  # share of the time budget spent generating the target's own replies
-DATA_SHARE = 0.6  # share of the time budget spent on data (replies and labels); the rest trains
+REPLY_SHARE = 0.4  # share of the time budget spent generating the target's own replies
+DATA_SHARE = 0.62  # share of the time budget spent on data (replies and labels); the rest trains
+REPLY_WEIGHT = 0.5  # share of training chunks drawn from the target's replies (oversampled)
+TASK_PROMPTS = 4000  # requests about the text offered for replies (the budget answers what it can)
 WINDOW = 32  # committed entries the head attends to
 TEXT_CHARS = 6_000_000  # documentation text gathered (more than the default budget labels)
 PLAN_CHUNK = 256  # sequences sorted into length batches together (a budget cut still samples all)
@@ -201,19 +206,35 @@ def reply_counts(sequences: list[tuple[list[int], int]], vocab: int) -> np.ndarr
 
 
 class Workspace:
-    """The resumable state of one distillation: ``<out>.work`` with ``manifest.json``."""
+    """The resumable state of one distillation: ``<out>.work`` with ``manifest.json``; every file
+    is written whole (a temporary file renamed over it), so an interruption leaves no torn file."""
+
+    FORMAT = 2  # the layout of the manifest and shards
 
     def __init__(self, out: Path, config_hash: str) -> None:
         self.dir = out.with_name(out.name + ".work")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "manifest.json"
-        self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        try:
+            self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError:
+            raise DistillError(f"{self.path} is not valid JSON; remove {self.dir} to start over") from None
+        if self.manifest and self.manifest.get("format") != self.FORMAT:
+            raise DistillError(f"{self.dir} was written by another version of specdec distill; remove it to start over")
         if self.manifest and self.manifest.get("config_hash") != config_hash:
             raise DistillError(f"{self.dir} holds data of another model; remove it or choose another --out")
+        self.manifest.setdefault("format", self.FORMAT)
         self.manifest.setdefault("config_hash", config_hash)
+        self.manifest.setdefault("spent_seconds", 0.0)
+
+    def write(self, name: str, save: Callable[[Path], None]) -> None:
+        """``save(path)`` to a temporary file, then renamed to ``name`` in the work directory."""
+        temporary = self.dir / (name + ".tmp")
+        save(temporary)
+        os.replace(temporary, self.dir / name)
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.manifest))
+        self.write("manifest.json", lambda path: path.write_text(json.dumps(self.manifest)))
 
     def remove(self) -> None:
         for path in self.dir.iterdir():
@@ -221,8 +242,8 @@ class Workspace:
         self.dir.rmdir()
 
 
-def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], self_prompt_count: int = 64,
-            batch_size: int = 16, max_new_tokens: int = 160, max_prompt_tokens: int = 1024,
+def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], self_prompt_count: int = 256,
+            batch_size: int = 64, max_new_tokens: int = 128, max_prompt_tokens: int = 1024,
             inner: int | None = None, text_chars: int = TEXT_CHARS, seed: int = 0,
             progress: Callable[[str, float], None] | None = None, clock=time.monotonic) -> DistillReport:
     """Train and save a head for ``model`` within about ``minutes`` (resumable; see the module doc).
@@ -234,27 +255,36 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
         raise DistillError(f"--minutes must be > 0, got {minutes}")
     if batch_size < 1 or max_new_tokens < 1:
         raise DistillError("batch size and max_new_tokens must be >= 1")
-    started = clock()
-    deadline = started + 60 * minutes
     report = DistillReport()
     identity = model_identity(model)
     work = Workspace(out, identity["config_hash"])
     manifest = work.manifest
+    started = clock() - manifest["spent_seconds"]  # a resumed run continues the same budget
+    deadline = started + 60 * minutes
     vocab = int(model.get_output_embeddings().weight.shape[0])
     pad, eos = pad_id(tokenizer), eos_ids_of(model, tokenizer)
     data_until = started + 60 * minutes * DATA_SHARE
 
     def tell(phase: str, fraction: float) -> None:
+        manifest["spent_seconds"] = clock() - started
         if progress:
             progress(phase, min(1.0, max(0.0, fraction)))
 
     def data_fraction() -> float:
         return (clock() - started) / max(data_until - started, 1e-9)
 
-    # 1. the target's own replies
+    # 1. documentation text (material for requests and text to label)
+    texts_path = work.dir / "texts.json"
+    if not texts_path.is_file():
+        found = packaged_texts(text_chars, seed) if text_chars > 0 else []
+        work.write("texts.json", lambda path: path.write_text(json.dumps([[t.request, t.reply, t.source] for t in found])))
+    texts = [Text(*row) for row in json.loads(texts_path.read_text())]
+
+    # 2. the target's own replies: to the user's prompts, its own (Magpie), requests about the text
     if "prompts" not in manifest:
         own = self_prompts(model, tokenizer, self_prompt_count, batch_size, seed=seed)
-        manifest.update(prompts=batch_order(tokenizer, list(prompts) + own, batch_size, max_prompt_tokens, seed),
+        asked = list(prompts) + own + task_prompts(texts, TASK_PROMPTS)
+        manifest.update(prompts=batch_order(tokenizer, asked, batch_size, max_prompt_tokens, seed),
                         replies=[], data_seconds=0.0)
         work.save()
     all_prompts = manifest["prompts"]
@@ -271,20 +301,16 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
         manifest["data_seconds"] += batch_seconds
         work.save()
         tell("data", data_fraction())
-    reply_sequences = [(prompt + reply, len(prompt)) for prompt, reply in manifest["replies"]]
+    reply_sequences = [(prompt + reply, len(prompt)) for prompt, reply in manifest["replies"] if reply]
+    report.prompts = len(manifest["replies"])
 
-    # 2. documentation text, 3. the readout
-    texts_path = work.dir / "texts.json"
-    if not texts_path.is_file():
-        texts = packaged_texts(text_chars, seed) if text_chars > 0 else []
-        texts_path.write_text(json.dumps([[t.request, t.reply, t.source] for t in texts]))
-    texts = [Text(*row) for row in json.loads(texts_path.read_text())]
-    sequences = reply_sequences + text_sequences(tokenizer, texts) if texts else list(reply_sequences)
-    sequences = [(ids, start) for ids, start in sequences if len(ids) > start]
+    # 3. the readout
+    text_pieces = [(ids, start) for ids, start in (text_sequences(tokenizer, texts) if texts else []) if len(ids) > start]
+    sequences = reply_sequences + text_pieces
     if not sequences:
         raise DistillError("no replies and no text to distil: give --prompts FILE or use an instruct model")
     if "readout" not in manifest:
-        counts = reply_counts(reply_sequences, vocab) + reply_counts(sequences[len(reply_sequences):], vocab)
+        counts = reply_counts(reply_sequences, vocab) + reply_counts(text_pieces, vocab)
         readout_ids = choose_readout(counts, eos, COVERAGE)
         manifest.update(readout=readout_ids.tolist(), batches_done=0, coverage={
             str(k): round(v, 4) for k, v in readout_coverage(counts, [1024, 2048, 4096, 8192, 16384]).items()})
@@ -292,21 +318,26 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
     readout_ids = torch.tensor(manifest["readout"], dtype=torch.long)
 
     # 4. labels
-    plan = label_plan([len(ids) for ids, _ in sequences])
+    reply_plan = label_plan([len(ids) for ids, _ in reply_sequences])  # the replies first
+    plan = reply_plan + [[len(reply_sequences) + i for i in batch]
+                         for batch in label_plan([len(ids) for ids, _ in text_pieces])]
     batch_seconds = 0.0
     while manifest["batches_done"] < len(plan) and (manifest["batches_done"] == 0
                                                      or clock() + batch_seconds < data_until):
         began = clock()
         batch = plan[manifest["batches_done"]]
         shard = label_sequences(model, [sequences[i] for i in batch], readout_ids, WINDOW, pad)
-        torch.save(shard.to_dict(), work.dir / f"shard-{manifest['batches_done']:06d}.pt")
+        work.write(f"shard-{manifest['batches_done']:06d}.pt", lambda path: torch.save(shard.to_dict(), path))
         manifest["batches_done"] += 1
         batch_seconds = clock() - began
         manifest["data_seconds"] += batch_seconds
         work.save()
         tell("data", max(data_fraction(), manifest["batches_done"] / len(plan)))
     tell("data", 1.0)
-    data = Shard.cat([Shard.from_dict(torch.load(p, weights_only=True)) for p in sorted(work.dir.glob("shard-*.pt"))])
+    shards = [Shard.from_dict(torch.load(work.dir / f"shard-{i:06d}.pt", weights_only=True))
+              for i in range(manifest["batches_done"])]
+    reply_positions = sum(len(shard) for shard in shards[: len(reply_plan)])  # the replies' positions come first
+    data = Shard.cat(shards)
     labelled_sequences = [i for batch in plan[: manifest["batches_done"]] for i in batch]
     report.sequences = len(labelled_sequences)
     report.reply_tokens = sum(len(sequences[i][0]) - sequences[i][1] for i in labelled_sequences
@@ -322,25 +353,32 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
     trainer = Trainer(model, data, readout_ids, inner or 2 * hidden, head_heads(hidden), WINDOW, seed=seed)
     train_positions, held_positions = split_positions(data)
     train_starts = trainer.usable_starts(train_positions)
+    if len(held_positions):  # a training chunk must not run into the held-out sequences
+        train_starts = train_starts[train_starts < held_positions[0] - trainer.chunk_len]
+    train_starts = oversample(train_starts, train_starts < reply_positions, REPLY_WEIGHT)
     held_out = trainer.usable_starts(held_positions)
     held_out = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))[:1024]]
     checkpoint = work.dir / "train.pt"
+    total_steps = None
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=True)
         trainer.head.load_state_dict(saved["head"])
         trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.steps = int(saved["steps"])
+        trainer.steps, total_steps = int(saved["steps"]), int(saved["total_steps"])
     train_started = clock()
-    seconds_per_step = _time_steps(trainer, train_starts, clock)
-    total_steps = max(trainer.steps + 1, int((deadline - clock()) / seconds_per_step))
+    if total_steps is None:
+        seconds_per_step = _time_steps(trainer, train_starts, clock)
+        total_steps = max(1, int((deadline - clock()) / seconds_per_step))
     next_save = clock() + 60
 
     def step_done(step: int, loss: float) -> None:
         nonlocal next_save
         tell("train", step / total_steps)
         if clock() >= next_save:
-            torch.save({"head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                        "steps": step}, checkpoint)
+            state = {"head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(), "steps": step,
+                     "total_steps": total_steps}
+            work.write("train.pt", lambda path: torch.save(state, path))
+            work.save()
             next_save = clock() + 60
 
     report.final_loss = trainer.train(train_starts, deadline, total_steps, clock, step_done)
@@ -352,6 +390,16 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
     report.file_mb = out.stat().st_size / 1e6
     work.remove()
     return report
+
+
+def oversample(starts: torch.Tensor, preferred: torch.Tensor, share: float) -> torch.Tensor:
+    """``starts`` with the ``preferred`` ones repeated so that they make about ``share`` of a
+    uniform draw (unchanged when either kind is missing or already that common)."""
+    chosen, others = starts[preferred], starts[~preferred]
+    if not len(chosen) or not len(others):
+        return starts
+    repeats = math.ceil(share / (1 - share) * len(others) / len(chosen))
+    return torch.cat([chosen.repeat(max(repeats, 1)), others])
 
 
 def _time_steps(trainer: Trainer, starts: torch.Tensor, clock) -> float:

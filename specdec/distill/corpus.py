@@ -8,9 +8,12 @@ fresh machine holds without a download is the same kind of writing about softwar
 - the Python reference topics of ``pydoc_data`` (explanatory prose with examples);
 - docstrings of the standard library and installed packages (explanations of one thing each).
 
-Each text becomes a chat turn: a user request naming the subject, the text as the assistant's
-reply, cut into pieces of at most `PIECE_TOKENS` tokens. The target's soft labels on it are what
-the target would say there, so the text's own authorship does not matter.
+Each text is used twice. As a chat turn to teacher-force: a user request naming the subject, the
+text as the assistant's reply, cut into pieces of at most `PIECE_TOKENS` tokens (the target's soft
+labels on it are what the target would say there). And as material for requests the target
+answers itself (`task_prompts`: summarise, explain, translate, list, ...): measured, a head trained
+on the text alone agrees with the target on its own replies far less than on held-out text (22 %
+against 52 % at depth 1), so the target's replies, though slow to generate, come first.
 """
 
 from __future__ import annotations
@@ -99,3 +102,30 @@ def packaged_texts(limit_chars: int, seed: int = 0) -> list[Text]:
             total += sum(len(t.reply) for t in found)
     random.Random(seed).shuffle(texts)
     return texts
+
+
+TASKS = (
+    "Summarize the following text in two or three sentences.\n\n{excerpt}",
+    "Explain the following to a beginner, with an example.\n\n{excerpt}",
+    "Translate the following text into {language}:\n\n{sentence}",
+    "List the key points of this text as bullet points.\n\n{excerpt}",
+    "{request}",
+    "Write two questions a reader might ask about this text, and answer them.\n\n{excerpt}",
+    "Rewrite the following more clearly and concisely.\n\n{sentence}",
+    "{request} Keep it short.",
+)
+LANGUAGES = ("French", "German", "Spanish", "Italian")
+EXCERPT_CHARS = 700
+SENTENCE_CHARS = 240
+
+
+def task_prompts(texts: list[Text], count: int) -> list[str]:
+    """``count`` chat requests built from ``texts`` (summarise, explain, translate, list, ask...,
+    the Spec-Bench kinds of task), for the target to answer: its replies are the closest data."""
+    prompts = []
+    for i, text in enumerate(texts[:count]):
+        excerpt = text.reply[:EXCERPT_CHARS].rsplit(" ", 1)[0] if len(text.reply) > EXCERPT_CHARS else text.reply
+        sentence = text.reply[:SENTENCE_CHARS].rsplit(" ", 1)[0]
+        prompts.append(TASKS[i % len(TASKS)].format(excerpt=excerpt, sentence=sentence, request=text.request,
+                                                    language=LANGUAGES[(i // len(TASKS)) % len(LANGUAGES)]))
+    return prompts

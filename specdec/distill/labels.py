@@ -107,10 +107,11 @@ def label_sequences(model, sequences: list[tuple[list[int], int]], readout_ids: 
         first = max(0, reply_start - 1 - context)
         features = hidden[row, first : len(seq)]  # [n, h]
         labelled = torch.arange(first, len(seq)) >= reply_start - 1
-        top = torch.softmax((features[labelled.to(device)] @ readout.T).float(), dim=-1).topk(TOP_K, dim=-1)
-        top_ids = torch.zeros(len(features), TOP_K, dtype=torch.long)
+        k = min(TOP_K, len(readout))
+        top = torch.softmax((features[labelled.to(device)] @ readout.T).float(), dim=-1).topk(k, dim=-1)
+        top_ids = torch.zeros(len(features), TOP_K, dtype=torch.long)  # a readout under TOP_K: zero-padded
         top_probs = torch.zeros(len(features), TOP_K, dtype=torch.float16)
-        top_ids[labelled], top_probs[labelled] = top.indices.cpu(), top.values.to(torch.float16).cpu()
+        top_ids[labelled, :k], top_probs[labelled, :k] = top.indices.cpu(), top.values.to(torch.float16).cpu()
         parts.append(Shard(torch.tensor(seq[first:]), features.to(torch.bfloat16).cpu(), top_ids, top_probs,
                            torch.arange(len(seq) - 1 - first, -1, -1), labelled))
     return Shard.cat(parts)

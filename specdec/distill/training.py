@@ -26,8 +26,8 @@ FEATURE_WEIGHT = 0.5  # weight of the feature regression (smooth L1) against the
 
 
 def head_heads(hidden: int) -> int:
-    """Attention heads for a feature size: heads of 64 where it divides, else the most heads of
-    an even size >= 8 (one head for tiny sizes)."""
+    """Attention heads for a feature size: heads of size 64, 32, 16 or 8, the first that divides
+    it (one head otherwise; `DraftHead` refuses an odd size)."""
     for size in (64, 32, 16, 8):
         if hidden % size == 0 and hidden >= size:
             return hidden // size
