@@ -41,7 +41,7 @@ def forward_with_cache(model, cache, **kwargs):
 def returned_cache(output):
     """The KV cache a forward with ``use_cache=True`` returned (``cache`` from transformers 5.24,
     ``past_key_values`` before)."""
-    return output.get("cache", output.get("past_key_values"))
+    return output["cache"] if "cache" in output.keys() else output.get("past_key_values")  # no old-name read
 
 
 class CacheFullError(ValueError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,23 @@ def test_cache_rolls_back_and_grows_in_place(model):
     small = SlotCache.for_model(model, 3)
     with pytest.raises(CacheFullError, match="holds 3 positions"):
         forward_with_cache(model, small, input_ids=torch.arange(4)[None])
+
+
+def test_specdec_calls_do_not_use_deprecated_cache_names(capsys):
+    """transformers 5.24 warns (once per process, through its logger) when a forward's cache is
+    passed or read under the old name ``past_key_values``; specdec's own calls never do."""
+    import transformers.utils.logging as hf_logging
+
+    from specdec import SpeculativeDecoder
+    from tests.conftest import tiny_llama
+
+    hf_logging.warning_once.cache_clear()  # an earlier warning in this process would hide a new one
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        SpeculativeDecoder(tiny_llama(seed=4)).generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=12)
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert not [r for r in records if "deprecated" in r], records
