@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +194,6 @@ class HeadDrafter(Drafter):
 
     def __init__(self, head_file: HeadFile, model, top_k: int = 4, beam: int = 4, max_depth: int = 6,
                  draft_share: float = DRAFT_SHARE, clock=None) -> None:
-        import time
-
         if top_k < 1 or beam < 1 or max_depth < 1:
             raise ValueError("top_k, beam and max_depth must be >= 1")
         if not 0 < draft_share <= 1:

@@ -319,11 +319,10 @@ class SpeculativeDecoder:
         """Tell the drafter what the target predicted at every slot of ``run``'s step (committed
         slots last) and its ``features`` (``[e, h]`` device) at the slots that chose the ``e``
         emitted tokens."""
-        root = run.root
         kept = outcome.path_slots
         rejected = sorted(set(range(len(tree) + 1)) - set(kept))
         order = np.asarray(rejected + kept, dtype=np.int64)
-        slot_tokens = np.concatenate([[root], tree.tokens.numpy()])  # [n+1]
+        slot_tokens = np.concatenate([[run.root], tree.tokens.numpy()])  # [n+1]
         committed = np.zeros(order.size, dtype=bool)
         committed[len(rejected) :] = True
         self.drafter.observe(VerifyFeedback(

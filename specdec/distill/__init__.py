@@ -288,7 +288,6 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
                         replies=[], data_seconds=0.0)
         work.save()
     all_prompts = manifest["prompts"]
-    report.prompts = len(all_prompts)
     replies_until = started + 60 * minutes * REPLY_SHARE
     batch_seconds = 0.0
     while "readout" not in manifest and len(manifest["replies"]) < len(all_prompts) \
