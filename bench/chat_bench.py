@@ -30,7 +30,7 @@ def full_prefill_seconds(model, prompt: torch.Tensor) -> float:
 
 def run(model, tokenizer, questions, max_new_tokens: int) -> list[dict]:
     from specdec import ChatSession, SpeculativeDecoder
-    from specdec.prompts import encode_chat
+    from specdec.models.prompts import encode_chat
 
     persistent = SpeculativeDecoder(model, tokenizer)
     cold = SpeculativeDecoder(model, tokenizer, scheduler=persistent.scheduler)
@@ -70,7 +70,7 @@ def bench_chat(dataset, limit, max_new_tokens, model_path, dtype):
     from rich.table import Table
 
     from bench.datasets import read_spec_bench
-    from specdec.models import load_default_model, load_model
+    from specdec.models.loading import load_default_model, load_model
 
     questions = [q for q in read_spec_bench(dataset) if len(q.turns) >= 2][:limit]
     if not questions:

@@ -21,7 +21,7 @@ def load_target(model_path: str | None, dtype: str, device: str):
     """``(model, tokenizer, torch.device)`` for a benchmark; a bad ``--model`` or ``--device`` is a `BenchError`."""
     import torch
 
-    from specdec.models import ModelLoadError, load_default_model, load_model
+    from specdec.models.loading import ModelLoadError, load_default_model, load_model
 
     try:
         torch_device = torch.device(device)
@@ -63,26 +63,28 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--sample", is_flag=True, help="Sample (do_sample=True) instead of greedy decoding, every method alike.")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature (--sample).")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold (--sample).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed for --sample (same per question for every method).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Base seed for --sample (same per question for every method).")
 @click.option("--explain", is_flag=True, help="Print the scheduler's cost curve and per-drafter acceptance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
-          device, draft_model, head_path, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed, explain, json_path,
-          markdown_path, plot_path):
+          device, draft_model, head_path, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed,
+          explain, json_path, markdown_path, plot_path):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
     from bench import report
     from bench.harness import run_benchmark, summarize
-    from specdec.models import ModelLoadError, load_model
-    from specdec.prompts import encode_chat
+    from specdec.models.loading import ModelLoadError, load_model
+    from specdec.models.prompts import encode_chat
 
     method_names = _split(methods) or []
     unknown = [m for m in method_names if not is_known(m)]
     if unknown or not method_names:
-        raise BenchError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known_methods())}")
+        raise BenchError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"known: {', '.join(known_methods())}")
     if max_new_tokens < 1 or repeats < 1:
         raise BenchError("--max-new-tokens and --repeats must be >= 1")
     if sample and not temperature > 0:

@@ -69,7 +69,8 @@ def read_spec_bench(path: str | Path) -> list[Question]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {err.start}): a Spec-Bench file is UTF-8 JSON lines") from None
+        raise DatasetError(f"{path}: not UTF-8 text (byte {err.start}): a Spec-Bench file is UTF-8 JSON "
+                           "lines") from None
     except OSError as err:
         raise DatasetError(f"{path}: cannot be read ({err.strerror})") from None
     questions: list[Question] = []

@@ -10,7 +10,7 @@ import torch
 
 from bench.datasets import Question
 from bench.methods import Method
-from specdec.prompts import encode_chat
+from specdec.models.prompts import encode_chat
 
 BASELINE = "baseline"
 

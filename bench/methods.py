@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from drafters import DRAFTERS, drafter_names
-from specdec import AUTO, SpeculativeDecoder, SpecStats
+from specdec import AUTO, SpecStats, SpeculativeDecoder
 
 HF_METHODS = ("baseline", "hf-pld", "hf-assisted")
 

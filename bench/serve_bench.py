@@ -143,7 +143,7 @@ def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> R
     """The same questions as N sequential HF ``generate(do_sample=False)`` calls (no server)."""
     import torch
 
-    from specdec.prompts import encode_chat
+    from specdec.models.prompts import encode_chat
 
     results, started = [], time.perf_counter()
     for question in questions:

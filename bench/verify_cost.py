@@ -37,9 +37,9 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
     """Median ms of one verify forward per tree size n, with the tree kernel (when the model family
     allows it) and with sdpa + mask, after ``context`` cached positions."""
     from drafters.modeling import SlotCache, forward_with_cache
-    from specdec.attention import tree_kernel_for
-    from specdec.device_tree import TreeUploader
-    from specdec.verify import verify_forward
+    from specdec.device.attention import tree_kernel_for
+    from specdec.device.tree import TreeUploader
+    from specdec.step.verify import verify_forward
 
     device = model.device
     kernel = tree_kernel_for(model, None)
@@ -74,7 +74,7 @@ def host_overhead(model, tokenizer, budgets: list[int], steps: int) -> list[dict
     """Per fixed tree budget: ms per decode step outside the verify forward and inside it, from
     whole generations (Token Recycling drafts; with random weights nothing is accepted)."""
     from specdec import SpeculativeDecoder
-    from specdec.prompts import encode_chat
+    from specdec.models.prompts import encode_chat
 
     prompt = encode_chat(tokenizer, [{"role": "user", "content": "Describe the water cycle in detail."}])
     rows = []

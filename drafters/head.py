@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from drafters.base import DraftContext, Drafter, VerifyFeedback
 from drafters.depth_rule import DRAFT_SHARE, DepthRule
@@ -110,7 +108,8 @@ class HeadFile:
         payload = read_state_file(path, HEAD_KIND)
         where = f"head file {path}"
         if int_field(payload, "version", where) != HEAD_VERSION:
-            raise StateError(f"{where}: version {payload['version']} is not {HEAD_VERSION}; retrain with `specdec distill`")
+            raise StateError(f"{where}: version {payload['version']} is not {HEAD_VERSION}; "
+                             "retrain with `specdec distill`")
         hidden = int_field(payload, "hidden", where, low=1, high=1 << 16)
         inner = int_field(payload, "inner", where, low=1, high=1 << 18)
         heads = int_field(payload, "heads", where, low=1, high=hidden)
@@ -277,6 +276,8 @@ class HeadDrafter(Drafter):
         frontier_scores = torch.zeros(1, device=device)
         positions = torch.arange(position + 1, position + self.max_depth, device=device)  # chain entries'
         parts, drafted, spent, depth = [], 0, 0.0, 0
+        width = min(self.top_k, self.readout_ids.numel())  # children drafted per frontier node
+        scores = child_tokens = None  # [f*width] device: the candidates of the depth above
         while depth < min(self.max_depth, budget) and self.depths.should_draft(depth + 1, spent):
             depth += 1
             started = self.clock()
@@ -284,7 +285,7 @@ class HeadDrafter(Drafter):
                 predicted = self.head.finish(entry, attend(query, window.keys, window.values, None, empty, empty))[:, 0]
             else:  # expand the best frontier nodes of the depth above
                 best = scores.topk(min(self.beam, scores.numel()))
-                parent_of = best.indices // k
+                parent_of = best.indices // width
                 tokens, frontier_scores = child_tokens[best.indices], best.values
                 frontier_nodes = drafted + best.indices
                 drafted += scores.numel()
@@ -295,12 +296,11 @@ class HeadDrafter(Drafter):
                 attended = attend(q, window.keys, window.values, None, chain_k, chain_v)
                 predicted = self.head.finish(entries, attended)[:, 0]  # [f, h]
             logp = self.read_out(predicted)  # [f, K]
-            k = min(self.top_k, logp.shape[-1])
-            top = logp.topk(k, dim=-1)
+            top = logp.topk(width, dim=-1)
             scores = (frontier_scores[:, None] + top.values).flatten()  # [f*k]
             child_tokens = self.readout_ids[top.indices].flatten()
-            parents = frontier_nodes[:, None].expand(-1, k).flatten()
-            ranks = torch.arange(k, device=device).repeat(len(frontier_nodes))
+            parents = frontier_nodes[:, None].expand(-1, width).flatten()
+            ranks = torch.arange(width, device=device).repeat(len(frontier_nodes))
             parts.append(torch.stack([child_tokens.double(), parents.double(), scores.double(), ranks.double()]))
             seconds = self.clock() - started
             self.depths.record_depth(depth, seconds)

@@ -8,8 +8,9 @@ feeds a predicted feature back with the drafted token as a new entry, a *chain* 
 to the window and to the chain entries of its own ancestors (EAGLE's tree drafting; training
 unrolls the same chains, "training-time test").
 
-Norms read fp32 (under training's bf16 autocast too). Keys and values depend on an entry alone, so the drafter computes them once per committed
-position; one function, `attend`, serves training (a band mask over a chunk) and drafting.
+Norms read fp32 (under training's bf16 autocast too). Keys and values depend on an entry alone,
+so the drafter computes them once per committed position; one function, `attend`, serves training
+(a band mask over a chunk) and drafting.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """specdec: lossless speculative decoding with token trees for Hugging Face causal LMs."""
 
-from specdec.engine import AUTO, SpeculativeDecoder
-from specdec.generate import SpeculativeGenerateOutput, generate
-from specdec.models import load_default_model, load_model
-from specdec.patching import is_patched, patch, patched, unpatch
-from specdec.request import SpecStats
-from specdec.scheduler import Scheduler
-from specdec.session import ChatSession
-from specdec.validation import UnsupportedGeneration
+from specdec.api.decoder import SpeculativeDecoder
+from specdec.api.generate import SpeculativeGenerateOutput, generate
+from specdec.api.patching import is_patched, patch, patched, unpatch
+from specdec.models.loading import load_default_model, load_model
+from specdec.schedule.scheduler import Scheduler
+from specdec.serving.session import ChatSession
+from specdec.step.engine import AUTO
+from specdec.step.request import SpecStats
+from specdec.step.support import UnsupportedGeneration
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
+@click.option("--drafter", default="auto", show_default=True,
+              help="auto, recycling, ngram, head, or several joined by +.")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
 @click.option("--tp", is_flag=True, help="Shard the model across the ranks of this torchrun job (tensor parallelism).")
 @click.option("--head", "head_path", type=click.Path(dir_okay=False), default=None,
@@ -28,7 +29,7 @@ def generate(prompt: str, model_path: str | None, dtype: str, device: str, max_n
              tree_budget: int | None, tp: bool, head_path: str | None) -> None:
     """Answer PROMPT (with the chat template) and print speed statistics (under ``--tp``: rank 0 prints)."""
     from specdec import SpeculativeDecoder
-    from specdec.prompts import encode_chat
+    from specdec.models.prompts import encode_chat
 
     if not prompt.strip():
         raise click.BadParameter("the prompt is empty", param_hint="PROMPT")
@@ -63,8 +64,8 @@ def _load(model_path: str | None, dtype: str, device: str, tp: bool = False):
     error (exit status 2)."""
     import torch
 
-    from specdec.distributed import TensorParallelError
-    from specdec.models import ModelLoadError, load_default_model, load_model
+    from specdec.models.distributed import TensorParallelError
+    from specdec.models.loading import ModelLoadError, load_default_model, load_model
 
     try:
         torch_device = torch.device(device)
@@ -107,7 +108,8 @@ def distill(model_path, out_path, minutes, prompt_files, self_prompts, dtype, te
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from drafters import default_head_path
-    from specdec.distill import DistillError, distill as run_distill, read_prompts
+    from specdec.distill import DistillError, read_prompts
+    from specdec.distill import distill as run_distill
 
     if not minutes > 0 or min(batch_size, max_new_tokens, max_prompt_tokens) < 1 or min(self_prompts, text_chars) < 0:
         raise click.UsageError("--minutes must be > 0, --batch-size, --max-new-tokens and --max-prompt-tokens >= 1, "
@@ -152,7 +154,8 @@ CHAT_HELP = "commands: /reset (new conversation), /save PATH, /load PATH, /quit 
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
+@click.option("--drafter", default="auto", show_default=True,
+              help="auto, recycling, ngram, head, or several joined by +.")
 @click.option("--temperature", type=float, default=None, help="Sample at this temperature (default: greedy).")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
               help="Drafter + scheduler state file: loaded if it exists, saved on exit.")
@@ -240,7 +243,8 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--drafter", default="auto", show_default=True, help="auto, recycling, ngram, head, or several joined by +.")
+@click.option("--drafter", default="auto", show_default=True,
+              help="auto, recycling, ngram, head, or several joined by +.")
 @click.option("--tree-budget", type=int, default=None, help="Draft nodes per verify step (default: scheduled).")
 @click.option("--api-key", envvar="SPECDEC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 requests (default: $SPECDEC_API_KEY, else none).")
@@ -274,7 +278,7 @@ def _served_name(model_path: str | None) -> str:
     """The default ``--served-model-name``: the model's directory (or file) name."""
     from pathlib import Path
 
-    from specdec.models import DEFAULT_MODEL_NAME
+    from specdec.models.loading import DEFAULT_MODEL_NAME
 
     if not model_path:
         return DEFAULT_MODEL_NAME

@@ -82,7 +82,8 @@ class ScriptedDrafter(Drafter):
 
     name = "scripted"
 
-    def __init__(self, reference, depth: int = 4, corrupt=None, sibling: bool = True, vocab_size: int = 96, seed: int = 0):
+    def __init__(self, reference, depth: int = 4, corrupt=None, sibling: bool = True, vocab_size: int = 96,
+                 seed: int = 0):
         self.reference = None if reference is None else list(map(int, reference))
         self.depth = depth
         self.corrupt = corrupt or (lambda step, d: False)

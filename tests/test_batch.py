@@ -11,18 +11,23 @@ import torch
 
 import specdec
 from specdec import ChatSession, SpeculativeDecoder
-from specdec.arguments import prepare_request
-from specdec.request import DecodeResult, SpecStats
-from specdec.sampling import sampled_choices as exact_choices
-from specdec.serving.batch_engine import BatchEngine
-from specdec.serving.batcher import Batcher, batcher_for
+from specdec.api.arguments import prepare_request
+from specdec.batch.batcher import Batcher, batcher_for
+from specdec.batch.engine import BatchEngine
+from specdec.step.request import DecodeResult, SpecStats
+from specdec.step.sampling import sampled_choices as exact_choices
 from tests.conftest import hf_greedy, tiny_llama
 from tests.test_families import FAMILIES
 from tests.test_sampling import PROMPT as SAMPLE_PROMPT
-from tests.test_sampling import SETTINGS, chi_square_p, exact_joint, small_model  # noqa: F401 (fixture)
+from tests.test_sampling import SETTINGS, chi_square_p, exact_joint, make_small_model
 
 ROWS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11, 9, 10], [3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 3, 4, 5, 6, 7, 8],
         [12, 13, 12, 13, 12, 13, 12]]
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return make_small_model()
 
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +200,7 @@ def test_batched_sampling_keeps_the_distribution(small_model, monkeypatch):
     counts, widest = sample(calls)
     assert widest > 1
     assert chi_square_p(counts, expected, rows * calls) > 1e-3
-    monkeypatch.setattr("specdec.sampling.sampled_choices", _biased_choices)
+    monkeypatch.setattr("specdec.step.sampling.sampled_choices", _biased_choices)
     broken, _ = sample(calls // 2)
     assert chi_square_p(broken, expected, rows * (calls // 2)) < 1e-6
 

@@ -162,7 +162,7 @@ def assert_figures_follow_records(payload: dict, method: str) -> None:
 
 def test_method_at_budget_fixes_the_tree_budget(tiny_model_dir):
     from bench.methods import make_method, split_budget
-    from specdec.models import load_model
+    from specdec.models.loading import load_model
 
     assert split_budget("recycling+ngram@16") == ("recycling+ngram", 16) and split_budget("auto") == ("auto", None)
     model, tokenizer = load_model(str(tiny_model_dir), dtype="fp32")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import specdec
-from specdec import ops
+from specdec.device import ops
 from tests.conftest import hf_greedy, tiny_llama
 from tests.test_families import tiny_gemma3
 from tests.test_trees import random_tree

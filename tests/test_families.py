@@ -99,8 +99,8 @@ def test_greedy_equality_for_every_drafter(family, prompt_name):
 def test_gemma3_uses_one_mask_per_layer_type():
     """Every layer keeps every position (the cache never evicts); the sliding layers' mask applies
     the window: a slot at position p sees keys at k only if p - k < window."""
-    from specdec.device_tree import TreeUploader
-    from specdec.verify import tree_masks
+    from specdec.device.tree import TreeUploader
+    from specdec.step.verify import tree_masks
     from trees import TokenTree, sliding_window_of
 
     model = tiny_gemma3()
@@ -122,7 +122,7 @@ def test_gemma3_chat_session_beyond_the_window():
     """KV reuse with sliding layers: a pure extension of the cached history is reused, and so is
     the common prefix of a rollback (the cache keeps every position; windows are masks); both
     stay exact."""
-    from specdec.request import DecodeRequest, KVState
+    from specdec.step.request import DecodeRequest, KVState
 
     model = tiny_gemma3()
     decoder = SpeculativeDecoder(model, tree_budget=8)

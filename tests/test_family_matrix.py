@@ -1,7 +1,8 @@
 """Every decoder-only causal-LM family transformers can build from a config: specdec's greedy output
 equals ``model.generate``'s (a scripted drafter's wide, partly wrong trees at budget 16; the learned
-drafters adaptive and at budget 4; the tree kernel where specdec chooses it, and the mask path), or specdec refuses the model with `UnsupportedGeneration`
-before any forward. Never a different token, never another exception.
+drafters adaptive and at budget 4; the tree kernel where specdec chooses it, and the mask path),
+or specdec refuses the model with `UnsupportedGeneration` before any forward. Never a different
+token, never another exception.
 
 Models are tiny and random (fp32, output projection scaled so argmaxes are decisive), built the
 way transformers' own tests build them: from the family's config class with small sizes.

@@ -160,7 +160,8 @@ def test_draft_nodes_past_the_position_table_are_pruned(drafter, max_new_tokens)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
     prompt = torch.tensor([[5, 6, 7, 8] * 7 + [5, 6]])  # 30 tokens: repetitive, so drafts are deep
     reference = hf_greedy(model, prompt, max_new_tokens)
-    decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=8, draft_model=model if drafter == "model" else None)
+    decoder = SpeculativeDecoder(model, drafter=drafter, tree_budget=8,
+                                 draft_model=model if drafter == "model" else None)
     assert decoder.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=-1).tolist() == reference.tolist()
     with pytest.raises(ValueError, match="past the model's 32 learned positions"):
         decoder.generate(prompt, max_new_tokens=4, eos_token_id=-1)

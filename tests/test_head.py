@@ -58,10 +58,12 @@ def trained_target():
 def train_head(model, book, steps: int) -> HeadFile:
     """Distil a head from the target's greedy replies to phrase-book prompts (``steps`` = 0: untrained)."""
     prompts = sentences(book, 48, 12, seed=1000).tolist()
-    replies = [r for i in range(0, 48, 16) for r in generate_replies(model, prompts[i : i + 16], 40, pad=0, eos_ids=[2])]
+    replies = [r for i in range(0, 48, 16)
+               for r in generate_replies(model, prompts[i : i + 16], 40, pad=0, eos_ids=[2])]
     sequences = [(p + r, len(p)) for p, r in zip(prompts, replies)]
     readout = choose_readout(reply_counts(sequences, VOCAB), [2], coverage=0.99, smallest=32)
-    data = Shard.cat([label_sequences(model, sequences[i : i + 16], readout, context=8, pad=0) for i in range(0, 48, 16)])
+    data = Shard.cat([label_sequences(model, sequences[i : i + 16], readout, context=8, pad=0)
+                      for i in range(0, 48, 16)])
     trainer = Trainer(model, data, readout, inner=128, heads=head_heads(64), window=8, lr=3e-3, chunks=8, chunk_len=32)
     train, _ = split_positions(data)
     if steps:

@@ -15,9 +15,9 @@ import torch
 
 import specdec
 from drafters.modeling import SlotCache, forward_with_cache
-from specdec import ops
-from specdec.device_tree import TreeUploader
-from specdec.verify import verify_forward
+from specdec.device import ops
+from specdec.device.tree import TreeUploader
+from specdec.step.verify import verify_forward
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 from tests.test_families import tiny_qwen2
 from tests.test_trees import random_tree
@@ -151,7 +151,7 @@ def test_greedy_equality_with_extension_on_and_off(make_model, tree_kernel):
 
 def test_disable_env_forces_the_torch_path():
     script = (
-        "import torch, specdec; from specdec import ops; from tests.conftest import tiny_llama, hf_greedy\n"
+        "import torch, specdec; from specdec.device import ops; from tests.conftest import tiny_llama, hf_greedy\n"
         "assert not ops.load() and 'SPECDEC_DISABLE_EXT' in ops.status()\n"
         "m = tiny_llama(); p = torch.tensor([[5, 6, 7, 5, 6]])\n"
         "d = specdec.SpeculativeDecoder(m, tree_budget=8)\n"
@@ -186,7 +186,8 @@ def test_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
         assert not ops.load()
     assert not ops.load()  # tried once, no second build or warning
     q, k, v, anc = random_inputs(np.random.default_rng(5), 1, 2, 1, 4, 3, 8, torch.float32)
-    torch.testing.assert_close(ops.tree_attention(q, k, v, anc, 3, 0.3), ops.tree_attention_reference(q, k, v, anc, 3, 0.3))
+    torch.testing.assert_close(ops.tree_attention(q, k, v, anc, 3, 0.3),
+                               ops.tree_attention_reference(q, k, v, anc, 3, 0.3))
 
 
 def test_kernel_required_on_an_unsupported_model_is_a_clear_error():
@@ -218,7 +219,7 @@ def test_a_killed_build_never_blocks_later_builds(tmp_path):
     copy = tmp_path / built.name
     shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "build.lock"))
     (copy / "lock").write_text("")  # the baton of a build that was killed
-    script = "from specdec import ops; assert ops.load(), ops.status(); print('ok')"
+    script = "from specdec.device import ops; assert ops.load(), ops.status(); print('ok')"
     env = dict(os.environ, **{ops.BUILD_DIR_ENV: str(tmp_path)})
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT_DIR, env=env, capture_output=True, text=True,
                             timeout=300)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,10 +14,19 @@ from bench.datasets import BUILTIN_QUESTIONS
 from drafters import HeadFile
 from drafters.head import choose_readout, model_identity
 from specdec import SpeculativeDecoder, load_default_model
-from specdec.distill import (Shard, Trainer, chat_ids, eos_ids_of, generate_replies, label_sequences, pad_id,
-                             reply_counts, split_positions)
+from specdec.distill import (
+    Shard,
+    Trainer,
+    chat_ids,
+    eos_ids_of,
+    generate_replies,
+    label_sequences,
+    pad_id,
+    reply_counts,
+    split_positions,
+)
 from specdec.distill.training import head_heads
-from specdec.prompts import encode_chat
+from specdec.models.prompts import encode_chat
 
 pytestmark = pytest.mark.real_model
 
@@ -73,7 +81,8 @@ def distilled_head(real_model):
     model, tokenizer = real_model
     prompts = [chat_ids(tokenizer, q.turns[0]) for q in BUILTIN_QUESTIONS]
     replies = [r for i in range(0, len(prompts), 8)
-               for r in generate_replies(model, prompts[i : i + 8], 48, pad_id(tokenizer), eos_ids_of(model, tokenizer))]
+               for r in generate_replies(model, prompts[i : i + 8], 48, pad_id(tokenizer),
+                                         eos_ids_of(model, tokenizer))]
     sequences = [(p + r, len(p)) for p, r in zip(prompts, replies)]
     readout = choose_readout(reply_counts(sequences, model.config.vocab_size), eos_ids_of(model, tokenizer))
     data = Shard.cat([label_sequences(model, sequences[i : i + 8], readout, 16, pad_id(tokenizer))
@@ -118,7 +127,7 @@ def test_a_model_loaded_in_bf16_is_verified_with_trees(real_model):
     weights are bf16; such a model used to fail the first-use probe (special-token probe ids gave
     bf16 activations where HF's own full and cached forwards part by 13 logits) and was refused.
     The probe now compares with cached sequential decoding on ordinary tokens."""
-    from specdec.support import probe, support_for
+    from specdec.step.support import probe, support_for
 
     model, _ = real_model
     frequencies = {name: buffer.clone() for name, buffer in model.named_buffers() if "inv_freq" in name}  # fp32
@@ -131,7 +140,8 @@ def test_a_model_loaded_in_bf16_is_verified_with_trees(real_model):
     decoder = SpeculativeDecoder(bf16, real_model[1], drafter="recycling", tree_budget=8)
     with torch.inference_mode():
         for _, ids in builtin_prompts(real_model[1], count=3):
-            ref = bf16.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=48)[0, ids.shape[1]:]
+            ref = bf16.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=48)[0, ids.shape[1]:]
             out = decoder.generate(ids, max_new_tokens=48)[0, ids.shape[1]:]
             at = next((i for i, (a, b) in enumerate(zip(ref.tolist(), out.tolist())) if a != b), None)
             if at is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.reductions import row_argmax, row_topk_ids
+from specdec.device.reductions import row_argmax, row_topk_ids
 
 
 def logits_with_ties(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ from transformers.generation.logits_process import (
 )
 
 import specdec
-from specdec.accept import Accepted, read_outcome
-from specdec.device_tree import DeviceTree, TreeUploader
-from specdec.sampling import accept_sampled
+from specdec.device.tree import DeviceTree, TreeUploader
+from specdec.step.accept import Accepted, read_outcome
+from specdec.step.sampling import accept_sampled
 from tests.conftest import tiny_llama, untrained_head
 from trees import TokenTree
 
@@ -108,12 +108,17 @@ PROMPT = torch.tensor([[3, 4, 5, 3, 4]])
 SETTINGS = dict(temperature=0.8, top_k=6, top_p=0.95, repetition_penalty=1.3)
 
 
-@pytest.fixture(scope="module")
-def small_model():
+def make_small_model():
+    """The tiny model of the distribution tests (vocabulary SMALL_V, moderate logits)."""
     model = tiny_llama(vocab_size=SMALL_V, seed=4)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.25)  # back to moderate logits: many tokens keep mass
     return model
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return make_small_model()
 
 
 def processed_probs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -170,7 +175,7 @@ def test_generate_sampling_matches_exact_distribution(small_model, drafter, monk
     assert widest > 1
     assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
     assert chi_square_p(counts, expected, trials) > P_VALUE
-    monkeypatch.setattr("specdec.sampling.accept_sampled",
+    monkeypatch.setattr("specdec.step.sampling.accept_sampled",
                         lambda tree, probs, uniforms: broken_accept(tree, probs, uniforms, threshold=0.05))
     broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model,
                                 draft_head=draft_head)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from specdec import Scheduler, SpeculativeDecoder
-from specdec.calibration import Calibration
-from specdec.costs import SIZE_BUCKETS, CostModel
-from trees import TokenTree
+from specdec.schedule.calibration import Calibration
+from specdec.schedule.costs import SIZE_BUCKETS, CostModel
 from tests.conftest import hf_greedy, tiny_llama
+from trees import TokenTree
 
 
 def cost(size: int, slope: float, base: float = 0.03) -> float:

@@ -18,7 +18,7 @@ import torch
 import uvicorn
 
 import specdec
-from specdec.prompts import encode_chat
+from specdec.models.prompts import encode_chat
 from specdec.serving.server import build_app
 from specdec.serving.text_stream import StreamedText
 

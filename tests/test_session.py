@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drafters.state import StateError
 from specdec import ChatSession, SpeculativeDecoder
-from specdec.prompts import encode_chat
+from specdec.models.prompts import encode_chat
 
 NEW = 12
 ROOT_DIR = Path(__file__).resolve().parent.parent

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from specdec import SpeculativeDecoder
-from specdec.engine import SpeculativeDecoder as Engine
-from specdec.serving.batch_engine import BatchEngine
+from specdec.batch.engine import BatchEngine
+from specdec.step.engine import Engine
 from tests.conftest import tiny_llama, untrained_head
 
 ROOT = Path(__file__).resolve().parent.parent

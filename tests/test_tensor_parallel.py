@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from specdec import load_model
-from specdec.distributed import TensorParallelError, check_shardable
+from specdec.models.distributed import TensorParallelError, check_shardable
 from tests.tp_worker import NEW, PROMPTS, RUNS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from drafters.modeling import SlotCache, forward_with_cache
-from specdec import kv
-from specdec.accept import accept, read_outcome
-from specdec.device_tree import TreeUploader
-from specdec.verify import verify_forward
+from specdec.device import kv
+from specdec.device.tree import TreeUploader
+from specdec.step.accept import accept, read_outcome
+from specdec.step.verify import verify_forward
 from tests.test_trees import brute_ancestors, random_tree
 from trees import TokenTree
 

@@ -285,8 +285,8 @@ def merge(trees: list[TokenTree]) -> TokenTree:
     index: dict[tuple[int, int], int] = {}
     for tree in trees:
         local_to_merged: list[int] = []
-        for token, parent, score, source, rank in zip(tree.tokens.tolist(), tree.parents.tolist(),
-                                                       tree.scores.tolist(), tree.sources.tolist(), tree.ranks.tolist()):
+        columns = (tree.tokens, tree.parents, tree.scores, tree.sources, tree.ranks)
+        for token, parent, score, source, rank in zip(*(column.tolist() for column in columns)):
             merged_parent = ROOT if parent == ROOT else local_to_merged[parent]
             key = (merged_parent, token)
             if key in index:

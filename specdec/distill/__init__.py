@@ -37,7 +37,7 @@ from drafters.head import HeadFile, choose_readout, model_identity, readout_cove
 from specdec.distill.corpus import PIECE_TOKENS, Text, packaged_texts, task_prompts
 from specdec.distill.labels import Shard, batches_by_length, generate_replies, label_sequences
 from specdec.distill.training import Trainer, head_heads, split_positions
-from specdec.prompts import encode_chat
+from specdec.models.prompts import encode_chat
 
 COVERAGE = 0.95  # share of reply tokens the readout must cover
 REPLY_SHARE = 0.4  # share of the time budget spent generating the target's own replies
@@ -88,7 +88,7 @@ def read_prompts(path) -> list[str]:
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids of one user message through the chat template (`specdec.prompts.encode_chat`)."""
+    """Prompt ids of one user message through the chat template (`specdec.models.prompts.encode_chat`)."""
     return encode_chat(tokenizer, [{"role": "user", "content": prompt}])[0].tolist()
 
 
@@ -277,7 +277,8 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
     texts_path = work.dir / "texts.json"
     if not texts_path.is_file():
         found = packaged_texts(text_chars, seed) if text_chars > 0 else []
-        work.write("texts.json", lambda path: path.write_text(json.dumps([[t.request, t.reply, t.source] for t in found])))
+        rows = [[t.request, t.reply, t.source] for t in found]
+        work.write("texts.json", lambda path: path.write_text(json.dumps(rows)))
     texts = [Text(*row) for row in json.loads(texts_path.read_text())]
 
     # 2. the target's own replies: to the user's prompts, its own (Magpie), requests about the text
@@ -304,7 +305,8 @@ def distill(model, tokenizer, out: Path, minutes: float, prompts: list[str], sel
     report.prompts = len(manifest["replies"])
 
     # 3. the readout
-    text_pieces = [(ids, start) for ids, start in (text_sequences(tokenizer, texts) if texts else []) if len(ids) > start]
+    pieces = text_sequences(tokenizer, texts) if texts else []
+    text_pieces = [(ids, start) for ids, start in pieces if len(ids) > start]
     sequences = reply_sequences + text_pieces
     if not sequences:
         raise DistillError("no replies and no text to distil: give --prompts FILE or use an instruct model")

@@ -1,2 +1,2 @@
-"""Serving many sequences at once: batched tree verification, continuous batching, and the
-OpenAI-compatible HTTP server (`specdec serve`)."""
+"""Serving applications over a decoder: multi-turn chat sessions (`session`) and the
+OpenAI-compatible HTTP server of `specdec serve` (`server`, `openai_api`, `text_stream`)."""

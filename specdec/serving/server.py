@@ -1,6 +1,6 @@
 """`specdec serve`: an OpenAI-compatible HTTP API over one `SpeculativeDecoder` (FastAPI).
 
-Every request generates through the decoder's shared `specdec.serving.batcher.Batcher`, one step
+Every request generates through the decoder's shared `specdec.batch.batcher.Batcher`, one step
 at a time on a worker thread, so concurrent requests are verified together in batched forwards and
 the event loop stays free. A stream whose client goes away is closed at once: its generation is
 cancelled and its sequence freed. Every error, bad requests included, is answered in OpenAI's error shape; none ends the
@@ -26,10 +26,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from specdec.arguments import prepare_request
-from specdec.prompts import encode_chat
-from specdec.request import DecodeRequest, DecodeResult, SpecStats
-from specdec.serving.batcher import batcher_for
+from specdec.api.arguments import prepare_request
+from specdec.batch.batcher import batcher_for
+from specdec.models.prompts import encode_chat
 from specdec.serving.openai_api import (
     APIError,
     ChatCompletionRequest,
@@ -38,7 +37,8 @@ from specdec.serving.openai_api import (
     error_body,
 )
 from specdec.serving.text_stream import StreamedText
-from specdec.validation import UnsupportedGeneration
+from specdec.step.request import DecodeRequest, DecodeResult, SpecStats
+from specdec.step.support import UnsupportedGeneration
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,21 @@ from dataclasses import dataclass
 import torch
 
 from drafters.modeling import SlotCache, forward_with_cache, returned_cache
+from specdec.device import kv
+from specdec.device.attention import tree_kernel_for
+from specdec.device.tree import TreeUploader
+from specdec.step.verify import verify_forward
 from trees import TokenTree
+
+
+class UnsupportedGeneration(ValueError):
+    """A ``generate()`` request specdec does not run speculatively (beam search, contrastive search,
+    an assistant model, ...). `specdec.patch` can hand these to transformers instead."""
+
+
+def vocab_size_of(model) -> int:
+    """Number of token ids the model's embedding accepts."""
+    return int(model.get_input_embeddings().num_embeddings)
 
 
 def position_limit(model) -> int | None:
@@ -96,12 +110,8 @@ def _sequential_logits(model, prefix: torch.Tensor, path: list[int]) -> torch.Te
 
 @torch.inference_mode()
 def probe(model, kernel=None) -> str | None:
-    """Run a small tree through ``model`` (``kernel``: a `specdec.attention.TreeKernel`, or None for
+    """Run a small tree through ``model`` (``kernel``: a `specdec.device.attention.TreeKernel`, or None for
     the mask path) and compare with sequential decoding; None when exact, else what differed."""
-    from specdec import kv
-    from specdec.device_tree import TreeUploader
-    from specdec.verify import verify_forward
-
     vocab = model.get_input_embeddings().num_embeddings
     middle = vocab // 2
     prefix = (torch.tensor(_PROBE_PROMPT, device=model.device) + middle) % vocab
@@ -151,8 +161,6 @@ def support_for(model, tree_kernel: bool | None = None) -> Support:
     ``tree_kernel``: None uses the kernel where it loads and is proven exact, True requires it
     (ValueError / RuntimeError when it cannot be used), False never uses it.
     """
-    from specdec.attention import tree_kernel_for
-
     key = (tree_kernel, model.dtype, str(model.device))
     with _SUPPORT_LOCK:
         known = _SUPPORT.setdefault(model, {})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.device_tree import DeviceTree, FieldLayout, candidate_flags
+from specdec.device.tree import DeviceTree, FieldLayout, candidate_flags
 from trees import TokenTree
 
 

@@ -1,6 +1,6 @@
 """The batched decode step: several sequences, each with its own tree, verified in ONE forward.
 
-A step reads like the single-sequence step (`specdec.engine`), once for the whole batch:
+A step reads like the single-sequence step (`specdec.step.engine`), once for the whole batch:
 propose (a tree per sequence, sizes chosen together by the scheduler from the cost of forwards of
 this many rows) -> verify (one forward, rows packed in one `BatchCache`) -> accept (per row, on
 the device) -> one host read for the whole batch -> emit, compact (per row), observe -> record.
@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.accept import accept_rows, read_outcomes
-from specdec.sequence import SequenceState
-from specdec.request import DecodeRequest, DecodeResult
-from specdec.serving.batch_cache import BatchCache
-from specdec.serving.batch_tree import BatchTree, RowTree, upload_batch
-from specdec.serving.batch_verify import verify_batch
-from specdec.timing import StepTimer
-from specdec.reductions import row_argmax
+from specdec.batch.cache import BatchCache
+from specdec.batch.tree import BatchTree, RowTree, upload_batch
+from specdec.batch.verify import verify_batch
+from specdec.device.reductions import row_argmax
+from specdec.step.accept import accept_rows, read_outcomes
+from specdec.step.request import DecodeRequest, DecodeResult
+from specdec.step.sequence import SequenceState
+from specdec.step.timing import StepTimer
 from trees import TokenTree
 
 

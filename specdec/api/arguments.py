@@ -4,14 +4,14 @@ Arguments are merged exactly as transformers merges them (kwargs > ``generation_
 model's generation config > defaults), and the logits processors and stopping criteria are the
 ones transformers itself builds from them, so every option that applies to one sequence behaves
 as in ``model.generate``: processors run per tree node with that node's history, and stopping
-criteria are checked after every accepted token. This module knows the decoder only through its
-attributes (it imports no engine), so the engine can use it without an import cycle; the
-``generate`` driver over them is `specdec.generation`.
+criteria are checked after every accepted token. The ``generate`` driver over them is
+`specdec.api.generation`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.generation.configuration_utils import GenerationMode
@@ -19,23 +19,20 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from typing import TYPE_CHECKING
-
-from specdec.request import DecodeRequest, SpecStats
-from specdec.sampling import NodeRule, PositionDraws, sampling_key
-from specdec.validation import (
-    UnsupportedGeneration,
+from specdec.api.validation import (
     check_attention_mask,
     check_eos_token_id,
     check_generator,
     check_input_ids,
     check_max_new_tokens,
     check_sampling_values,
-    check_tree_budget,
 )
+from specdec.step.request import DecodeRequest, SpecStats, check_tree_budget
+from specdec.step.sampling import NodeRule, PositionDraws, sampling_key
+from specdec.step.support import UnsupportedGeneration
 
 if TYPE_CHECKING:
-    from specdec.engine import SpeculativeDecoder
+    from specdec.step.engine import Engine
 
 
 @dataclass
@@ -45,7 +42,7 @@ class SpeculativeGenerateOutput(GenerateDecoderOnlyOutput):
     spec_stats: SpecStats | None = None
 
 
-def prepare_request(decoder: SpeculativeDecoder, inputs, generation_config, logits_processor, stopping_criteria,
+def prepare_request(decoder: Engine, inputs, generation_config, logits_processor, stopping_criteria,
                     prefix_allowed_tokens_fn, tree_budget, generator, tokenizer, kwargs: dict):
     """Validate the arguments and build the `DecodeRequest` and the merged ``GenerationConfig``,
     the way ``model.generate`` merges them. Raises before any model work."""

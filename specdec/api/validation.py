@@ -6,17 +6,7 @@ from typing import Sequence
 
 import torch
 
-MAX_TREE_BUDGET = 512
-
-
-class UnsupportedGeneration(ValueError):
-    """A ``generate()`` request specdec does not run speculatively (beam search, contrastive search,
-    an assistant model, ...). `specdec.patch` can hand these to transformers instead."""
-
-
-def vocab_size_of(model) -> int:
-    """Number of token ids the model's embedding accepts."""
-    return int(model.get_input_embeddings().num_embeddings)
+from specdec.step.support import UnsupportedGeneration
 
 
 def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
@@ -33,7 +23,7 @@ def check_input_ids(input_ids, vocab_size: int) -> torch.Tensor:
         if input_ids.shape[0] != 1:
             raise UnsupportedGeneration(
                 f"input_ids has batch size {input_ids.shape[0]}; this path takes one sequence (batches go "
-                "through specdec.serving.batch_generate)"
+                "through specdec.api.batch_generate)"
             )
         input_ids = input_ids[0]
     elif input_ids.dim() != 1:
@@ -79,14 +69,6 @@ def check_max_new_tokens(max_new_tokens) -> int:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     return max_new_tokens
-
-
-def check_tree_budget(tree_budget) -> int:
-    if isinstance(tree_budget, bool) or not isinstance(tree_budget, int):
-        raise TypeError(f"tree_budget must be an int, got {type(tree_budget).__name__}")
-    if not 0 <= tree_budget <= MAX_TREE_BUDGET:
-        raise ValueError(f"tree_budget must be between 0 and {MAX_TREE_BUDGET}, got {tree_budget}")
-    return tree_budget
 
 
 def check_eos_token_id(eos_token_id, vocab_size: int) -> frozenset[int]:

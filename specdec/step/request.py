@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.sampling import NodeRule, PositionDraws
+from specdec.step.sampling import NodeRule, PositionDraws
+
+MAX_TREE_BUDGET = 512
+
+
+def check_tree_budget(tree_budget) -> int:
+    if isinstance(tree_budget, bool) or not isinstance(tree_budget, int):
+        raise TypeError(f"tree_budget must be an int, got {type(tree_budget).__name__}")
+    if not 0 <= tree_budget <= MAX_TREE_BUDGET:
+        raise ValueError(f"tree_budget must be between 0 and {MAX_TREE_BUDGET}, got {tree_budget}")
+    return tree_budget
 
 
 @dataclass

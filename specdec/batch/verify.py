@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from drafters.modeling import forward_with_cache
-from specdec.serving.batch_cache import BatchCache
-from specdec.serving.batch_tree import BatchTree
+from specdec.batch.cache import BatchCache
+from specdec.batch.tree import BatchTree
 from trees.masks import batch_tree_attention_mask, masks_by_layer_type
 
 
@@ -14,7 +14,7 @@ def verify_batch(model, cache: BatchCache, batch: BatchTree, kernel=None) -> tor
     """Run the target on ``batch`` (``B`` rows of ``q`` slots) over ``cache``'s rows ``0..B-1``.
 
     Each row's slots are written right after its own prefix (compact each row afterwards). With
-    ``kernel`` (a `specdec.attention.TreeKernel`) attention runs through the tree kernel row by
+    ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through the tree kernel row by
     row; otherwise through the model's attention with one additive mask ``[B, 1, q, K]`` built on
     the device. Returns logits ``[B, q, V]`` on the model's device, in slot order.
     """
@@ -23,7 +23,7 @@ def verify_batch(model, cache: BatchCache, batch: BatchTree, kernel=None) -> tor
     try:
         kwargs = {"input_ids": batch.tokens, "position_ids": batch.position_ids()}  # [B, q] each
         if kernel is not None:
-            from specdec.attention import TREE_KWARG, BatchTreeMeta
+            from specdec.device.attention import TREE_KWARG, BatchTreeMeta
 
             with kernel.active():
                 out = forward_with_cache(model, cache, **kwargs,

@@ -17,20 +17,21 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, make_drafter
+from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, default_head_path, make_drafter
 from drafters.modeling import SlotCache, forward_with_cache
-from specdec import distributed, kv
-from specdec.accept import Outcome, read_outcome
-from specdec.generation import run_generate
-from specdec.device_tree import TreeUploader
-from specdec.features import FeatureTap
-from specdec.reductions import row_topk_ids
-from specdec.request import DecodeRequest, DecodeResult, KVState, SpecStats
-from specdec.scheduler import Scheduler
-from specdec.sequence import SequenceState, common_prefix_len, model_lock
-from specdec.timing import StepTimer
-from specdec.validation import UnsupportedGeneration
-from specdec.verify import verify_forward
+from drafters.state import StateError, check_vocab_size, field, read_state_file
+from specdec.device import kv
+from specdec.device.reductions import row_topk_ids
+from specdec.device.tree import TreeUploader
+from specdec.models import distributed
+from specdec.schedule.scheduler import Scheduler
+from specdec.step.accept import Outcome, read_outcome
+from specdec.step.features import FeatureTap
+from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_tree_budget
+from specdec.step.sequence import SequenceState, common_prefix_len, model_lock
+from specdec.step.support import UnsupportedGeneration, position_limit, support_for, vocab_size_of
+from specdec.step.timing import StepTimer
+from specdec.step.verify import verify_forward
 from trees import TokenTree
 
 AUTO = "auto"
@@ -52,34 +53,14 @@ def resolve_drafter_name(drafter: str | Drafter, draft_model=None, model=None, d
     when a draft model is given and the head drafter when a head is given or `specdec distill`
     saved one for ``model`` (`drafters.default_head_path`)."""
     if drafter == AUTO:
-        from drafters import default_head_path
-
         has_head = draft_head is not None or (model is not None and default_head_path(model).is_file())
         return "recycling+ngram" + ("+model" if draft_model is not None else "") + ("+head" if has_head else "")
     return drafter
 
 
-class SpeculativeDecoder:
-    """Speculative decoding for one HF causal LM, with drafter state kept across calls.
-
-    Args:
-        model: a transformers causal LM (on any device); a batch of prompts runs through the
-            decoder's shared `specdec.serving.batcher.Batcher`.
-        tokenizer: optional, used by callers that pass text.
-        drafter: ``"auto"`` (every available drafter, merged), a registered drafter name
-            (``"recycling"``, ``"ngram"``, ``"model"``), several joined by ``+`` for a hybrid
-            (``"recycling+ngram"``), or a `Drafter` instance.
-        tree_budget: draft nodes verified per step; ``None`` lets the `Scheduler` choose each step
-            from measured costs and learned acceptance (0 = plain decoding).
-        draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
-        draft_head: the ``head`` drafter's trained head (a path or `drafters.HeadFile`); None: the
-            one ``specdec distill`` saved for this model, if any (``auto`` then includes it).
-        scheduler: a `Scheduler` to use (and share); a new one by default.
-        clock: the host time source for step timings (seconds; tests inject a fake one).
-        tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
-            (default) where the extension builds and the probe proves it exact for this model,
-            ``True`` to require it, ``False`` for the model's own attention with an additive mask.
-    """
+class Engine:
+    """The decode loop of one model with its drafter, scheduler and kernel, drafter state kept
+    across calls; the public `specdec.SpeculativeDecoder` (its arguments) adds ``generate``."""
 
     def __init__(
         self,
@@ -93,9 +74,6 @@ class SpeculativeDecoder:
         clock=time.perf_counter,
         tree_kernel: bool | None = None,
     ) -> None:
-        from specdec.support import position_limit
-        from specdec.validation import check_tree_budget, vocab_size_of
-
         if tree_kernel not in (None, True, False):
             raise TypeError(f"tree_kernel must be None, True or False, got {tree_kernel!r}")
         self.model = model
@@ -118,17 +96,17 @@ class SpeculativeDecoder:
         self.features = FeatureTap(model, self.drafter.needs_features)
         self._drafter_spec, self._draft_model, self._draft_head = drafter, draft_model, draft_head
         self.last_stats: SpecStats | None = None
-        self.batcher = None  # the shared `specdec.serving.batcher.Batcher`, made on first batched use
+        self.batcher = None  # the shared `specdec.batch.batcher.Batcher`, made on first batched use
         self._sequences = itertools.count()
 
-    def fork(self) -> "SpeculativeDecoder":
+    def fork(self) -> "Engine":
         """A decoder on the same model, tokenizer, scheduler and kernel with a fresh drafter of the
         same kind (private drafter state)."""
         spec = self._drafter_spec
         if isinstance(spec, Drafter):
             spec = copy.deepcopy(spec)
             spec.reset()
-        return SpeculativeDecoder(self.model, self.tokenizer, drafter=spec, tree_budget=self.tree_budget,
+        return type(self)(self.model, self.tokenizer, drafter=spec, tree_budget=self.tree_budget,
                                   draft_model=self._draft_model, draft_head=self._draft_head,
                                   scheduler=self.scheduler, clock=self.clock,
                                   tree_kernel=self.tree_kernel)
@@ -136,16 +114,12 @@ class SpeculativeDecoder:
     @property
     def unsupported(self) -> str | None:
         """Why this model cannot be decoded speculatively (None when it can); decided once per
-        model, before any generation, by `specdec.support.support_for`."""
-        from specdec.support import support_for
-
+        model, before any generation, by `specdec.step.support.support_for`."""
         return support_for(self.model, self.tree_kernel).reason
 
     @property
     def kernel(self):
         """The tree-attention kernel verify forwards use (None: the model's attention with a mask)."""
-        from specdec.support import support_for
-
         return support_for(self.model, self.tree_kernel).kernel
 
     def reset(self) -> None:
@@ -161,8 +135,6 @@ class SpeculativeDecoder:
         """Restore `state_dict` output. Everything is validated first; on any error (another
         drafter or vocabulary, malformed fields) a `drafters.state.StateError` is raised and the
         decoder is unchanged."""
-        from drafters.state import StateError, check_vocab_size, field
-
         check_vocab_size(state, self.logits_size, "decoder state")
         if field(state, "drafter", "decoder state") != self.drafter.name:
             raise StateError(f"decoder state was saved for drafter {state.get('drafter')!r}; this decoder has "
@@ -178,18 +150,7 @@ class SpeculativeDecoder:
 
     def load(self, path) -> None:
         """Read a file written by `save` (validated; see `load_state_dict`)."""
-        from drafters.state import read_state_file
-
         self.load_state_dict(read_state_file(path, "specdec-decoder"))
-
-    def generate(self, inputs=None, *args, **kwargs):
-        """Generation with ``model.generate``'s semantics: greedy output is token-identical to
-        ``do_sample=False``; ``do_sample=True`` samples exactly the target's distribution.
-
-        Takes the arguments of `specdec.generate` except ``model``, ``drafter`` and ``draft_model``;
-        the statistics of the last call are also kept in ``last_stats``.
-        """
-        return run_generate(self, inputs, *args, **kwargs)
 
     # ------------------------------------------------------------------ the loop
     def decode(self, request: DecodeRequest) -> DecodeResult:

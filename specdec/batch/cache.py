@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from drafters.modeling import CacheFullError, SlotCache
-from specdec import ops
+from specdec.device import ops
 
 
 class BatchLayer(CacheLayerMixin):
@@ -147,7 +147,7 @@ class BatchCache(Cache):
     def compact_row(self, row: int, kept_slots: torch.Tensor, host_slots: list[int], queries: int) -> None:
         """After a forward of ``queries`` slots a row: keep row ``row``'s prefix, then its verified
         slots ``kept_slots`` (``[m]`` int64 device, strictly increasing; ``host_slots`` the same on
-        the host) in that order (`specdec.kv.compact` on the row)."""
+        the host) in that order (`specdec.device.kv.compact` on the row)."""
         length = self.lengths[row]
         if host_slots != list(range(len(host_slots))):  # rows already in place are not moved
             keys, values = self.row_views(row, length + queries)

@@ -1,6 +1,6 @@
 """``model.generate`` with a batch of prompts: every row a request of the decoder's shared batch.
 
-Each row is prepared exactly as a single prompt is (`specdec.arguments.prepare_request`: the same
+Each row is prepared exactly as a single prompt is (`specdec.api.arguments.prepare_request`: the same
 merged generation config, processors and stopping criteria; its padding, given by the row of
 ``attention_mask`` or inferred from ``pad_token_id``, never reaches the model), the rows run
 together (`Batcher.decode_all`), and the output is laid out as transformers lays out a batch: the
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from specdec.arguments import SpeculativeGenerateOutput, prepare_request
-from specdec.request import DecodeResult, SpecStats
-from specdec.serving.batcher import batcher_for
-from specdec.validation import UnsupportedGeneration
+from specdec.api.arguments import SpeculativeGenerateOutput, prepare_request
+from specdec.batch.batcher import batcher_for
+from specdec.step.request import DecodeResult, SpecStats
+from specdec.step.support import UnsupportedGeneration
 
 _MASK63 = (1 << 63) - 1
 

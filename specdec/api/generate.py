@@ -1,7 +1,7 @@
 """The public ``generate()``: ``model.generate``'s arguments and return types, speculative.
 
 One `SpeculativeDecoder` is kept per model and drafter name, so drafter state persists between
-calls; argument handling lives in `specdec.arguments`.
+calls; argument handling lives in `specdec.api.arguments`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import weakref
 
 from drafters import Drafter, HeadFile
-from specdec.arguments import SpeculativeGenerateOutput
-from specdec.generation import run_generate
-from specdec.engine import SpeculativeDecoder
+from specdec.api.arguments import SpeculativeGenerateOutput
+from specdec.api.decoder import SpeculativeDecoder
+from specdec.api.generation import run_generate
 
 __all__ = ["SpeculativeGenerateOutput", "decoder_for", "generate"]
 

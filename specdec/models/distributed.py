@@ -44,9 +44,10 @@ def check_shardable(config, world: int) -> None:
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     if heads is None or heads % world or kv_heads % world:
+        fitting = [n for n in range(1, 9) if heads and not heads % n and not kv_heads % n]
         raise TensorParallelError(f"cannot shard {type(text).__name__} across {world} ranks: the rank count must "
                                   f"divide the {heads} query heads and the {kv_heads} key-value heads "
-                                  f"(try one of {[n for n in range(1, 9) if heads and not heads % n and not kv_heads % n]})")
+                                  f"(try one of {fitting})")
 
 
 def is_sharded(model) -> bool:

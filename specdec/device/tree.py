@@ -148,7 +148,8 @@ class TreeUploader:
             tokens=layout.view(pack, "tokens"), depths=layout.view(pack, "depths"),
             parent_slots=layout.view(pack, "parents"), candidates=flag_bytes[slots * slots : slots * slots + slots],
             by_depth=layout.view(pack, "by_depth"), packed_ancestors=layout.view(pack, "packed").view(slots, -1),
-            ancestors=flag_bytes[: slots * slots].view(slots, slots), paths=layout.view(pack, "paths").view(slots, width),
+            ancestors=flag_bytes[: slots * slots].view(slots, slots),
+            paths=layout.view(pack, "paths").view(slots, width),
             uniforms=layout.view(pack, "uniforms").view(torch.float64), n=n, max_depth=max_depth,
             depth_starts=starts.tolist(),
         )

@@ -12,9 +12,10 @@ import warnings
 from contextlib import contextmanager
 
 from drafters import Drafter
-from specdec.engine import AUTO, SpeculativeDecoder
-from specdec.generation import run_generate
-from specdec.validation import UnsupportedGeneration
+from specdec.api.decoder import SpeculativeDecoder
+from specdec.api.generation import run_generate
+from specdec.step.engine import AUTO
+from specdec.step.support import UnsupportedGeneration
 
 _MARK = "__specdec_decoder__"
 _SPECDEC_ONLY = ("tree_budget", "generator")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.device_tree import DeviceTree
+from specdec.device.tree import DeviceTree
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specdec import ops
+from specdec.device import ops
 
 TREE_KWARG = "specdec_tree"
 
@@ -34,7 +34,7 @@ class TreeMeta:
 
 @dataclass(frozen=True)
 class BatchTreeMeta:
-    """The same for a batch (`specdec.serving.batch_tree`): ``ancestors [B, q, W]`` and each row's
+    """The same for a batch (`specdec.batch.tree`): ``ancestors [B, q, W]`` and each row's
     cache length (host ints); row b's slots sit right after its own prefix."""
 
     ancestors: torch.Tensor

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from specdec.arguments import prepare_request
-from specdec.engine import SpeculativeDecoder
-from specdec.prompts import encode_chat
-from specdec.request import DecodeResult, KVState, SpecStats
-from specdec.serving.batcher import batcher_for
+from specdec.api.arguments import prepare_request
+from specdec.api.decoder import SpeculativeDecoder
+from specdec.batch.batcher import batcher_for
+from specdec.models.prompts import encode_chat
+from specdec.step.request import DecodeResult, KVState, SpecStats
 
 SESSION_FORMAT = 1
 
@@ -28,7 +28,7 @@ class ChatSession:
     scheduler's statistics are shared by every session of the decoder, so each conversation
     speeds up the next; ``own_drafter=True`` gives this session a private drafter instead.
     Sessions may run on several threads: concurrent turns of one decoder's sessions are verified
-    together in batched forwards (`specdec.serving.batcher`), and every session's output is what
+    together in batched forwards (`specdec.batch.batcher`), and every session's output is what
     it would be alone (greedy: token for token).
 
     Args:

@@ -12,7 +12,7 @@ A sampled choice is an inverse-CDF draw with one uniform number per *sequence po
 uniform a pure function of the request's sampling key and the position (`PositionDraws`): the
 token at a position is then the same whichever tree, drafter or tree size verified it, so a seed
 reproduces its sample exactly, and each token is exactly distributed as the target's
-(processed) distribution. Acceptance follows the delta rule (see `specdec.accept`).
+(processed) distribution. Acceptance follows the delta rule (see `specdec.step.accept`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation import logits_process as lp
 
-from specdec.accept import Accepted, accept
-from specdec.device_tree import DeviceTree
-from specdec.reductions import row_argmax
+from specdec.device.reductions import row_argmax
+from specdec.device.tree import DeviceTree
+from specdec.step.accept import Accepted, accept
 
 
 def _classes(*names: str) -> tuple[type, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from drafters.modeling import forward_with_cache
-from specdec.device_tree import DeviceTree
+from specdec.device.tree import DeviceTree
 from trees.masks import masks_by_layer_type, tree_attention_mask
 
 
@@ -13,7 +13,7 @@ def verify_forward(model, cache, tree: DeviceTree, prefix_len: int, kernel=None)
     """Run the target on the tree's slots after ``prefix_len`` cached positions.
 
     The slots' keys and values are written to ``cache`` right after the prefix (compact it
-    afterwards). With ``kernel`` (a `specdec.attention.TreeKernel`) attention runs through
+    afterwards). With ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through
     ``torch.ops.specdec.tree_attention`` on the packed ancestor bits; otherwise through the
     model's own attention with an additive mask built on the device. Returns logits ``[n+1, V]``
     on the model's device, in slot order.
@@ -21,7 +21,7 @@ def verify_forward(model, cache, tree: DeviceTree, prefix_len: int, kernel=None)
     input_ids = tree.tokens[None]  # [1, n+1]
     position_ids = tree.position_ids(prefix_len)  # [1, n+1]
     if tree.n and kernel is not None:
-        from specdec.attention import TREE_KWARG, TreeMeta
+        from specdec.device.attention import TREE_KWARG, TreeMeta
 
         with kernel.active():
             out = forward_with_cache(model, cache, input_ids=input_ids, position_ids=position_ids,

@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specdec.arguments import SpeculativeGenerateOutput, prepare_request
-from specdec.serving.batch_generate import generate_batch, is_batch
-from specdec.validation import UnsupportedGeneration
+from specdec.api.arguments import SpeculativeGenerateOutput, prepare_request
+from specdec.api.batch_generate import generate_batch, is_batch
+from specdec.step.support import UnsupportedGeneration
 
 if TYPE_CHECKING:
-    from specdec.engine import SpeculativeDecoder
+    from specdec.step.engine import Engine
 
 
 def run_generate(
-    decoder: SpeculativeDecoder,
+    decoder: Engine,
     inputs=None,
     generation_config=None,
     logits_processor=None,
@@ -67,7 +67,8 @@ def run_generate(
         if streamer is not None:
             streamer.end()
     decoder.last_stats = result.stats
-    sequences = torch.cat([request.prompt, torch.tensor(result.tokens, dtype=torch.long)])[None].to(device)  # [1, L + new]
+    new_tokens = torch.tensor(result.tokens, dtype=torch.long)
+    sequences = torch.cat([request.prompt, new_tokens])[None].to(device)  # [1, L + new]
     if not config.return_dict_in_generate:
         return sequences
     return SpeculativeGenerateOutput(

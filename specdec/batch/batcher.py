@@ -16,10 +16,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-from specdec.sequence import model_lock
-from specdec.request import DecodeRequest, DecodeResult
-from specdec.serving.batch_engine import BatchEngine, Member
-from specdec.validation import UnsupportedGeneration
+from specdec.batch.engine import BatchEngine, Member
+from specdec.step.request import DecodeRequest, DecodeResult
+from specdec.step.sequence import model_lock
+from specdec.step.support import UnsupportedGeneration
 
 
 class _Ticket:

@@ -20,7 +20,7 @@ from trees import unpack_rows
 
 DISABLE_ENV = "SPECDEC_DISABLE_EXT"
 BUILD_DIR_ENV = "SPECDEC_EXT_DIR"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("specdec_ops.cpp",)
 CUDA_SOURCES = ("specdec_ops_cuda.cu",)
 

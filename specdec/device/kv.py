@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from drafters.modeling import SlotCache
-from specdec import ops
+from specdec.device import ops
 
 
 def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor, host_slots: list[int] | None = None) -> None:

@@ -1,0 +1,38 @@
+"""`SpeculativeDecoder`: the step engine with ``model.generate``'s semantics on top."""
+
+from __future__ import annotations
+
+from specdec.api.generation import run_generate
+from specdec.step.engine import Engine
+
+
+class SpeculativeDecoder(Engine):
+    """Speculative decoding for one HF causal LM, with drafter state kept across calls.
+
+    Args:
+        model: a transformers causal LM (on any device); a batch of prompts runs through the
+            decoder's shared `specdec.batch.batcher.Batcher`.
+        tokenizer: optional, used by callers that pass text.
+        drafter: ``"auto"`` (every available drafter, merged), a registered drafter name
+            (``"recycling"``, ``"ngram"``, ``"model"``), several joined by ``+`` for a hybrid
+            (``"recycling+ngram"``), or a `Drafter` instance.
+        tree_budget: draft nodes verified per step; ``None`` lets the `Scheduler` choose each step
+            from measured costs and learned acceptance (0 = plain decoding).
+        draft_model: the small causal LM used by the ``model`` drafter (same vocabulary).
+        draft_head: the ``head`` drafter's trained head (a path or `drafters.HeadFile`); None: the
+            one ``specdec distill`` saved for this model, if any (``auto`` then includes it).
+        scheduler: a `Scheduler` to use (and share); a new one by default.
+        clock: the host time source for step timings (seconds; tests inject a fake one).
+        tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
+            (default) where the extension builds and the probe proves it exact for this model,
+            ``True`` to require it, ``False`` for the model's own attention with an additive mask.
+    """
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """Generation with ``model.generate``'s semantics: greedy output is token-identical to
+        ``do_sample=False``; ``do_sample=True`` samples exactly the target's distribution.
+
+        Takes the arguments of `specdec.generate` except ``model``, ``drafter`` and ``draft_model``;
+        the statistics of the last call are also kept in ``last_stats``.
+        """
+        return run_generate(self, inputs, *args, **kwargs)

@@ -1,0 +1,3 @@
+"""What lives and runs on the model's device: tree tensors (`tree`), KV compaction (`kv`), the
+tree-attention kernel (`attention`) and the csrc operators behind them (`ops`), row reductions
+(`reductions`). Imports nothing from the step above it."""
