@@ -3,7 +3,9 @@ csrc tree-attention kernel and with sdpa plus a float tree mask, and the host ti
 spends outside the forward.
 
 Both attention paths run the same model on the same cached prefix and the same trees, interleaved
-repeat by repeat (median of the repeats, the device synchronised around each forward). Costs are
+repeat by repeat (median of the repeats, the device synchronised around each forward). As in the
+scheduler's T(n), the tree's upload is not timed, and the kernel runs only where specdec's
+equivalence probe (`specdec.step.support.support_for`) proves it exact for the model. Costs are
 reported relative to plain decoding (a one-token forward, n = 0): T(n+1 tokens) / T(1 token).
 """
 
@@ -37,12 +39,12 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
     """Median ms of one verify forward per tree size n, with the tree kernel (when the model family
     allows it) and with sdpa + mask, after ``context`` cached positions."""
     from drafters.modeling import SlotCache, forward_with_cache
-    from specdec.device.attention import tree_kernel_for
     from specdec.device.tree import TreeUploader
+    from specdec.step.support import support_for
     from specdec.step.verify import verify_forward
 
     device = model.device
-    kernel = tree_kernel_for(model, None)
+    kernel = support_for(model, None).kernel  # None unless probed exact here
     vocab = model.config.vocab_size
     cache = SlotCache.for_model(model, context + max(sizes) + 1)
     forward_with_cache(model, cache, input_ids=torch.randint(0, vocab, (1, context), device=device))
@@ -54,9 +56,10 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
         times: dict[str, list[float]] = {name: [] for name in paths}
         for repeat in range(repeats + 1):
             for name, use in paths.items():
-                _synchronize(device)
+                slots = uploader.upload(tree, 1)
+                _synchronize(device)  # the upload has landed: T(n) is the forward alone
                 started = time.perf_counter()
-                verify_forward(model, cache, uploader.upload(tree, 1), context, use)
+                verify_forward(model, cache, slots, context, use)
                 _synchronize(device)
                 if repeat:  # the first round warms up
                     times[name].append(1e3 * (time.perf_counter() - started))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
 from drafters.head import HeadDrafter, HeadFile, default_head_path
 from drafters.hybrid import HybridDrafter
 from drafters.model import ModelDrafter
@@ -59,6 +59,7 @@ def make_drafter(drafter: str | Drafter, vocab_size: int, draft_model=None, targ
 __all__ = [
     "DRAFTERS",
     "DraftContext",
+    "DraftSampling",
     "Drafter",
     "HeadDrafter",
     "HeadFile",

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from trees import TokenTree
+
+
+@dataclass(frozen=True)
+class DraftSampling:
+    """How the target samples the sequence, for drafters that draw their tokens.
+
+    Attributes:
+        warp: ``[m, V]`` logits -> ``[m, V]`` scores, the request's history-free processors
+            (temperature, top-k, top-p, ...): a drafter draws from ``softmax(warp(logits))``.
+        seed: the seed of this proposal's draws (repeatable with the request's seed, independent
+            of the target's own draws).
+    """
+
+    warp: Callable[[Any], Any]
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -21,11 +36,16 @@ class DraftContext:
         sequence_id: identifies the sequence being decoded; within one sequence every context
             extends the previous one, so drafters may index it incrementally.
         prompt_len: how many of ``token_ids`` are the prompt.
+        sampling: set when the target samples: a drafter with distributions of its own may then
+            draw its tokens from them and return them with the tree (`trees.DraftDraws`), which
+            is verified by rejection sampling; None for greedy decoding (and inside hybrids,
+            whose merged trees are verified by the delta rule).
     """
 
     token_ids: np.ndarray
     sequence_id: int = 0
     prompt_len: int = 0
+    sampling: DraftSampling | None = None
 
     @property
     def root(self) -> int:
@@ -70,12 +90,14 @@ class Drafter(ABC):
     Subclasses set ``name``, ``feedback_topk`` (how many of the target's top successors per
     verified token they want in `observe`; 0 when they need none) and ``needs_features`` (how many
     of the latest committed positions' target features `observe` needs after a prefill,
-    `VerifyFeedback.features`; 0 for none).
+    `VerifyFeedback.features`; 0 for none). ``source_id`` is the id its nodes carry in
+    `TokenTree.sources` (0 alone; a `HybridDrafter` numbers its members).
     """
 
     name: str = "drafter"
     feedback_topk: int = 0
     needs_features: int = 0
+    source_id: int = 0
 
     @abstractmethod
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:

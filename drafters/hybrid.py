@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from drafters.base import DraftContext, Drafter, VerifyFeedback
 from trees import TokenTree, merge
 
@@ -29,6 +31,7 @@ class HybridDrafter(Drafter):
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:
             return TokenTree.empty()
+        ctx = replace(ctx, sampling=None)  # merged trees are verified by the delta rule: no draws
         trees = [tree for tree in (member.propose(ctx, budget) for member in self.members) if len(tree)]
         if len(trees) <= 1:  # nothing to merge: one tree is verified as its drafter made it (duplicate
             # siblings included, as for a single drafter: only the first of them can be accepted)

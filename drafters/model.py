@@ -1,9 +1,18 @@
-"""Draft-model drafter: a small causal LM with the target's vocabulary grows the tree.
+"""Draft-model drafter: a small causal LM with the target's vocabulary grows the tree on its device.
 
-The tree grows by cumulative draft probability, EAGLE-2 style: each depth expands the best
-``beam`` frontier nodes with one batched draft forward (tree mask among the drafted tokens), every
-expanded node offers its ``top_k`` children, and the best ``budget`` nodes overall are kept
-(ancestor-closed because a child's log-probability never exceeds its parent's).
+Greedy decoding: the tree grows by cumulative draft probability, EAGLE-2 style. Each depth expands
+the best ``beam`` frontier nodes with one batched draft forward (tree mask among the drafted
+tokens), every expanded node offers its ``top_k`` children, and the best ``budget`` nodes overall
+are kept (ancestor-closed because a child's log-probability never exceeds its parent's).
+
+Sampling: the tree has a fixed best-first shape over the rank prior (decided before any draw), and
+each node's children are *drawn* without replacement from the draft distribution after the
+request's warpers (Gumbel-top-k: the top-c of ``log q - log E``, ``E ~ Exp(1)``, in order, is c
+draws without replacement), one batched draft forward per depth. The tree carries those
+distributions (`trees.DraftDraws`) for the target's rejection sampling; node scores are the
+shape's priors, so pruning by score keeps the first draws of each parent.
+
+Either way the proposal stays on the device until one copy of the whole tree to the host.
 """
 
 from __future__ import annotations
@@ -11,9 +20,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from drafters.base import DraftContext, Drafter
+from drafters.base import DraftContext, Drafter, DraftSampling
 from drafters.modeling import SlotCache, forward_with_cache
-from trees import ROOT, TokenTree, masks_by_layer_type, tree_attention_mask
+from trees import (
+    DEFAULT_RANK_PRIOR,
+    ROOT,
+    DraftDraws,
+    TokenTree,
+    TreeShape,
+    best_first,
+    masks_by_layer_type,
+    tree_attention_mask,
+)
 
 
 def logits_size(model) -> int:
@@ -27,7 +45,7 @@ class ModelDrafter(Drafter):
         draft_model: a transformers causal LM whose vocabulary equals the target's.
         vocab_size: the target's logits size (checked against the draft model's).
         top_k: children offered by each expanded node.
-        beam: frontier nodes expanded per depth.
+        beam: frontier nodes expanded per depth (greedy decoding).
         max_depth: deepest drafted node.
     """
 
@@ -47,82 +65,146 @@ class ModelDrafter(Drafter):
         self.draft_model = draft_model.eval()
         self.vocab_size = vocab_size
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
-        self.source_id = 0
         self._cache = None
         self._cached_len = 0
         self._sequence_id: int | None = None
+        self._shapes: dict[int, TreeShape] = {}
 
     # ------------------------------------------------------------------ draft cache
-    def _sync(self, ctx: DraftContext) -> torch.Tensor:
-        """Feed committed tokens the draft cache lacks (at least the root); log-probs after the root."""
+    def _sync(self, ctx: DraftContext, budget: int) -> torch.Tensor:
+        """Feed committed tokens the draft cache lacks (at least the root); ``[V]`` logits after the root."""
         if ctx.sequence_id != self._sequence_id or self._cache is None or self._cached_len >= len(ctx.token_ids):
             self._cache = SlotCache.for_model(self.draft_model, 2 * len(ctx.token_ids) + 64)
             self._cached_len = 0
             self._sequence_id = ctx.sequence_id
-        self._cache.reserve(len(ctx.token_ids) + self.beam * self.max_depth + 1)
+        self._cache.reserve(len(ctx.token_ids) + max(self.beam * self.max_depth, budget) + 1)
         new = torch.from_numpy(np.ascontiguousarray(ctx.token_ids[self._cached_len :]))[None]  # [1, m] host
         out = forward_with_cache(self.draft_model, self._cache, input_ids=new.to(self.draft_model.device),
                                  logits_to_keep=1)
         self._cached_len = len(ctx.token_ids)
-        return torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # [V]
+        return out.logits[0, -1].float()
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:
             return TokenTree.empty()
-        root_logp = self._sync(ctx)
-        best = root_logp.topk(min(self.top_k, budget))
-        tokens: list[int] = best.indices.tolist()
-        ranks: list[int] = list(range(len(tokens)))
-        parents: list[int] = [ROOT] * len(tokens)
-        scores: list[float] = best.values.tolist()
-        depths: list[int] = [1] * len(tokens)
-        ancestors: list[set[int]] = [{i} for i in range(len(tokens))]
-        fed: list[int] = []  # node_idx in the order their KV entered the draft cache
-        frontier = list(range(len(tokens)))[: self.beam]
-        for depth in range(2, self.max_depth + 1):
-            kth_best = sorted(scores, reverse=True)[budget - 1] if len(scores) >= budget else -np.inf
-            frontier = [f for f in frontier if scores[f] > kth_best]
-            if not frontier:
-                break
-            logp = self._expand(frontier, tokens, ancestors, depths, fed)  # [f, V]
-            top = logp.topk(self.top_k, dim=-1)
-            children: list[int] = []
-            for row, parent in enumerate(frontier):
-                for rank, (token, value) in enumerate(zip(top.indices[row].tolist(), top.values[row].tolist())):
-                    children.append(len(tokens))
-                    ranks.append(rank)
-                    tokens.append(token)
-                    parents.append(parent)
-                    scores.append(scores[parent] + value)
-                    depths.append(depth)
-                    ancestors.append(ancestors[parent] | {children[-1]})
-            frontier = sorted(children, key=lambda c: -scores[c])[: self.beam]
-        self._cache.truncate(self._cached_len)  # drafted tokens leave; committed ones stay
-        tree = TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
-                         torch.tensor(scores, dtype=torch.float32),
-                         torch.full((len(tokens),), self.source_id, dtype=torch.int8),
-                         torch.tensor(ranks, dtype=torch.long))
-        tree = tree.prune(budget)
-        return tree
+        root_logits = self._sync(ctx, budget)  # [V] device
+        try:
+            if ctx.sampling is not None:
+                return self._drawn(root_logits, budget, ctx.sampling)
+            return self._beam(root_logits, budget)
+        finally:
+            self._cache.truncate(self._cached_len)  # drafted tokens leave; committed ones stay
 
-    def _expand(self, frontier, tokens, ancestors, depths, fed) -> torch.Tensor:
-        """One batched draft forward over the frontier nodes; returns their log-probs ``[f, V]``."""
-        columns = fed + frontier
+    def _forward(self, tokens: torch.Tensor, visible: torch.Tensor, depth: int,
+                 key_depths: torch.Tensor) -> torch.Tensor:
+        """One batched draft forward of ``tokens [f]`` (nodes at ``depth``) that see the committed
+        cache and the fed draft keys ``visible [f, c]`` marks (depths ``key_depths [c]``, these
+        nodes last); returns their ``[f, V]`` logits (device)."""
         device = self.draft_model.device
-        visible = torch.tensor([[c in ancestors[q] for c in columns] for q in frontier], device=device)  # [f, fed+f]
-        query_pos = torch.tensor([self._cached_len - 1 + depths[q] for q in frontier], device=device)  # [f]
-        key_pos = torch.tensor([self._cached_len - 1 + depths[c] for c in columns], device=device)  # [fed+f]
+        query_pos = torch.full((tokens.numel(),), self._cached_len - 1 + depth, device=device)  # [f]
+        key_pos = key_depths.to(device) + (self._cached_len - 1)  # [c]
         mask = masks_by_layer_type(self.draft_model.config, lambda window: tree_attention_mask(
             visible, self._cached_len, query_pos, key_pos, self.draft_model.dtype, window))
-        out = forward_with_cache(
-            self.draft_model, self._cache,
-            input_ids=torch.tensor([[tokens[q] for q in frontier]], device=device),  # [1, f]
-            attention_mask=mask,
-            position_ids=query_pos[None],
-        )
-        fed.extend(frontier)
-        return torch.log_softmax(out.logits[0].float(), dim=-1)
+        out = forward_with_cache(self.draft_model, self._cache, input_ids=tokens[None], attention_mask=mask,
+                                 position_ids=query_pos[None])
+        return out.logits[0].float()
+
+    # ------------------------------------------------------------------ greedy: best-first beam
+    def _beam(self, root_logits: torch.Tensor, budget: int) -> TokenTree:
+        device = root_logits.device
+        top = torch.log_softmax(root_logits, dim=-1).topk(min(self.top_k, budget))
+        width = top.indices.numel()
+        tokens, scores = [top.indices], [top.values]  # device, per depth
+        parents = [torch.full((width,), ROOT, device=device)]
+        ranks = [torch.arange(width, device=device)]
+        drafted = width
+        frontier = torch.arange(min(self.beam, width), device=device)  # node_idx, best first
+        frontier_tokens, frontier_scores = top.indices[: frontier.numel()], top.values[: frontier.numel()]
+        seen = torch.zeros((frontier.numel(), 0), dtype=torch.bool, device=device)  # [f, fed] ancestors fed so far
+        key_depths = torch.zeros(0, dtype=torch.long, device=device)
+        for depth in range(2, min(self.max_depth, budget) + 1):
+            f = frontier.numel()
+            visible = torch.cat([seen, torch.eye(f, dtype=torch.bool, device=device)], dim=1)  # [f, fed+f]
+            key_depths = torch.cat([key_depths, torch.full((f,), depth - 1, device=device)])
+            top = torch.log_softmax(self._forward(frontier_tokens, visible, depth - 1, key_depths), dim=-1
+                                    ).topk(self.top_k, dim=-1)  # [f, k]
+            child_scores = (frontier_scores[:, None] + top.values).flatten()  # [f*k]
+            tokens.append(top.indices.flatten())
+            scores.append(child_scores)
+            parents.append(frontier.repeat_interleave(self.top_k))
+            ranks.append(torch.arange(self.top_k, device=device).repeat(f))
+            best = child_scores.topk(min(self.beam, child_scores.numel())).indices  # the next frontier
+            frontier = drafted + best
+            drafted += child_scores.numel()
+            frontier_tokens, frontier_scores = tokens[-1][best], child_scores[best]
+            seen = visible[best // self.top_k]
+        packed = torch.stack([torch.cat(part).double() for part in (tokens, parents, scores, ranks)])
+        host = np.asarray(packed.tolist())  # [4, n]: the proposal's one copy to the host
+        tree = TokenTree(torch.from_numpy(host[0].astype(np.int64)), torch.from_numpy(host[1].astype(np.int64)),
+                         torch.from_numpy(host[2].astype(np.float32)),
+                         torch.full((host.shape[1],), self.source_id, dtype=torch.int8),
+                         torch.from_numpy(host[3].astype(np.int64)))
+        return tree.prune(budget)
+
+    # ------------------------------------------------------------------ sampling: drawn children
+    def _shape(self, budget: int) -> tuple[TreeShape, list[dict]]:
+        """The drawn tree's shape for ``budget`` and, per depth (breadth-first, so a depth's nodes
+        are contiguous), what to feed and draw (host): the depth's ``nodes``, the parents to
+        ``expand`` (fed, each giving one draft row), their ancestors among the fed nodes
+        (``visible``), the fed nodes' depths and each node's draft row (``parent_rows``)."""
+        if budget not in self._shapes:
+            shape = best_first(budget, DEFAULT_RANK_PRIOR, max_depth=self.max_depth, max_rank=self.top_k)
+            depths, n = shape.depths, len(shape)
+            row_of = {ROOT: 0}  # node_idx (ROOT: the root) -> the draft row its children are drawn from
+            fed: list[int] = []  # node_idx in the order they enter the draft cache
+            ancestors = [set() for _ in range(n)]
+            for node, parent in enumerate(shape.parents):
+                ancestors[node] = ({node} | ancestors[parent]) if parent != ROOT else {node}
+            plan = []
+            for depth in range(1, int(depths.max(initial=0)) + 1):
+                nodes = np.flatnonzero(depths == depth)
+                expand = [] if depth == 1 else sorted({int(shape.parents[m]) for m in nodes})
+                for parent in expand:
+                    row_of[parent] = len(row_of)
+                fed.extend(expand)
+                visible = np.array([[c in ancestors[p] for c in fed] for p in expand], dtype=bool)
+                parent_rows = np.array([row_of[int(shape.parents[m])] for m in nodes])
+                plan.append({"nodes": nodes, "expand": np.array(expand, dtype=np.int64), "visible": visible,
+                             "key_depths": depths[np.array(fed, dtype=np.int64)], "parent_rows": parent_rows})
+            self._shapes[budget] = (shape, plan)
+        return self._shapes[budget]
+
+    def _drawn(self, root_logits: torch.Tensor, budget: int, sampling: DraftSampling) -> TokenTree:
+        shape, plan = self._shape(budget)
+        n = len(shape)
+        if n == 0:
+            return TokenTree.empty()
+        device = root_logits.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed)
+        drawn_by_depth: list[torch.Tensor] = []  # the drawn tokens of each depth's nodes, in node order
+        probs = [torch.softmax(sampling.warp(root_logits[None]), dim=-1)]  # [1, V]: the root's draft distribution
+        for depth, step in enumerate(plan, start=1):
+            if depth > 1:  # feed the nodes that have children; their distributions are the new rows
+                expand = torch.from_numpy(step["expand"]).to(device)
+                visible = torch.from_numpy(step["visible"]).to(device)
+                logits = self._forward(torch.cat(drawn_by_depth)[expand], visible, depth - 1,
+                                       torch.from_numpy(step["key_depths"]))
+                probs.append(torch.softmax(sampling.warp(logits), dim=-1))
+            rows = probs[-1]  # [r, V] the distributions this depth's tokens are drawn from
+            race = rows.log() - torch.empty_like(rows).exponential_(generator=generator).log()  # [r, V]
+            width = int(shape.ranks[step["nodes"]].max()) + 1
+            drawn = race.topk(width, dim=-1).indices  # [r, width] draws without replacement, in order
+            first_row = sum(len(p) for p in probs[:-1])
+            local = torch.from_numpy(step["parent_rows"] - first_row).to(device)
+            node_ranks = torch.from_numpy(shape.ranks[step["nodes"]]).to(device)
+            drawn_by_depth.append(drawn[local, node_ranks])
+        host_tokens = torch.tensor(torch.cat(drawn_by_depth).tolist(), dtype=torch.long)  # the one copy to the host
+        rows = np.concatenate([step["parent_rows"] for step in plan])  # node order: depths are contiguous
+        return TokenTree(host_tokens, torch.from_numpy(shape.parents), torch.from_numpy(shape.log_prior),
+                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks),
+                         DraftDraws(torch.cat(probs), torch.from_numpy(rows)))
 
     # ------------------------------------------------------------------ state
     def end_sequence(self, sequence_id: int) -> None:

@@ -9,7 +9,7 @@ import torch
 from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
 from drafters.ngram import NGramIndex
 from drafters.stats import AcceptanceStats
-from trees import TokenTree, best_first, expected_accepted, sequoia
+from trees import TokenTree
 
 
 def ctx(tokens, sequence_id=0, prompt_len=0) -> DraftContext:
@@ -17,7 +17,9 @@ def ctx(tokens, sequence_id=0, prompt_len=0) -> DraftContext:
 
 
 def paths_of(tree: TokenTree) -> list[list[int]]:
-    return [tree.tokens[p].tolist() for p in tree.paths()]
+    """The token paths from the root to every leaf, in leaf order."""
+    leaves = [node for node, kids in enumerate(tree.children()[1:]) if not kids]
+    return [tree.tokens[tree.path_to(leaf)].tolist() for leaf in leaves]
 
 
 # ---------------------------------------------------------------- n-gram matcher tables
@@ -108,25 +110,6 @@ def test_stats_forget_and_filter_by_source():
         stats.update(tree, [0], source=1)  # node 0 belongs to source 0: ignored
     assert stats.reached[0, 0] == 0.0 and stats.reached[0, 1] > 0 and stats.accepted[0, 1] == 0.0
     assert stats.reached[0, 1] < 2.0  # geometric forgetting
-
-
-@pytest.mark.parametrize("budget", [1, 5, 12, 30])
-def test_sequoia_matches_best_first_when_depth_is_free(budget):
-    rates = np.array([0.6, 0.2, 0.1, 0.05])
-    dp = sequoia(budget, rates, max_depth=budget, max_rank=4)
-    greedy = best_first(budget, rates, max_depth=budget, max_rank=4)
-    assert len(dp) == len(greedy) == budget
-    assert expected_accepted(dp) == pytest.approx(expected_accepted(greedy), rel=1e-5)
-
-
-def test_sequoia_respects_depth_and_beats_wide_shallow():
-    rates = np.array([[0.9, 0.05], [0.9, 0.05], [0.9, 0.05], [0.9, 0.05]])
-    shape = sequoia(6, rates, max_depth=3, max_rank=2)
-    assert shape.depths.max() <= 3 and len(shape) == 6
-    chain_value = sum(0.9 ** d for d in range(1, 4))
-    assert expected_accepted(shape) > chain_value
-    for node, parent in enumerate(shape.parents):
-        assert parent < node
 
 
 def test_recycling_learns_a_deeper_tree_when_top1_is_always_accepted():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,7 +152,7 @@ def test_malformed_head_files_are_state_errors(trained_target, tmp_path):
             bad.write_bytes(path.read_bytes()[:200])
         else:
             torch.save(payload, bad)
-        with pytest.raises(StateError):
+        with pytest.raises(StateError, match=re.escape(bad.name)):  # the error names the file
             HeadFile.load(bad, model)
     with pytest.raises(FileNotFoundError, match="specdec distill"):
         HeadFile.load(tmp_path / "missing.pt", model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drafters import DraftContext, TokenRecycling, VerifyFeedback, make_drafter
-from trees import TreeShape, wide_shallow
+from trees import TreeShape
 
 
 def ctx(*tokens: int) -> DraftContext:
@@ -21,8 +21,16 @@ def drafter_with(rows: dict[int, list[int]], vocab: int = 20, k: int = 3, shape=
     return drafter
 
 
+def ranked_shape(parents: list[int], ranks: list[int], rates: list[float]) -> TreeShape:
+    """A shape whose node values are products of ``rates[rank]`` along the path."""
+    log_prior: list[float] = []
+    for parent, rank in zip(parents, ranks):
+        log_prior.append((log_prior[parent] if parent >= 0 else 0.0) + float(np.log(rates[rank])))
+    return TreeShape(np.array(parents), np.array(ranks), np.array(log_prior))
+
+
 def test_expands_shape_breadth_first():
-    shape = wide_shallow([2, 2, 1], rates=[0.5, 0.3, 0.1])
+    shape = ranked_shape([-1, -1, 0, 0, 2], [0, 1, 0, 1, 0], rates=[0.5, 0.3, 0.1])
     drafter = drafter_with({1: [4, 5, 6], 4: [7, 8, 9], 5: [10, 11, 12], 7: [13, 14, 15]}, shape=shape)
     tree = drafter.propose(ctx(0, 1), budget=10)
     # depth 1: successors 0 and 1 of the root (token 1); depth 2: two best slots (4's rank 0 and 1);
@@ -34,7 +42,8 @@ def test_expands_shape_breadth_first():
 
 
 def test_unknown_rows_and_duplicate_siblings_are_dropped():
-    drafter = drafter_with({1: [4, 4, 6], 4: [-1, 9, 9]}, shape=wide_shallow([3, 3], rates=[0.5, 0.3, 0.2]))
+    drafter = drafter_with({1: [4, 4, 6], 4: [-1, 9, 9]},
+                           shape=ranked_shape([-1, -1, -1, 0, 0, 1], [0, 1, 2, 0, 1, 0], [0.5, 0.3, 0.2]))
     tree = drafter.propose(ctx(1), budget=10)
     assert tree.tokens.tolist() == [4, 6, 9]
     assert tree.parents.tolist() == [-1, -1, 0]

@@ -20,9 +20,9 @@ from transformers.generation.logits_process import (
 import specdec
 from specdec.device.tree import DeviceTree, TreeUploader
 from specdec.step.accept import Accepted, read_outcome
-from specdec.step.sampling import accept_sampled
+from specdec.step.sampling import accept_drawn, accept_sampled
 from tests.conftest import tiny_llama, untrained_head
-from trees import TokenTree
+from trees import DEFAULT_RANK_PRIOR, DraftDraws, TokenTree, best_first
 
 P_VALUE = 1e-3
 
@@ -90,6 +90,96 @@ def sample_two(accept, trials: int, seed: int) -> dict:
 
 def markov_expected() -> dict:
     return {(a, b): float(TARGET[0, a] * TARGET[a, b]) for a, b in itertools.product(range(V), repeat=2)}
+
+
+def drawn_tree(root: int, rng) -> TokenTree:
+    """Widths 3 then 2 like `draft_tree`, each parent's children drawn without replacement from
+    DRAFT (the exponential race), carrying the distributions they were drawn from."""
+    def draw(row: int, count: int) -> list[int]:
+        keys = np.log(DRAFT[row].numpy()) - np.log(rng.exponential(size=V))
+        return np.argsort(-keys)[:count].tolist()
+
+    first = draw(root, 3)
+    tokens, parents, ranks, rows = list(first), [-1, -1, -1], [0, 1, 2], [0, 0, 0]
+    for parent in (0, 1):
+        for rank, token in enumerate(draw(first[parent], 2)):
+            tokens.append(token)
+            parents.append(parent)
+            ranks.append(rank)
+            rows.append(1 + parent)
+    return TokenTree(torch.tensor(tokens), torch.tensor(parents), ranks=torch.tensor(ranks),
+                     draws=DraftDraws(DRAFT[[root, first[0], first[1]]], torch.tensor(rows)))
+
+
+def accept_drawn_without_residual(tree: DeviceTree, probs: torch.Tensor) -> Accepted:
+    """A plausible-looking but biased rejection sampler: the i-th child is accepted with
+    probability min(1, p(x) / q(x)), but a rejection updates neither p nor q (and the bonus
+    token is drawn from p)."""
+    tokens, node, path = tree.tokens.tolist(), 0, [0]
+    for depth in range(tree.max_depth + 1):
+        q = tree.draft_probs[max(int(tree.draw_rows[node]), 0)]
+        moved = False
+        for i, child in enumerate(tree.children[node].tolist()):
+            u = float(tree.stage_uniforms[depth, i])
+            if child >= 0 and u * float(q[tokens[child]]) < float(probs[node, tokens[child]]):
+                node, moved = child, True
+                path.append(child)
+                break
+        if not moved:
+            cdf = probs[node].double().cumsum(0)
+            u = tree.stage_uniforms[depth, tree.children.shape[1]]
+            bonus = min(int(torch.searchsorted(cdf, (u * cdf[-1]).view(1), right=True)[0]), len(cdf) - 1)
+            break
+    width = tree.max_depth + 1
+    block = [tokens[c] for c in path[1:]] + [bonus] + [0] * (width - len(path))
+    return Accepted(path=torch.tensor(path + [0] * (width - len(path))), block=torch.tensor(block),
+                    count=torch.tensor(len(path)))
+
+
+def sample_two_drawn(accept, trials: int, seed: int) -> dict:
+    rng, draw_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1000)  # independent streams
+    uploader = TreeUploader(torch.device("cpu"))
+    counts: dict = {}
+    for _ in range(trials):
+        out, root = [], 0
+        while len(out) < 2:
+            tree = drawn_tree(root, draw_rng)
+            slots = torch.cat([torch.tensor([root]), tree.tokens])
+            stages = tree.max_depth + 1
+            device_tree = uploader.upload(tree, root, torch.zeros(stages, dtype=torch.float64),
+                                          lambda siblings: torch.from_numpy(rng.random((stages, siblings + 1))))
+            assert device_tree.children is not None  # the draws are usable: rejection sampling verifies
+            out += read_outcome(accept(device_tree, TARGET[slots]), None).tokens
+            root = out[-1]
+        key = tuple(out[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_rejection_sampling_of_drawn_trees_matches_target_joint_distribution():
+    trials = 20_000
+    assert chi_square_p(sample_two_drawn(accept_drawn, trials, seed=2), markov_expected(), trials) > P_VALUE
+
+
+def test_rejection_sampling_without_the_residual_fails_the_same_test():
+    trials = 20_000
+    broken = sample_two_drawn(accept_drawn_without_residual, trials, seed=2)
+    assert chi_square_p(broken, markov_expected(), trials) < 1e-6
+
+
+def test_drawn_children_that_are_not_the_first_draws_fall_back_to_the_delta_rule():
+    """Only a prefix of each parent's draws can be verified by rejection sampling; a tree that
+    kept a later draw without an earlier one is verified by the delta rule (lossless for any tree)."""
+    tree = drawn_tree(0, np.random.default_rng(0))
+    uploader = TreeUploader(torch.device("cpu"))
+
+    def upload(kept: TokenTree) -> DeviceTree:
+        return uploader.upload(kept, 0, None, lambda siblings: torch.zeros(kept.max_depth + 1, siblings + 1,
+                                                                             dtype=torch.float64))
+
+    assert upload(tree).children is not None
+    assert upload(tree.select(np.array([True, False, True, True, True, False, False]))).children is None  # 0 and 2
+    assert upload(tree.select(np.array([True] * 3 + [False] * 4))).children is not None
 
 
 def test_delta_rule_matches_target_joint_distribution():
@@ -170,13 +260,19 @@ def test_generate_sampling_matches_exact_distribution(small_model, drafter, monk
     drafter = "auto" if drafter == "auto+head" else drafter
     trials = 1200
     expected = exact_joint(small_model)
+    drawn_calls = []
+    monkeypatch.setattr("specdec.step.sampling.accept_drawn",
+                        lambda tree, probs: drawn_calls.append(1) or accept_drawn(tree, probs))
     counts, widest = sample_generate(small_model, trials, seed=7, drafter=drafter, draft_model=draft_model,
                                      draft_head=draft_head)
     assert widest > 1
+    assert bool(drawn_calls) == (drafter == "model")  # the draft model draws its trees; the others choose
     assert set(counts) <= {k for k, v in expected.items() if v > 0}  # only tokens the warpers allow
     assert chi_square_p(counts, expected, trials) > P_VALUE
     monkeypatch.setattr("specdec.step.sampling.accept_sampled",
                         lambda tree, probs, uniforms: broken_accept(tree, probs, uniforms, threshold=0.05))
+    monkeypatch.setattr("specdec.step.sampling.accept_drawn",
+                        lambda tree, probs: broken_accept(tree, probs, tree.uniforms, threshold=0.05))
     broken, _ = sample_generate(small_model, trials // 2, seed=7, drafter=drafter, draft_model=draft_model,
                                 draft_head=draft_head)
     assert chi_square_p(broken, expected, trials // 2) < 1e-6
@@ -213,3 +309,19 @@ def test_a_seed_gives_the_same_sample_whatever_verifies_it(small_model):
         for drafter, budget in (("recycling", 6), ("ngram", 12), ("auto", None), ("recycling+ngram", 3)):
             assert run(drafter, budget, seed) == plain, (seed, drafter, budget)
     assert len({tuple(run("auto", None, seed)[0]) for seed in range(6)}) > 1  # the seed matters
+
+
+def test_drawn_drafts_from_the_target_itself_are_all_accepted(small_model):
+    """With the target as its own draft model and only history-free warpers, q = p: every first
+    draw is accepted (min(1, p/q) = 1), so each step commits the drawn shape's whole rank-0 chain
+    plus the bonus token (the delta rule would accept a fixed child only with probability p)."""
+    settings = dict(temperature=0.8, top_k=6, top_p=0.95)
+    shape = best_first(8, DEFAULT_RANK_PRIOR, max_depth=8, max_rank=4)
+    chain, node = 0, -1
+    while (first := np.flatnonzero((shape.parents == node) & (shape.ranks == 0))).size:  # the rank-0 path
+        chain, node = chain + 1, int(first[0])
+    decoder = specdec.SpeculativeDecoder(small_model, drafter="model", draft_model=small_model, tree_budget=8)
+    for seed in range(3):
+        out = decoder.generate(PROMPT, max_new_tokens=5 * (chain + 1), eos_token_id=-1, do_sample=True,
+                               generator=seed, return_dict_in_generate=True, **settings)
+        assert out.spec_stats.accepted_lengths == [chain + 1] * 5

@@ -56,11 +56,7 @@ def _caller() -> str:
 def tracked_model(monkeypatch):
     model = tiny_llama(seed=6)
 
-    def track_logits(module, args, output):
-        output.logits = output.logits.as_subclass(Tracked)
-        return output
-
-    handle = model.register_forward_hook(track_logits)
+    handle = model.register_forward_hook(lambda module, args, output: _tracked_logits(output))
     step = Engine._step
 
     def counted_step(self, *args, **kwargs):  # reads count only inside decode steps
@@ -159,3 +155,32 @@ def test_a_head_adds_at_most_its_tree_read(tracked_model, mode):
     sites = sorted({site for _, site in Tracked.reads})
     assert len(Tracked.reads) <= 2 * steps, f"{len(Tracked.reads)} reads in {steps} steps at {sites}"
     assert {site.partition(":")[0] for site in sites} == {"accept.py", "head.py"}, sites
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("budget", [None, 12])
+def test_a_draft_model_adds_at_most_its_tree_read(tracked_model, mode, budget):
+    """The model drafter grows its tree on the device (greedy: a beam; sampling: drawn children)
+    from its own model's logits, tracked here too, and reads the tree once: at most two reads a
+    step, one of them in drafters/model.py."""
+    draft_model = tiny_llama(seed=9)
+    handle = draft_model.register_forward_hook(lambda module, args, output: _tracked_logits(output))
+    try:
+        decoder = SpeculativeDecoder(tracked_model, drafter="model", draft_model=draft_model, tree_budget=budget)
+        Tracked.reads = []
+        out = decoder.generate(PROMPT, max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True,
+                               **MODES[mode])
+    finally:
+        handle.remove()
+    steps = out.spec_stats.steps
+    assert steps >= 5 and out.spec_stats.drafted_tokens > 0
+    sites = sorted({site for _, site in Tracked.reads})
+    proposal_reads = [site for _, site in Tracked.reads if site.startswith("model.py")]
+    assert len(Tracked.reads) <= 2 * steps, f"{len(Tracked.reads)} reads in {steps} steps at {sites}"
+    assert 0 < len(proposal_reads) <= steps, sites
+    assert {site.partition(":")[0] for site in sites} == {"accept.py", "model.py"}, sites
+
+
+def _tracked_logits(output):
+    output.logits = output.logits.as_subclass(Tracked)
+    return output

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trees import ROOT, TokenTree, best_first, chain, merge, wide_shallow
+from trees import ROOT, TokenTree, best_first, merge, tree_attention_mask
 
 
 def random_tree(rng: np.random.Generator, n: int, vocab: int = 50) -> TokenTree:
@@ -36,7 +36,7 @@ def test_hand_written_masks():
     )
     assert torch.equal(two_by_two.ancestor_mask(), expected)
     assert two_by_two.depths.tolist() == [1, 1, 2, 2]
-    assert two_by_two.paths() == [[0, 2], [1, 3]]
+    assert [two_by_two.path_to(leaf) for leaf in (2, 3)] == [[0, 2], [1, 3]]
     assert two_by_two.position_ids(10).tolist() == [[10, 11, 11, 12, 12]]
     line = TokenTree.chain([4, 4, 4])
     assert torch.equal(line.ancestor_mask(), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
@@ -48,15 +48,16 @@ def test_random_tree_invariants(seed):
     tree = random_tree(rng, int(rng.integers(1, 40)))
     assert torch.equal(tree.ancestor_mask(), brute_ancestors(tree))
     prefix = int(rng.integers(0, 30))
-    mask = tree.attention_mask(prefix, torch.float32)
+    slot_pos = tree.position_ids(prefix)[0]
+    mask = tree_attention_mask(tree.ancestor_mask(), prefix, slot_pos, slot_pos, torch.float32)
     n = len(tree)
     assert mask.shape == (1, 1, n + 1, prefix + n + 1)
     assert bool((mask[0, 0, :, :prefix] == 0).all())
     assert torch.equal(mask[0, 0, :, prefix:] == 0, tree.ancestor_mask())
     assert tree.position_ids(prefix)[0, 1:].tolist() == (prefix + tree.depths).tolist()
-    leaves = [path[-1] for path in tree.paths()]
-    assert sorted(leaves) == [i for i in range(n) if not tree.children()[i + 1]]
-    for path in tree.paths():
+    for node in range(n):
+        path = tree.path_to(node)
+        assert path[-1] == node and len(path) == int(tree.depths[node])
         assert int(tree.parents[path[0]]) == ROOT
         assert all(int(tree.parents[b]) == a for a, b in zip(path, path[1:]))
 
@@ -120,22 +121,7 @@ def test_bad_prune_budget_and_select():
         tree.select(torch.tensor([False, True]))
 
 
-def test_networkx_export():
-    graph = TokenTree([5, 6, 7], [-1, 0, -1]).to_networkx(root_token=9)
-    assert set(graph.successors("root")) == {0, 2}
-    assert graph.nodes[1]["token"] == 6
-
-
-def test_static_shapes():
-    line = chain(4)
-    assert line.parents.tolist() == [-1, 0, 1, 2] and line.ranks.tolist() == [0, 0, 0, 0]
-    shape = wide_shallow([4, 3, 2, 1])
-    assert shape.widths() == (4, 3, 2, 1)
-    depth1 = shape.depths == 1
-    assert sorted(shape.ranks[depth1].tolist()) == [0, 1, 2, 3]
-    # the rank-0 child of the root gets the most children at depth 2
-    children_of_first = (shape.parents == 0).sum()
-    assert children_of_first == max((shape.parents == p).sum() for p in range(4))
+def test_best_first_shapes():
     for budget in (0, 1, 8, 20):
         tree = best_first(budget)
         assert len(tree) == budget
@@ -144,8 +130,6 @@ def test_static_shapes():
             if parent >= 0:
                 assert tree.log_prior[node] <= tree.log_prior[parent]
     assert best_first(10, rates=[[1.0, 0.5], [0.9, 0.0]], max_depth=3).widths() == (2, 2, 2)
-    with pytest.raises(ValueError, match="widths"):
-        wide_shallow([2, -1])
     with pytest.raises(ValueError, match="budget"):
         best_first(-3)
 

@@ -9,7 +9,9 @@ Index spaces used throughout specdec:
   draft node ``node_idx``.
 
 A tree is pure data (CPU tensors: fields given on another device are copied to the host); it
-never holds model state.
+never holds model state. A tree whose tokens were *drawn* from a drafter's distributions carries
+them (`DraftDraws`, the one field that stays on the model's device) for lossless rejection
+sampling; transforms that keep a node keep its draw, `merge` drops them (the delta rule needs none).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 
 from trees.bits import pack_rows
-from trees.masks import tree_attention_mask
 
 ROOT = -1
 
@@ -32,6 +33,23 @@ def _as_long(name: str, values) -> torch.Tensor:
     if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
         raise ValueError(f"{name} must hold integers, got dtype {tensor.dtype}")
     return tensor.to(torch.long)
+
+
+@dataclass(frozen=True)
+class DraftDraws:
+    """The distributions a drafter drew a tree's tokens from.
+
+    Attributes:
+        probs: ``[m, V]`` float32 on the drafter's device: row r is a distribution over the vocabulary.
+        rows: ``[n]`` int64 (host) the row of ``probs`` each node's token was drawn from (its parent's),
+            the children of one parent drawn in ``rank`` order without replacement.
+    """
+
+    probs: torch.Tensor
+    rows: torch.Tensor
+
+    def select(self, keep: np.ndarray) -> "DraftDraws":
+        return DraftDraws(self.probs, torch.from_numpy(self.rows.numpy()[keep]))
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,7 @@ class TokenTree:
         ranks: ``[n]`` int64 the node's rank among the candidates its drafter had for that parent
             (Token Recycling: the successor column; default: rank among siblings by score). The
             acceptance statistics are kept per (depth, rank).
+        draws: the `DraftDraws` the tokens were drawn from, or None (tokens chosen, not drawn).
     """
 
     tokens: torch.Tensor
@@ -55,6 +74,7 @@ class TokenTree:
     scores: torch.Tensor = None  # type: ignore[assignment]
     sources: torch.Tensor = None  # type: ignore[assignment]
     ranks: torch.Tensor = None  # type: ignore[assignment]
+    draws: DraftDraws | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,15 +110,22 @@ class TokenTree:
             if n and (ranks.numpy() < 0).any():
                 raise ValueError("ranks must be non-negative")
         object.__setattr__(self, "ranks", ranks)
+        if self.draws is not None:
+            rows = _as_long("draws.rows", self.draws.rows)
+            if rows.shape != (n,) or (n and (rows.numpy() < 0).any()):
+                raise ValueError(f"draws.rows must hold a row index >= 0 for each of the {n} nodes")
+            if n and int(rows.max()) >= self.draws.probs.shape[0]:
+                raise ValueError(f"draws.rows points past the {self.draws.probs.shape[0]} rows of draws.probs")
+            object.__setattr__(self, "draws", DraftDraws(self.draws.probs, rows))
 
     @classmethod
     def _derived(cls, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, sources: torch.Tensor,
-                 ranks: torch.Tensor) -> "TokenTree":
+                 ranks: torch.Tensor, draws: DraftDraws | None = None) -> "TokenTree":
         """A tree built by a transform of valid trees (`select`, `merge`): already checked, so the
         field checks of ``__init__`` are skipped (they cost more than the transform)."""
         tree = object.__new__(cls)
         for name, value in (("tokens", tokens), ("parents", parents), ("scores", scores), ("sources", sources),
-                            ("ranks", ranks), ("_cache", {})):
+                            ("ranks", ranks), ("draws", draws), ("_cache", {})):
             object.__setattr__(tree, name, value)
         return tree
 
@@ -164,34 +191,9 @@ class TokenTree:
             self._cache["packed_ancestors"] = pack_rows(self.ancestor_mask())
         return self._cache["packed_ancestors"]
 
-    def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32,
-                       window: int | None = None) -> torch.Tensor:
-        """Additive mask ``[1, 1, n+1, prefix_len+n+1]`` for a verify forward over ``[root]+nodes``.
-
-        0 means attend, ``finfo(dtype).min`` means blocked: every slot sees the cached prefix,
-        itself and its ancestors; with a sliding ``window`` a slot at position ``p``
-        (``prefix_len + depth``) only sees keys at ``k`` with ``p - k < window`` (see
-        `trees.masks.tree_attention_mask`, which the verifier calls on device tensors).
-        """
-        slot_pos = self.position_ids(prefix_len)[0]  # [n+1]
-        return tree_attention_mask(self.ancestor_mask(), prefix_len, slot_pos, slot_pos, dtype, window)
-
     def position_ids(self, prefix_len: int) -> torch.Tensor:
         """``[1, n+1]`` positions of ``[root]+nodes``: ``prefix_len + depth``."""
         return (prefix_len + torch.cat([torch.zeros(1, dtype=torch.long), self.depths]))[None]
-
-    def paths(self) -> list[list[int]]:
-        """Root-to-leaf paths as lists of ``node_idx`` (one per leaf, in leaf order)."""
-        kids = self.children()
-        paths: list[list[int]] = []
-        for leaf in range(len(self)):
-            if kids[leaf + 1]:
-                continue
-            path = [leaf]
-            while self.parents[path[-1]] != ROOT:
-                path.append(int(self.parents[path[-1]]))
-            paths.append(path[::-1])
-        return paths
 
     def path_to(self, node_idx: int) -> list[int]:
         """``node_idx`` of the nodes from the root's child down to ``node_idx``."""
@@ -216,7 +218,8 @@ class TokenTree:
         new_parents = np.where(kept_parents >= 0, new_index[np.maximum(kept_parents, 0)], ROOT)
         tokens, scores, sources, ranks = (torch.from_numpy(field.numpy()[keep])
                                           for field in (self.tokens, self.scores, self.sources, self.ranks))
-        tree = TokenTree._derived(tokens, torch.from_numpy(new_parents), scores, sources, ranks)
+        draws = None if self.draws is None else self.draws.select(keep)
+        tree = TokenTree._derived(tokens, torch.from_numpy(new_parents), scores, sources, ranks, draws)
         if "depths" in self._cache:  # an ancestor-closed subset keeps every depth
             tree._cache["depths"] = torch.from_numpy(self._cache["depths"].numpy()[keep])
         return tree
@@ -232,7 +235,7 @@ class TokenTree:
         if np.isnan(scores.numpy()).any():
             raise ValueError("scores must not be NaN")
         sources = self.sources if source is None else torch.full((len(self),), source, dtype=torch.int8)
-        tree = TokenTree._derived(self.tokens, self.parents, scores, sources, self.ranks)
+        tree = TokenTree._derived(self.tokens, self.parents, scores, sources, self.ranks, self.draws)
         tree._cache.update(self._cache)  # structure only: nothing cached depends on scores
         return tree
 
@@ -257,18 +260,6 @@ class TokenTree:
         keep = np.zeros(n, dtype=bool)
         keep[order[:budget]] = True
         return self.select(torch.from_numpy(keep))
-
-    def to_networkx(self, root_token: int | None = None):
-        """A ``networkx.DiGraph`` of the tree (node 'root' plus one node per ``node_idx``)."""
-        import networkx as nx
-
-        graph = nx.DiGraph()
-        graph.add_node("root", token=root_token)
-        for node_idx in range(len(self)):
-            graph.add_node(node_idx, token=int(self.tokens[node_idx]), score=float(self.scores[node_idx]))
-            parent = int(self.parents[node_idx])
-            graph.add_edge("root" if parent == ROOT else parent, node_idx)
-        return graph
 
 
 def merge(trees: list[TokenTree]) -> TokenTree:

@@ -6,32 +6,31 @@ calls; argument handling lives in `specdec.api.arguments`.
 
 from __future__ import annotations
 
-import weakref
-
 from drafters import Drafter, HeadFile
 from specdec.api.arguments import SpeculativeGenerateOutput
 from specdec.api.decoder import SpeculativeDecoder
 from specdec.api.generation import run_generate
+from specdec.step.per_model import entry_for
 
 __all__ = ["SpeculativeGenerateOutput", "decoder_for", "generate"]
 
 
-_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def decoder_for(model, drafter: str, draft_model=None, draft_head=None) -> SpeculativeDecoder:
     """The decoder cached for ``model`` and drafter name: drafter state persists between calls."""
-    per_model = _DECODERS.setdefault(model, {})
+    entry = entry_for(model)
     head_key = id(draft_head) if isinstance(draft_head, HeadFile) else (None if draft_head is None else str(draft_head))
     key = (drafter, None if draft_model is None else id(draft_model), head_key)
-    if key not in per_model:
-        per_model[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model, draft_head=draft_head)
-    return per_model[key]
+    with entry.lock:
+        if key not in entry.decoders:
+            entry.decoders[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model,
+                                                     draft_head=draft_head)
+        return entry.decoders[key]
 
 
 def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_model=None, draft_head=None,
              **kwargs):
-    """Speculative generation; takes and returns what ``model.generate`` does for one sequence.
+    """Speculative generation; takes and returns what ``model.generate`` does (one prompt or
+    a padded batch).
 
     Greedy output is token-identical to ``model.generate(do_sample=False)``; sampled output has
     exactly the target's distribution.
@@ -50,14 +49,15 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
         draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
         draft_head: the ``head`` drafter's trained head (path or `drafters.HeadFile`); default: the
             one ``specdec distill`` saved for this model, which ``auto`` then includes.
-        **kwargs: any ``model.generate`` keyword that applies to one sequence: ``generation_config``,
+        **kwargs: any ``model.generate`` keyword of greedy decoding or sampling: ``generation_config``,
             ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``min_length``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
             ``no_repeat_ngram_size``, ``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``,
             ``eos_token_id`` (int or list), ``pad_token_id``, ``stop_strings`` with ``tokenizer=``,
             ``max_time``, ``streamer``, ``logits_processor``, ``stopping_criteria``,
             ``prefix_allowed_tokens_fn``, ``return_dict_in_generate``, ``output_scores``,
-            ``output_logits``, ``attention_mask`` (all ones); plus specdec's ``tree_budget`` (draft
+            ``output_logits``, ``attention_mask`` (0 marks padding, left or right, which is never
+            attended to); plus specdec's ``tree_budget`` (draft
             nodes per step; default: the scheduler chooses) and ``generator`` (a
             ``torch.Generator`` or an int seed for repeatable sampling).
 

@@ -38,8 +38,6 @@ def run_generate(
 
     Returns what ``model.generate`` returns, on the prompt's device (scores and logits on the
     model's)."""
-    if decoder.unsupported:
-        raise UnsupportedGeneration(decoder.unsupported)
     for name, value in (("assistant_model", assistant_model), ("negative_prompt_ids", negative_prompt_ids),
                         ("negative_prompt_attention_mask", negative_prompt_attention_mask),
                         ("custom_generate", custom_generate), ("synced_gpus", synced_gpus or None)):
@@ -59,7 +57,7 @@ def run_generate(
         tree_budget, generator, tokenizer if tokenizer is not None else decoder.tokenizer, kwargs,
     )
     if streamer is not None:
-        streamer.put(request.prompt[None])  # [1, L], as model.generate does first
+        request.on_start = lambda: streamer.put(request.prompt[None])  # [1, L], as model.generate does first
         request.on_tokens = lambda tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
     try:
         result = decoder.decode(request)

@@ -145,8 +145,9 @@ class BatchEngine:
     def _propose(self, members: list[Member]) -> list[TokenTree]:
         """Each member's tree: its fixed budget, or the scheduler's choice for the scheduled ones together."""
         decoder = self.decoder
-        trees = [decoder._draft(m.run, None) if m.request.tree_budget is None
-                 else decoder._propose(m.run, m.request.tree_budget) for m in members]
+        trees = [decoder._draft(m.run, m.request.tree_budget) for m in members]  # drafts, no draws: delta rule
+        trees = [tree.prune(m.request.tree_budget) if m.request.tree_budget is not None
+                 and len(tree) > m.request.tree_budget else tree for m, tree in zip(members, trees)]
         scheduled = [i for i, member in enumerate(members) if member.request.tree_budget is None]
         if scheduled:
             context_len = max(members[i].run.prefix_len for i in scheduled)

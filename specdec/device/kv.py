@@ -15,7 +15,8 @@ def compact(cache: SlotCache, prefix_len: int, kept_slots: torch.Tensor, host_sl
     has read them already, lets a path whose rows are all in place (slots ``0..m-1``: the root
     alone, or the first children down a chain) skip the operator.
 
-    The kept rows of every layer move next to the prefix in one ``kv_compact`` call (the prefix
+    The kept rows of every layer move next to the prefix in one ``kv_compact`` operator call (on
+    CUDA one kernel launch per layer tensor; the prefix
     itself is never copied; rows already in place are not moved). The slot values are never read
     on the host: on the CPU the operator checks them, on a GPU they must come from acceptance.
     """

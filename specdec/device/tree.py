@@ -38,6 +38,12 @@ class DeviceTree:
             (zeros for greedy decoding).
         n: draft nodes (host int); max_depth: deepest node (host int); depth_starts: host list,
             ``by_depth[depth_starts[d]:depth_starts[d+1]]`` are the slots at depth d.
+        draft_probs, children, draw_rows, stage_uniforms: only for a tree whose tokens were drawn
+            (`trees.DraftDraws`) and verified by sampling, else None: the draft distributions
+            ``[m, V]``; ``[n+1, k]`` int64 each slot's children in draw order (-1 after the last);
+            ``[n+1]`` int64 the row of ``draft_probs`` its children were drawn from (-1: none);
+            ``[max_depth+1, k+1]`` float64 uniforms, one per (depth, sibling) and one for the
+            depth's residual draw.
     """
 
     tokens: torch.Tensor
@@ -52,6 +58,10 @@ class DeviceTree:
     n: int
     max_depth: int
     depth_starts: list[int]
+    draft_probs: torch.Tensor | None = None
+    children: torch.Tensor | None = None
+    draw_rows: torch.Tensor | None = None
+    stage_uniforms: torch.Tensor | None = None
 
     def position_ids(self, prefix_len: int) -> torch.Tensor:
         """``[1, n+1]`` positions of the slots: ``prefix_len + depth``."""
@@ -64,6 +74,30 @@ def candidate_flags(tree: TokenTree) -> np.ndarray:
     flags = np.zeros(len(tree), dtype=bool)
     flags[np.unique(keys, return_index=True)[1]] = True
     return flags
+
+
+def draw_table(tree: TokenTree) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(children [n+1, k], rows [n+1])`` in slot space for a tree with draws (host): each slot's
+    children in the order they were drawn (-1 after the last) and the draft row they were drawn
+    from (-1: no children). None when the tree has no draws or they cannot be used: a parent's
+    children must be the first ones it drew (ranks ``0..c-1``), all from one row."""
+    if tree.draws is None or len(tree) == 0:
+        return None
+    parent_slots = tree.parents.numpy() + 1
+    ranks, rows = tree.ranks.numpy(), tree.draws.rows.numpy()
+    counts = np.bincount(parent_slots, minlength=len(tree) + 1)
+    width = int(counts.max())
+    if (ranks >= counts[parent_slots]).any():  # a rank past the parent's count: not the first draws
+        return None
+    children = np.full((len(tree) + 1, width), -1, dtype=np.int64)
+    children[parent_slots, ranks] = np.arange(1, len(tree) + 1)
+    if (children[counts > 0][:, 0] < 0).any() or ((children >= 0).sum(axis=1) != counts).any():
+        return None  # a repeated rank
+    slot_rows = np.full(len(tree) + 1, -1, dtype=np.int64)
+    slot_rows[parent_slots] = rows
+    if (slot_rows[parent_slots] != rows).any():  # siblings drawn from different rows
+        return None
+    return children, slot_rows
 
 
 class FieldLayout:
@@ -82,10 +116,13 @@ class FieldLayout:
         return flat[start:end]
 
 
-def tree_layout(slots: int, words: int, width: int) -> FieldLayout:
-    """The fields of a tree with ``slots`` slots, ``words`` ancestor words per slot and paths of ``width`` slots."""
+def tree_layout(slots: int, words: int, width: int, siblings: int = 0) -> FieldLayout:
+    """The fields of a tree with ``slots`` slots, ``words`` ancestor words per slot, paths of
+    ``width`` slots and, for drawn trees, ``siblings`` children per slot at most."""
+    drawn = {"children": slots * siblings, "draw_rows": slots, "stage_uniforms": width * (siblings + 1)} \
+        if siblings else {}
     return FieldLayout({"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
-                        "paths": slots * width, "uniforms": width,
+                        "paths": slots * width, "uniforms": width, **drawn,
                         "flags": -(-(slots * slots + slots) // 8)})  # bool bytes: ancestors [slots, slots], candidates
 
 
@@ -113,14 +150,19 @@ class TreeUploader:
             self._buffer = torch.empty(max(size, 2 * self._buffer.numel()), dtype=torch.long, pin_memory=self._pinned)
         return self._buffer[:size]
 
-    def upload(self, tree: TokenTree, root: int, uniforms: torch.Tensor | None = None) -> DeviceTree:
+    def upload(self, tree: TokenTree, root: int, uniforms: torch.Tensor | None = None,
+               stage_uniforms=None) -> DeviceTree:
         """``tree`` below ``root`` on the device; ``uniforms`` (``[max_depth+1]`` float64, host) are
-        the sampling draws of the tree's positions, carried in the same copy."""
+        the sampling draws of the tree's positions, carried in the same copy. For a tree with
+        usable draws (`draw_table`), ``stage_uniforms(siblings)`` gives the ``[max_depth+1,
+        siblings+1]`` float64 uniforms of rejection sampling, and the draw fields are filled."""
         n, max_depth = len(tree), tree.max_depth
         slots, width = n + 1, max_depth + 1
         ancestors = tree.ancestor_mask().numpy()  # [n+1, n+1] bool
         packed = tree.packed_ancestor_mask().numpy()  # [n+1, W]
-        layout = tree_layout(slots, packed.shape[1], width)
+        table = draw_table(tree) if stage_uniforms is not None else None
+        siblings = 0 if table is None else table[0].shape[1]
+        layout = tree_layout(slots, packed.shape[1], width, siblings)
         host = self._host(layout.size)
         host_array = host.numpy()
         fields = {name: layout.view(host_array, name) for name in layout.spans}  # numpy views of the buffer
@@ -133,6 +175,9 @@ class TreeUploader:
         # each slot's ancestors in slot order (slot order is topological: root first, itself last), then padding
         fields["paths"][:] = np.argsort(~ancestors, axis=1, kind="stable")[:, :width].reshape(-1)
         fields["uniforms"][:] = 0 if uniforms is None else uniforms.numpy().view(np.int64)  # the float64 bits
+        if table is not None:
+            fields["children"][:], fields["draw_rows"][:] = table[0].reshape(-1), table[1]
+            fields["stage_uniforms"][:] = stage_uniforms(siblings).numpy().reshape(-1).view(np.int64)
         flags = fields["flags"].view(np.uint8)
         flags[: slots * slots] = ancestors.reshape(-1)
         flags[slots * slots] = True  # the root
@@ -152,4 +197,8 @@ class TreeUploader:
             paths=layout.view(pack, "paths").view(slots, width),
             uniforms=layout.view(pack, "uniforms").view(torch.float64), n=n, max_depth=max_depth,
             depth_starts=starts.tolist(),
+            **({} if table is None else dict(
+                draft_probs=tree.draws.probs, children=layout.view(pack, "children").view(slots, siblings),
+                draw_rows=layout.view(pack, "draw_rows"),
+                stage_uniforms=layout.view(pack, "stage_uniforms").view(torch.float64).view(width, siblings + 1))),
         )

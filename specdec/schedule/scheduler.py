@@ -22,7 +22,7 @@ import threading
 import numpy as np
 import torch
 
-from specdec.schedule.calibration import Calibration
+from specdec.schedule.calibration import MAX_SOURCES, Calibration
 from specdec.schedule.costs import SIZE_BUCKETS, CostModel
 from trees import TokenTree
 
@@ -60,17 +60,12 @@ class Scheduler:
         self.steps = 0
         self.probes = 0
         self.last_size = 0
-        self._idle = np.zeros(16, dtype=np.int64)  # per drafter: steps since one of its nodes was verified
+        self._idle = np.zeros(MAX_SOURCES, dtype=np.int64)  # per drafter: steps since one of its nodes was verified
         self._lock = threading.Lock()
 
     def draft_budget(self) -> int:
         """How many nodes to ask the drafters for: room to grow past the last choice."""
         return int(min(self.max_budget, max(8, 2 * self.last_size)))
-
-    def choose_size(self, values: np.ndarray, context_len: int) -> int:
-        """How many of the nodes with calibrated ``values`` (any order) to verify at ``context_len``."""
-        with self._lock:
-            return self._size([np.sort(np.asarray(values, dtype=np.float64))[::-1]], context_len)
 
     def select(self, tree: TokenTree, context_len: int) -> TokenTree:
         """The sub-tree to verify: the best nodes by calibrated value, plus any due probes."""

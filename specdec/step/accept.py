@@ -6,9 +6,10 @@ match) and *on the accepted path* when it and all its ancestors are matched. Mat
 single chain from the root, so the accepted path is the deepest slot on it: a few gathers over
 the ancestor matrix, no loop over depths, no reads. The bonus token is the choice at that slot.
 
-Sampled verification uses the delta rule with one independent draw per slot: the walk that would
-draw at each visited slot and follow the child carrying the draw sees exactly these draws (the
-draws at slots it never visits are never used), so the output keeps the target's distribution.
+Sampled verification uses the delta rule with one uniform per depth (the uniform of that depth's
+sequence position), shared by every slot at that depth: the walk that draws at each slot it
+visits and follows the child carrying the draw visits one slot per depth, so each uniform it uses
+decides one draw, independent of the others, and the output keeps the target's distribution.
 """
 
 from __future__ import annotations

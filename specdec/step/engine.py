@@ -1,7 +1,7 @@
 """The decode loop: propose -> verify -> accept -> compact -> observe -> schedule, one target
 forward and one device-to-host read per step.
 
-Where data lives (see ARCHITECTURE.md): the KV cache, the committed ids the processors read, the
+Where data lives (the README's "How it works"): the KV cache, the committed ids the processors read, the
 tree tensors, the logits and the acceptance stay on the model's device; the host proposes trees
 (one copy up per step) and reads back one packed tensor per step (the accepted tokens and the
 top-k ids the drafters learn from), from which stop rules, streamers and drafters work.
@@ -17,7 +17,15 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from drafters import DraftContext, Drafter, HybridDrafter, VerifyFeedback, default_head_path, make_drafter
+from drafters import (
+    DraftContext,
+    Drafter,
+    DraftSampling,
+    HybridDrafter,
+    VerifyFeedback,
+    default_head_path,
+    make_drafter,
+)
 from drafters.modeling import SlotCache, forward_with_cache
 from drafters.state import StateError, check_vocab_size, field, read_state_file
 from specdec.device import kv
@@ -88,7 +96,7 @@ class Engine:
         self.tree_budget = None if tree_budget is None else check_tree_budget(tree_budget)
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
-        self.source_names = {getattr(m, "source_id", 0): m.name for m in members}
+        self.source_names = {m.source_id: m.name for m in members}
         self.sharded = distributed.is_sharded(model)  # tensor parallel: ranks must verify the same nodes
         self.clock = clock
         self.position_limit = position_limit(model)
@@ -174,6 +182,8 @@ class Engine:
         """
         if self.unsupported:
             raise UnsupportedGeneration(self.unsupported)
+        if request.on_start is not None:
+            request.on_start()
         if request.max_new_tokens == 0:
             return
         lock = model_lock(self.model)
@@ -199,9 +209,8 @@ class Engine:
         """propose -> verify -> accept -> compact -> observe -> schedule. Returns (new tokens, finished)."""
         timer = StepTimer(self.clock, self.model.device)
         timer.begin()
-        tree = self._propose(run, request.tree_budget)  # host
-        draws = None if request.draws is None else request.draws.uniforms(run.n_committed, tree.max_depth + 1)
-        slots = self.uploader.upload(tree, run.root, draws)  # one host-to-device copy
+        tree = self._propose(run, request)  # host
+        slots = self.uploader.upload(tree, run.root, *self._uniforms(run, request, tree))  # one host-to-device copy
         timer.verify_begins()
         with self.features.capture():
             logits = verify_forward(self.model, run.cache, slots, run.prefix_len, self.kernel)  # [n+1, V] device
@@ -218,15 +227,18 @@ class Engine:
         self._count(result.stats, tree, outcome, emitted, times)
         return emitted, finished
 
-    def _propose(self, run: SequenceState, budget: int | None) -> TokenTree:
-        """The drafter's tree (`_draft`), pruned to ``budget`` or to the size the scheduler picks."""
-        tree = self._draft(run, budget)
+    def _propose(self, run: SequenceState, request: DecodeRequest) -> TokenTree:
+        """The drafter's tree (`_draft`), pruned to the request's budget or to the size the scheduler picks."""
+        budget = request.tree_budget
+        sampling = None if request.draws is None else DraftSampling(request.rule.draft_warp(),
+                                                                    request.draws.draft_seed(run.n_committed))
+        tree = self._draft(run, budget, sampling)
         if budget is None:
             selected = self.scheduler.select(tree, run.prefix_len)
             return distributed.agree_on_selection(selected) if self.sharded else selected  # timings are rank-local
         return tree.prune(budget) if len(tree) > budget else tree
 
-    def _draft(self, run: SequenceState, budget: int | None) -> TokenTree:
+    def _draft(self, run: SequenceState, budget: int | None, sampling: DraftSampling | None = None) -> TokenTree:
         """The drafter's tree for ``run`` (asked for ``budget`` nodes, or for the scheduler's draft
         budget), checked against the vocabulary and cut to the model's learned positions (a node
         at depth d sits at position ``prefix_len + d``)."""
@@ -236,7 +248,7 @@ class Engine:
                              f"{self.position_limit} learned positions: prompt + max_new_tokens is too long "
                              "for this model (transformers fails there too)")
         ask = self.scheduler.draft_budget() if budget is None else budget
-        ctx = DraftContext(run.history[: run.n_committed], run.sequence_id, run.prompt_len)
+        ctx = DraftContext(run.history[: run.n_committed], run.sequence_id, run.prompt_len, sampling)
         tree = self.drafter.propose(ctx, ask) if ask else TokenTree.empty()
         if len(tree) and int(tree.tokens.max()) >= self.vocab_size:  # host-born tree: no device read
             raise ValueError(f"drafter {self.drafter.name!r} proposed token id {int(tree.tokens.max())}, outside "
@@ -244,6 +256,16 @@ class Engine:
         if self.position_limit is not None and len(tree) and context_len + tree.max_depth >= self.position_limit:
             tree = tree.select(tree.depths < self.position_limit - context_len)
         return tree
+
+    @staticmethod
+    def _uniforms(run: SequenceState, request: DecodeRequest, tree: TokenTree) -> tuple:
+        """The sampling uniforms of the tree's positions (host; None for greedy decoding): one per
+        depth for the delta rule and, for a tree with draws, the rejection sampler's per sibling."""
+        if request.draws is None:
+            return None, None
+        first, width = run.n_committed, tree.max_depth + 1
+        return (request.draws.uniforms(first, width),
+                lambda siblings: request.draws.stage_uniforms(first, width, siblings + 1))
 
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``[n+1, k]`` the target's top-k ids at every slot, when the drafter learns from them."""

@@ -9,6 +9,9 @@ import torch
 
 from specdec.step.sampling import NodeRule, PositionDraws
 
+# A fixed ``tree_budget`` bypasses the scheduler, so it is bounded only by what one verify forward
+# and its masks hold comfortably; the scheduler's own sizes end where its cost curve is measured
+# (`specdec.schedule.costs.SIZE_BUCKETS`, 64 nodes).
 MAX_TREE_BUDGET = 512
 
 
@@ -99,6 +102,8 @@ class DecodeRequest:
         stop: ``stop(ids [1, L + i] host, scores [1, V] device) -> bool`` checked after every new
             token (HF stopping-criteria protocol); generation ends after the first token where it
             is true.
+        on_start: called once the model is known to be supported, before the prefill (a streamer
+            receives the prompt there).
         on_tokens: called with each step's new tokens as soon as they are accepted (streaming).
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` (on the
             model's device) that chose each new token (``output_scores`` / ``output_logits``).
@@ -116,6 +121,7 @@ class DecodeRequest:
     rule: NodeRule = field(default_factory=NodeRule)
     draws: PositionDraws | None = None
     stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
+    on_start: Callable[[], None] | None = None
     on_tokens: Callable[[list[int]], None] | None = None
     keep_scores: bool = False
     keep_logits: bool = False

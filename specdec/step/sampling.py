@@ -13,6 +13,18 @@ uniform a pure function of the request's sampling key and the position (`Positio
 token at a position is then the same whichever tree, drafter or tree size verified it, so a seed
 reproduces its sample exactly, and each token is exactly distributed as the target's
 (processed) distribution. Acceptance follows the delta rule (see `specdec.step.accept`).
+
+A tree whose tokens a drafter *drew* from its own distributions q (`trees.DraftDraws`: a draft
+model's or the head's, each node's children drawn without replacement) is verified by recursive
+rejection sampling instead (`accept_drawn`; SpecInfer's multi-candidate verification, the
+without-replacement form of Jeon et al. 2024): at a visited slot with target distribution r, the
+i-th child x is accepted with probability min(1, r(x) / q_i(x)); on rejection r becomes
+norm(max(0, r - q_i)) and q_{i+1} is q_i without x, renormalised; when no child is accepted the
+token is drawn from r. Each step keeps r's distribution (the mass accepted at x is min(q_i, r)
+and the residual carries the rest), so the output is exactly the target's, while a draft q close
+to the target's accepts far more often than a fixed top-k child set can. The uniforms are keyed
+by (position, sibling) (`PositionDraws.stage_uniforms`); which token a seed yields then depends on
+the drafts, the distribution does not.
 """
 
 from __future__ import annotations
@@ -80,15 +92,75 @@ class NodeRule:
         return sampled_choices(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
 
     def accept(self, tree: DeviceTree, scores: torch.Tensor) -> Accepted:
-        """The accepted path: following the argmax (greedy) or the delta rule (sampling)."""
+        """The accepted path: following the argmax (greedy), rejection sampling against the draft
+        distributions (sampling a tree with draws) or the delta rule (sampling)."""
         if not self.do_sample:
             return accept(tree, row_argmax(scores))
+        if tree.children is not None:
+            return accept_drawn(tree, torch.softmax(scores.float(), dim=-1))
         return accept_sampled(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
+
+    def draft_warp(self):
+        """What drafters apply to their logits ``[m, V]`` before drawing (the history-free
+        processors: temperature, top-k, top-p, ...), or None when the target does not sample."""
+        if not self.do_sample:
+            return None
+        warpers = [p for p in self.processors if _call_mode(p) == "all"]
+
+        def warp(logits: torch.Tensor) -> torch.Tensor:
+            dummy = torch.zeros((logits.shape[0], 1), dtype=torch.long, device=logits.device)
+            for warper in warpers:
+                logits = warper(dummy, logits)
+            return logits
+
+        return warp
 
 
 def accept_sampled(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> Accepted:
     """The delta rule on the device: accept the path that follows the draws of `sampled_choices`."""
     return accept(tree, sampled_choices(tree, probs, uniforms))
+
+
+def accept_drawn(tree: DeviceTree, probs: torch.Tensor) -> Accepted:
+    """Recursive rejection sampling down a drawn tree (see the module docstring), on the device:
+    ``probs [n+1, V]`` the target's distribution at every slot. One loop over depths and siblings
+    of 0-d device tensors: no host reads."""
+    draft, children, tokens = tree.draft_probs, tree.children, tree.tokens
+    device, siblings = tokens.device, children.shape[1]
+    node = torch.zeros((), dtype=torch.long, device=device)  # slot_idx of the walk's position
+    residual = probs[0].double()  # [V] what the target's distribution at ``node`` has left
+    walking = torch.ones((), dtype=torch.bool, device=device)
+    path, count = [node], torch.ones((), dtype=torch.long, device=device)
+    bonus = None
+    for depth in range(tree.max_depth + 1):
+        q = draft[tree.draw_rows[node].clamp(min=0)].double()  # [V] the draft distribution of node's children
+        moved = torch.zeros((), dtype=torch.bool, device=device)
+        for i in range(siblings):
+            child = children[node, i]
+            live = walking & ~moved & (child >= 0)
+            token = tokens[child.clamp(min=0)]
+            live = live & (q[token] > 0)  # a draw past the end of q's support proposes nothing
+            taken = live & (tree.stage_uniforms[depth, i] * q[token] < residual[token])
+            rejected = live & ~taken
+            left = (residual - q).clamp(min=0)
+            residual = torch.where(rejected & (left.sum() > 0), left / left.sum().clamp(min=1e-300), residual)
+            q_left = q.scatter(0, token.view(1), torch.zeros(1, dtype=q.dtype, device=device))
+            q = torch.where(rejected, q_left / q_left.sum().clamp(min=1e-300), q)
+            node = torch.where(taken, child, node)
+            moved = moved | taken
+        stopped = walking & ~moved  # the walk ends here: the bonus token is drawn from the residual
+        cdf = residual.cumsum(dim=0)
+        drawn = torch.searchsorted(cdf, (tree.stage_uniforms[depth, siblings] * cdf[-1]).view(1), right=True)[0]
+        drawn = drawn.clamp(max=residual.numel() - 1)
+        bonus = drawn if bonus is None else torch.where(stopped, drawn, bonus)
+        residual = torch.where(moved, probs[node].double(), residual)
+        walking = walking & moved
+        count = count + walking.long()
+        path.append(node)
+    path = torch.stack(path[: tree.max_depth + 1])  # [max_depth+1]: entries past count repeat the tip
+    block = torch.cat([tokens[path[1:]], bonus.view(1)])
+    block = block.scatter(0, (count - 1).view(1), bonus.view(1))  # the bonus right after the path
+    return Accepted(path=path, block=block, count=count)
 
 
 def sampled_choices(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -128,6 +200,18 @@ class PositionDraws:
         """``[count]`` float64 uniforms in [0, 1) for positions ``first .. first + count - 1`` (host)."""
         return torch.tensor([(_mix64(self.key ^ _mix64(position)) >> 11) * 2.0**-53
                              for position in range(first, first + count)], dtype=torch.float64)
+
+    def stage_uniforms(self, first: int, count: int, stages: int) -> torch.Tensor:
+        """``[count, stages]`` float64 uniforms in [0, 1): one per (position, stage) of rejection
+        sampling, independent of `uniforms` and of each other (host)."""
+        return torch.tensor([[(_mix64(self.key ^ _mix64(_mix64(position) ^ (stage + 1))) >> 11) * 2.0**-53
+                              for stage in range(stages)] for position in range(first, first + count)],
+                            dtype=torch.float64)
+
+    def draft_seed(self, position: int) -> int:
+        """A seed for the drafts of the tree below ``position``: drawn tokens repeat with the
+        request's key, independent of every uniform the target's acceptance uses."""
+        return _mix64(self.key ^ _mix64(position ^ (1 << 62))) >> 1
 
 
 def sampling_key(generator: torch.Generator | int | None) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from drafters.modeling import SlotCache
+from specdec.step.per_model import entry_for
 
 
 @dataclass
@@ -50,11 +50,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return int(mismatch[0]) if mismatch.size else limit
 
 
-_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
 def model_lock(model) -> threading.RLock:
     """The lock every decoder of ``model`` holds for each step (one forward at a time)."""
-    with _MODEL_LOCKS_GUARD:
-        return _MODEL_LOCKS.setdefault(model, threading.RLock())
+    return entry_for(model).lock

@@ -19,8 +19,6 @@ which draft nodes are pruned.
 from __future__ import annotations
 
 import inspect
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +27,7 @@ from drafters.modeling import SlotCache, forward_with_cache, returned_cache
 from specdec.device import kv
 from specdec.device.attention import tree_kernel_for
 from specdec.device.tree import TreeUploader
+from specdec.step.per_model import entry_for
 from specdec.step.verify import verify_forward
 from trees import TokenTree
 
@@ -151,10 +150,6 @@ class Support:
     kernel: object | None
 
 
-_SUPPORT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_SUPPORT_LOCK = threading.Lock()
-
-
 def support_for(model, tree_kernel: bool | None = None) -> Support:
     """`Support` of ``model`` (probed once per model, dtype, device and ``tree_kernel`` setting).
 
@@ -162,8 +157,9 @@ def support_for(model, tree_kernel: bool | None = None) -> Support:
     (ValueError / RuntimeError when it cannot be used), False never uses it.
     """
     key = (tree_kernel, model.dtype, str(model.device))
-    with _SUPPORT_LOCK:
-        known = _SUPPORT.setdefault(model, {})
+    entry = entry_for(model)
+    with entry.lock:  # the probe runs forwards on the model
+        known = entry.support
         if key in known:
             return known[key]
         reason = static_reason(model)
