@@ -13,8 +13,10 @@ children scored by cumulative log-probability, and the best ``budget`` nodes ove
 Depths stop early (`DepthRule`): a depth is drafted only while its measured acceptance, in
 seconds of decoding it saves, exceeds its measured draft time, and the whole draft stays within
 `DRAFT_SHARE` of a step; a head whose first depth does not pay drafts only now and then, to
-keep measuring. It all runs on the model's device; the finished tree
-comes to the host in one copy.
+keep measuring. Under sampling the head draws a fixed-shape tree instead (`drafters.drawing`):
+each depth's children are drawn without replacement from the head's distribution (zero outside
+the readout, after the request's warpers), for the target's rejection sampling. It all runs on
+the model's device; the finished tree comes to the host in one copy.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drafters.base import DraftContext, Drafter, VerifyFeedback
+from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
 from drafters.depth_rule import DRAFT_SHARE, DepthRule
+from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.head_net import DraftHead, attend
-from trees import TokenTree
+from trees import DraftDraws, TokenTree
 
 HEAD_KIND = "specdec-head"
 HEAD_VERSION = 2  # 2: the attention head over a window of entries
@@ -209,8 +212,9 @@ class HeadDrafter(Drafter):
         self.draft_share = draft_share
         self.depths = DepthRule(max_depth, draft_share)
         self.clock = clock or time.perf_counter
-        self.source_id = 0
+        self.logits_size = int(model.get_output_embeddings().weight.shape[0])
         self._windows: dict[int, _Window] = {}
+        self._plans: dict[int, DrawPlan] = {}  # by budget: the shapes of drawn trees
 
     def observe(self, feedback: VerifyFeedback) -> None:
         if feedback.features is None or not len(feedback.features):
@@ -268,6 +272,8 @@ class HeadDrafter(Drafter):
             self._extend(window, ctx.token_ids)
         if window.last is None:
             return TokenTree.empty()
+        if ctx.sampling is not None:
+            return self._drawn(window, budget, ctx.sampling)
         device = self.readout.device
         entry, query, position = window.last
         empty = window.keys.new_zeros(*query.shape[:3], 0, query.shape[-1])  # [1, H, 1, 0, d]
@@ -314,6 +320,54 @@ class HeadDrafter(Drafter):
                          torch.from_numpy(packed[3].astype(np.int64)))
         window.proposed = (tree.tokens.numpy(), tree.parents.numpy(), depth)
         return tree.prune(budget) if len(tree) > budget else tree
+
+    def _drawn(self, window: _Window, budget: int, sampling: DraftSampling) -> TokenTree:
+        """A `DrawPlan` tree (sampling): depth by depth, one head forward over the nodes whose
+        children are drawn, while the depth rule lets the head draft that depth."""
+        if budget not in self._plans:
+            self._plans[budget] = DrawPlan(budget, self.max_depth, self.top_k)
+        plan = self._plans[budget]
+        device = self.readout.device
+        generator = draft_generator(device, sampling.seed)
+        entry, query, position = window.last
+        empty = window.keys.new_zeros(*query.shape[:3], 0, query.shape[-1])  # [1, H, 1, 0, d]
+        chain_k = chain_v = empty  # [r, H, 1, J, d]: the chain entries of the rows' nodes
+        positions = torch.arange(position + 1, position + self.max_depth, device=device)  # chain entries'
+        probs: list[torch.Tensor] = []  # [r, V] per depth: the distributions its tokens are drawn from
+        drawn: list[torch.Tensor] = []  # each depth's drawn tokens, in node order
+        spent, reached = 0.0, 0
+        for number, depth in enumerate(plan.depths, start=1):
+            if not self.depths.should_draft(number, spent):
+                break
+            started = self.clock()
+            if number == 1:
+                predicted = self.head.finish(entry, attend(query, window.keys, window.values, None, empty, empty))[:, 0]
+            else:  # the nodes whose children are drawn here, as chain entries below their parents
+                parent_of = torch.from_numpy(depth.expand_parents).to(device)
+                tokens = torch.cat(drawn)[torch.from_numpy(depth.expand).to(device)]
+                entries = self.head.entries(predicted[parent_of], self.embed(tokens).float())[:, None]  # [r, 1, h]
+                q, k_new, v_new = self.head.project(entries, positions[number - 2 : number - 1])
+                chain_k = torch.cat([chain_k[parent_of], k_new.unsqueeze(3)], dim=3)
+                chain_v = torch.cat([chain_v[parent_of], v_new.unsqueeze(3)], dim=3)
+                predicted = self.head.finish(entries, attend(q, window.keys, window.values, None, chain_k,
+                                                             chain_v))[:, 0]  # [r, h]
+            logits = predicted.new_full((len(predicted), self.logits_size), float("-inf"))
+            logits[:, self.readout_ids] = predicted @ self.readout.T  # [r, V]: no mass outside the readout
+            probs.append(torch.softmax(sampling.warp(logits), dim=-1))
+            drawn.append(draw_children(probs[-1], depth, plan.ranks(depth), generator))
+            seconds = self.clock() - started
+            self.depths.record_depth(number, seconds)
+            spent, reached = spent + seconds, number
+        if not drawn:
+            return TokenTree.empty()
+        n, shape = sum(len(d.nodes) for d in plan.depths[:reached]), plan.shape
+        tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)  # the proposal's one copy to the host
+        rows = torch.from_numpy(np.concatenate([d.rows for d in plan.depths[:reached]]))
+        tree = TokenTree(tokens, torch.from_numpy(shape.parents[:n]), torch.from_numpy(shape.log_prior[:n]),
+                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks[:n]),
+                         DraftDraws(torch.cat(probs), rows))
+        window.proposed = (tree.tokens.numpy(), tree.parents.numpy(), reached)
+        return tree
 
     def explain(self) -> dict:
         """The depth rule's measurements: per-depth reach and draft milliseconds."""

@@ -5,12 +5,9 @@ the best ``beam`` frontier nodes with one batched draft forward (tree mask among
 tokens), every expanded node offers its ``top_k`` children, and the best ``budget`` nodes overall
 are kept (ancestor-closed because a child's log-probability never exceeds its parent's).
 
-Sampling: the tree has a fixed best-first shape over the rank prior (decided before any draw), and
-each node's children are *drawn* without replacement from the draft distribution after the
-request's warpers (Gumbel-top-k: the top-c of ``log q - log E``, ``E ~ Exp(1)``, in order, is c
-draws without replacement), one batched draft forward per depth. The tree carries those
-distributions (`trees.DraftDraws`) for the target's rejection sampling; node scores are the
-shape's priors, so pruning by score keeps the first draws of each parent.
+Sampling: a drawn tree (`drafters.drawing`): a fixed best-first shape whose children are drawn
+without replacement from the draft distribution after the request's warpers, one batched draft
+forward per depth, verified by the target's rejection sampling.
 
 Either way the proposal stays on the device until one copy of the whole tree to the host.
 """
@@ -21,14 +18,12 @@ import numpy as np
 import torch
 
 from drafters.base import DraftContext, Drafter, DraftSampling
+from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.modeling import SlotCache, forward_with_cache
 from trees import (
-    DEFAULT_RANK_PRIOR,
     ROOT,
     DraftDraws,
     TokenTree,
-    TreeShape,
-    best_first,
     masks_by_layer_type,
     tree_attention_mask,
 )
@@ -68,7 +63,7 @@ class ModelDrafter(Drafter):
         self._cache = None
         self._cached_len = 0
         self._sequence_id: int | None = None
-        self._shapes: dict[int, TreeShape] = {}
+        self._plans: dict[int, DrawPlan] = {}  # by budget
 
     # ------------------------------------------------------------------ draft cache
     def _sync(self, ctx: DraftContext, budget: int) -> torch.Tensor:
@@ -148,63 +143,29 @@ class ModelDrafter(Drafter):
         return tree.prune(budget)
 
     # ------------------------------------------------------------------ sampling: drawn children
-    def _shape(self, budget: int) -> tuple[TreeShape, list[dict]]:
-        """The drawn tree's shape for ``budget`` and, per depth (breadth-first, so a depth's nodes
-        are contiguous), what to feed and draw (host): the depth's ``nodes``, the parents to
-        ``expand`` (fed, each giving one draft row), their ancestors among the fed nodes
-        (``visible``), the fed nodes' depths and each node's draft row (``parent_rows``)."""
-        if budget not in self._shapes:
-            shape = best_first(budget, DEFAULT_RANK_PRIOR, max_depth=self.max_depth, max_rank=self.top_k)
-            depths, n = shape.depths, len(shape)
-            row_of = {ROOT: 0}  # node_idx (ROOT: the root) -> the draft row its children are drawn from
-            fed: list[int] = []  # node_idx in the order they enter the draft cache
-            ancestors = [set() for _ in range(n)]
-            for node, parent in enumerate(shape.parents):
-                ancestors[node] = ({node} | ancestors[parent]) if parent != ROOT else {node}
-            plan = []
-            for depth in range(1, int(depths.max(initial=0)) + 1):
-                nodes = np.flatnonzero(depths == depth)
-                expand = [] if depth == 1 else sorted({int(shape.parents[m]) for m in nodes})
-                for parent in expand:
-                    row_of[parent] = len(row_of)
-                fed.extend(expand)
-                visible = np.array([[c in ancestors[p] for c in fed] for p in expand], dtype=bool)
-                parent_rows = np.array([row_of[int(shape.parents[m])] for m in nodes])
-                plan.append({"nodes": nodes, "expand": np.array(expand, dtype=np.int64), "visible": visible,
-                             "key_depths": depths[np.array(fed, dtype=np.int64)], "parent_rows": parent_rows})
-            self._shapes[budget] = (shape, plan)
-        return self._shapes[budget]
-
     def _drawn(self, root_logits: torch.Tensor, budget: int, sampling: DraftSampling) -> TokenTree:
-        shape, plan = self._shape(budget)
-        n = len(shape)
-        if n == 0:
+        """A `DrawPlan` tree: one draft forward per depth over the nodes whose children it draws."""
+        if budget not in self._plans:
+            self._plans[budget] = DrawPlan(budget, self.max_depth, self.top_k)
+        plan = self._plans[budget]
+        if len(plan) == 0:
             return TokenTree.empty()
         device = root_logits.device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed)
-        drawn_by_depth: list[torch.Tensor] = []  # the drawn tokens of each depth's nodes, in node order
+        generator = draft_generator(device, sampling.seed)
         probs = [torch.softmax(sampling.warp(root_logits[None]), dim=-1)]  # [1, V]: the root's draft distribution
-        for depth, step in enumerate(plan, start=1):
-            if depth > 1:  # feed the nodes that have children; their distributions are the new rows
-                expand = torch.from_numpy(step["expand"]).to(device)
-                visible = torch.from_numpy(step["visible"]).to(device)
-                logits = self._forward(torch.cat(drawn_by_depth)[expand], visible, depth - 1,
-                                       torch.from_numpy(step["key_depths"]))
+        drawn: list[torch.Tensor] = []  # each depth's drawn tokens, in node order
+        for number, depth in enumerate(plan.depths, start=1):
+            if number > 1:  # feed the nodes that have children: their distributions are the new rows
+                expand = torch.from_numpy(depth.expand).to(device)
+                logits = self._forward(torch.cat(drawn)[expand], torch.from_numpy(depth.visible).to(device),
+                                       number - 1, torch.from_numpy(depth.fed_depths))
                 probs.append(torch.softmax(sampling.warp(logits), dim=-1))
-            rows = probs[-1]  # [r, V] the distributions this depth's tokens are drawn from
-            race = rows.log() - torch.empty_like(rows).exponential_(generator=generator).log()  # [r, V]
-            width = int(shape.ranks[step["nodes"]].max()) + 1
-            drawn = race.topk(width, dim=-1).indices  # [r, width] draws without replacement, in order
-            first_row = sum(len(p) for p in probs[:-1])
-            local = torch.from_numpy(step["parent_rows"] - first_row).to(device)
-            node_ranks = torch.from_numpy(shape.ranks[step["nodes"]]).to(device)
-            drawn_by_depth.append(drawn[local, node_ranks])
-        host_tokens = torch.tensor(torch.cat(drawn_by_depth).tolist(), dtype=torch.long)  # the one copy to the host
-        rows = np.concatenate([step["parent_rows"] for step in plan])  # node order: depths are contiguous
-        return TokenTree(host_tokens, torch.from_numpy(shape.parents), torch.from_numpy(shape.log_prior),
+            drawn.append(draw_children(probs[-1], depth, plan.ranks(depth), generator))
+        tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)  # the proposal's one copy to the host
+        shape, n = plan.shape, len(plan)
+        return TokenTree(tokens, torch.from_numpy(shape.parents), torch.from_numpy(shape.log_prior),
                          torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks),
-                         DraftDraws(torch.cat(probs), torch.from_numpy(rows)))
+                         DraftDraws(torch.cat(probs), torch.from_numpy(np.concatenate([d.rows for d in plan.depths]))))
 
     # ------------------------------------------------------------------ state
     def end_sequence(self, sequence_id: int) -> None:

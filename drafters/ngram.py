@@ -157,7 +157,6 @@ class NGramDrafter(Drafter):
         self.store_tokens = store_tokens
         self.earliest_too = earliest_too
         self.stats = AcceptanceStats(prior=(0.5, 0.15, 0.08, 0.05, 0.03, 0.02, 0.015, 0.01))
-        self.source_id = 0
         self._contexts: OrderedDict[int, tuple[NGramIndex, int]] = OrderedDict()  # sequence_id -> (index, prompt_len)
         self._stored: deque[int] = deque()  # lengths of the stored outputs, oldest first
         self._stored_total = 0  # tokens in the store, one boundary per output included

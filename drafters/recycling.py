@@ -96,7 +96,6 @@ class TokenRecycling(Drafter):
         self._shapes_at_step = 0
         self.stats = AcceptanceStats(max_rank=k)
         self._shape_rates = self.stats.rates()  # the rates the cached shapes were grown from
-        self.source_id = 0
         self.succ = np.full((vocab_size, k), UNKNOWN, dtype=np.int32)  # [V, k] token ids
 
     def shape_for(self, budget: int) -> TreeShape:

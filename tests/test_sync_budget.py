@@ -138,12 +138,13 @@ def test_the_counter_sees_reads(tracked_model):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "sampled"])
-def test_a_head_adds_at_most_its_tree_read(tracked_model, mode):
+@pytest.mark.parametrize("drafter", ["auto", "head"])  # alone and sampled, the head draws its tree
+def test_a_head_adds_at_most_its_tree_read(tracked_model, mode, drafter):
     """The head drafter grows its tree on the device from the target's features (tracked too: they
     are what the LM head reads) and brings it to the host in one copy: at most two reads a step."""
     handle = tracked_model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].as_subclass(Tracked),))
     try:
-        decoder = SpeculativeDecoder(tracked_model, drafter="auto", draft_head=untrained_head(tracked_model),
+        decoder = SpeculativeDecoder(tracked_model, drafter=drafter, draft_head=untrained_head(tracked_model),
                                      tree_budget=12)
         Tracked.reads = []
         out = decoder.generate(PROMPT, max_new_tokens=40, eos_token_id=-1, return_dict_in_generate=True,
