@@ -96,7 +96,8 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         sampling = {"do_sample": True, "temperature": temperature}
         if top_p is not None:
             sampling["top_p"] = top_p
-    needs_draft = [m for m in method_names if m == "hf-assisted" or "model" in m.partition("@")[0].split("+")]
+    needs_draft = [m for m in method_names if m == "hf-assisted"
+                   or {"model", "model-topk"} & set(m.partition("@")[0].split("+"))]
     if needs_draft and not draft_model:
         raise BenchError(f"method {needs_draft[0]} needs --draft-model")
     try:

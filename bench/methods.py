@@ -134,7 +134,7 @@ def make_method(
         return _hf_method(name, model, sampling, assistant_model=draft_model)
     if is_known(name):
         drafter, fixed = split_budget(name)
-        if drafter != AUTO and "model" in drafter_names(drafter) and draft_model is None:
+        if drafter != AUTO and {"model", "model-topk"} & set(drafter_names(drafter)) and draft_model is None:
             raise MethodError(f"method {name} needs --draft-model")
         budget = tree_budget if fixed is None else fixed
         options = {} if budget is None else {"tree_budget": budget}

@@ -26,6 +26,7 @@ DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "recycling": lambda vocab_size, **_: TokenRecycling(vocab_size),
     "ngram": lambda vocab_size, **_: NGramDrafter(vocab_size),
     "model": lambda vocab_size, draft_model=None, **_: ModelDrafter(draft_model, vocab_size),
+    "model-topk": lambda vocab_size, draft_model=None, **_: ModelDrafter(draft_model, vocab_size, draw=False),
     "head": lambda vocab_size, target=None, draft_head=None, **_: head_drafter(target, draft_head),
 }
 

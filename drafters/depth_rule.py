@@ -80,3 +80,15 @@ class DepthRule:
         return {"reach": [round(float(r), 3) for r in self.reach()],
                 "depth_ms": [round(1e3 * float(s), 3) for s in self.depth_seconds],
                 "step_ms": round(1e3 * self.step_seconds, 2), "tokens_per_step": round(self.tokens_per_step, 2)}
+
+
+def own_path_depth(tokens: np.ndarray, parents: np.ndarray, accepted: list[int]) -> int:
+    """How deep the accepted tokens (root to tip) follow a path of the tree ``tokens``/``parents``
+    (``node_idx`` space, -1 the root)."""
+    node = -1
+    for depth, token in enumerate(accepted):
+        match = np.flatnonzero((parents == node) & (tokens == token))
+        if not match.size:
+            return depth
+        node = int(match[0])
+    return len(accepted)

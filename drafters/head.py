@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
-from drafters.depth_rule import DRAFT_SHARE, DepthRule
+from drafters.depth_rule import DRAFT_SHARE, DepthRule, own_path_depth
 from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.head_net import DraftHead, attend
 from trees import DraftDraws, TokenTree
@@ -380,18 +380,6 @@ class HeadDrafter(Drafter):
         from drafters.state import check_vocab_size
 
         check_vocab_size(state, int(self.head_file.identity["vocab_size"]), "head drafter state")
-
-
-def own_path_depth(tokens: np.ndarray, parents: np.ndarray, accepted: list[int]) -> int:
-    """How deep the accepted tokens (root to tip) follow a path of the tree ``tokens``/``parents``
-    (``node_idx`` space, -1 the root)."""
-    node = -1
-    for depth, token in enumerate(accepted):
-        match = np.flatnonzero((parents == node) & (tokens == token))
-        if not match.size:
-            return depth
-        node = int(match[0])
-    return len(accepted)
 
 
 def readout_coverage(counts: np.ndarray, sizes) -> dict[int, float]:

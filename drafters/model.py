@@ -3,7 +3,9 @@
 Greedy decoding: the tree grows by cumulative draft probability, EAGLE-2 style. Each depth expands
 the best ``beam`` frontier nodes with one batched draft forward (tree mask among the drafted
 tokens), every expanded node offers its ``top_k`` children, and the best ``budget`` nodes overall
-are kept (ancestor-closed because a child's log-probability never exceeds its parent's).
+are kept (ancestor-closed because a child's log-probability never exceeds its parent's). Depths
+beyond the first are drafted while they pay (`drafters.depth_rule.DepthRule`: the measured chance
+that verification follows the draft that deep, against the measured seconds of that forward).
 
 Sampling: a drawn tree (`drafters.drawing`): a fixed best-first shape whose children are drawn
 without replacement from the draft distribution after the request's warpers, one batched draft
@@ -14,10 +16,13 @@ Either way the proposal stays on the device until one copy of the whole tree to 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
-from drafters.base import DraftContext, Drafter, DraftSampling
+from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
+from drafters.depth_rule import DepthRule, own_path_depth
 from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.modeling import SlotCache, forward_with_cache
 from trees import (
@@ -42,11 +47,18 @@ class ModelDrafter(Drafter):
         top_k: children offered by each expanded node.
         beam: frontier nodes expanded per depth (greedy decoding).
         max_depth: deepest drafted node.
+        draw: under sampling, draw the children from the draft distribution for the target's
+            rejection sampling (True); False keeps the greedy beam's top-k children and the delta
+            rule (registered as ``model-topk``: a seed then yields the same tokens whatever the tree).
+        draft_share: the most drafting may take of a step; deeper depths are drafted while they
+            pay (`drafters.depth_rule.DepthRule`: measured reach against measured forward time).
+        clock: the host time source of those measurements.
     """
 
     name = "model"
 
-    def __init__(self, draft_model, vocab_size: int, top_k: int = 4, beam: int = 4, max_depth: int = 8) -> None:
+    def __init__(self, draft_model, vocab_size: int, top_k: int = 4, beam: int = 4, max_depth: int = 8,
+                 draw: bool = True, draft_share: float = 0.5, clock=time.perf_counter) -> None:
         if draft_model is None:
             raise ValueError("the model drafter needs draft_model=<a causal LM with the target's vocabulary>")
         draft_vocab = logits_size(draft_model)
@@ -60,6 +72,12 @@ class ModelDrafter(Drafter):
         self.draft_model = draft_model.eval()
         self.vocab_size = vocab_size
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
+        self.draw = draw
+        self.name = "model" if draw else "model-topk"
+        self.draft_share, self.clock = draft_share, clock
+        self.depths = DepthRule(max_depth, draft_share)
+        self._proposed: tuple | None = None  # (tokens, parents, depths drafted) of the last tree
+        self._observed_at: float | None = None
         self._cache = None
         self._cached_len = 0
         self._sequence_id: int | None = None
@@ -85,7 +103,7 @@ class ModelDrafter(Drafter):
             return TokenTree.empty()
         root_logits = self._sync(ctx, budget)  # [V] device
         try:
-            if ctx.sampling is not None:
+            if ctx.sampling is not None and self.draw:
                 return self._drawn(root_logits, budget, ctx.sampling)
             return self._beam(root_logits, budget)
         finally:
@@ -118,7 +136,11 @@ class ModelDrafter(Drafter):
         frontier_tokens, frontier_scores = top.indices[: frontier.numel()], top.values[: frontier.numel()]
         seen = torch.zeros((frontier.numel(), 0), dtype=torch.bool, device=device)  # [f, fed] ancestors fed so far
         key_depths = torch.zeros(0, dtype=torch.long, device=device)
+        spent = 0.0
         for depth in range(2, min(self.max_depth, budget) + 1):
+            if not self.depths.should_draft(depth, spent):
+                break
+            started = self.clock()
             f = frontier.numel()
             visible = torch.cat([seen, torch.eye(f, dtype=torch.bool, device=device)], dim=1)  # [f, fed+f]
             key_depths = torch.cat([key_depths, torch.full((f,), depth - 1, device=device)])
@@ -134,12 +156,16 @@ class ModelDrafter(Drafter):
             drafted += child_scores.numel()
             frontier_tokens, frontier_scores = tokens[-1][best], child_scores[best]
             seen = visible[best // self.top_k]
+            seconds = self.clock() - started
+            self.depths.record_depth(depth, seconds)
+            spent += seconds
         packed = torch.stack([torch.cat(part).double() for part in (tokens, parents, scores, ranks)])
         host = np.asarray(packed.tolist())  # [4, n]: the proposal's one copy to the host
         tree = TokenTree(torch.from_numpy(host[0].astype(np.int64)), torch.from_numpy(host[1].astype(np.int64)),
                          torch.from_numpy(host[2].astype(np.float32)),
                          torch.full((host.shape[1],), self.source_id, dtype=torch.int8),
                          torch.from_numpy(host[3].astype(np.int64)))
+        self._proposed = (tree.tokens.numpy(), tree.parents.numpy(), tree.max_depth)
         return tree.prune(budget)
 
     # ------------------------------------------------------------------ sampling: drawn children
@@ -154,26 +180,57 @@ class ModelDrafter(Drafter):
         generator = draft_generator(device, sampling.seed)
         probs = [torch.softmax(sampling.warp(root_logits[None]), dim=-1)]  # [1, V]: the root's draft distribution
         drawn: list[torch.Tensor] = []  # each depth's drawn tokens, in node order
+        spent = 0.0
         for number, depth in enumerate(plan.depths, start=1):
+            if number > 1 and not self.depths.should_draft(number, spent):
+                break  # whole depths are cut: each parent keeps its first draws
+            started = self.clock()
             if number > 1:  # feed the nodes that have children: their distributions are the new rows
                 expand = torch.from_numpy(depth.expand).to(device)
                 logits = self._forward(torch.cat(drawn)[expand], torch.from_numpy(depth.visible).to(device),
                                        number - 1, torch.from_numpy(depth.fed_depths))
                 probs.append(torch.softmax(sampling.warp(logits), dim=-1))
             drawn.append(draw_children(probs[-1], depth, plan.ranks(depth), generator))
+            if number > 1:
+                seconds = self.clock() - started
+                self.depths.record_depth(number, seconds)
+                spent += seconds
         tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)  # the proposal's one copy to the host
-        shape, n = plan.shape, len(plan)
-        return TokenTree(tokens, torch.from_numpy(shape.parents), torch.from_numpy(shape.log_prior),
-                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks),
-                         DraftDraws(torch.cat(probs), torch.from_numpy(np.concatenate([d.rows for d in plan.depths]))))
+        reached = plan.depths[: len(drawn)]
+        shape, n = plan.shape, sum(len(d.nodes) for d in reached)
+        tree = TokenTree(tokens, torch.from_numpy(shape.parents[:n]), torch.from_numpy(shape.log_prior[:n]),
+                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks[:n]),
+                         DraftDraws(torch.cat(probs), torch.from_numpy(np.concatenate([d.rows for d in reached]))))
+        self._proposed = (tree.tokens.numpy(), tree.parents.numpy(), len(drawn))
+        return tree
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ measurements and state
+    def observe(self, feedback: VerifyFeedback) -> None:
+        """Measure the step (draft to draft) and how deep verification followed the last tree."""
+        if feedback.tree is None:
+            return
+        now = self.clock()
+        if self._observed_at is not None:
+            self.depths.record_step(now - self._observed_at, len(feedback.accepted_nodes) + 1)
+        if self._proposed is not None and len(feedback.tree):
+            tokens, parents, depth = self._proposed
+            accepted = feedback.tree.tokens[list(feedback.accepted_nodes)].tolist()
+            self.depths.record_outcome(min(depth, feedback.tree.max_depth), own_path_depth(tokens, parents, accepted))
+        self._proposed, self._observed_at = None, now
+
+    def explain(self) -> dict:
+        """The depth rule's measurements: per-depth reach and draft milliseconds."""
+        return self.depths.report()
+
     def end_sequence(self, sequence_id: int) -> None:
-        if sequence_id == self._sequence_id:
-            self.reset()
+        if sequence_id == self._sequence_id:  # its cache goes; the measurements stay
+            self._cache, self._cached_len, self._sequence_id = None, 0, None
+            self._proposed, self._observed_at = None, None
 
     def reset(self) -> None:
         self._cache, self._cached_len, self._sequence_id = None, 0, None
+        self._proposed, self._observed_at = None, None
+        self.depths = DepthRule(self.max_depth, self.draft_share)
 
     def state_dict(self) -> dict:
         return {"vocab_size": self.vocab_size}

@@ -9,6 +9,7 @@ import torch
 from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
 from drafters.ngram import NGramIndex
 from drafters.stats import AcceptanceStats
+from tests.conftest import tiny_llama
 from trees import TokenTree
 
 
@@ -138,8 +139,6 @@ def test_hybrid_merges_and_names():
 
 
 def test_model_drafter_vocab_check(model):
-    from tests.conftest import tiny_llama
-
     with pytest.raises(ValueError, match="vocabulary of 50 tokens but the target has 96"):
         ModelDrafter(tiny_llama(vocab_size=50), vocab_size=96)
     with pytest.raises(ValueError, match="draft_model"):
@@ -166,3 +165,16 @@ def test_earliest_too_alternates_recent_and_earliest():
     index.extend([7, 1, 7, 2, 7, 3, 7, 4, 7])
     assert index.continuations((7,), depth=1, limit=4, earliest_too=True) == [[4], [1], [3], [2]]
     assert index.continuations((7,), depth=1, limit=4) == [[4], [3], [2], [1]]
+
+
+def test_model_drafter_drafts_deeper_only_while_it_pays():
+    """Depths past the first are drafted while the depth rule measures that they pay; a draft
+    model whose deeper forwards cost more than they save stops at depth 1 (probes aside)."""
+    draft = tiny_llama(seed=9)
+    vocab = int(draft.get_output_embeddings().weight.shape[0])
+    context = ctx([5, 6, 7, 8, 5, 6])
+    assert ModelDrafter(draft, vocab).propose(context, 12).max_depth > 1  # unmeasured: every depth
+    costly = ModelDrafter(draft, vocab)
+    costly.depths.depth_seconds[:] = 1.0  # a second per depth against 10 ms steps
+    costly.depths.step_seconds = 0.01
+    assert costly.propose(context, 12).max_depth == 1

@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 import specdec
+from drafters import ModelDrafter
 from specdec.device.tree import DeviceTree, TreeUploader
 from specdec.step.accept import Accepted, read_outcome
 from specdec.step.sampling import accept_drawn, accept_sampled
@@ -299,14 +300,18 @@ def test_greedy_with_repetition_penalty_matches_hf(model):
 def test_a_seed_gives_the_same_sample_whatever_verifies_it(small_model):
     """Draws are per sequence position, so the tree (drafter, size, acceptance) never changes a
     seeded sample: every drafter and budget reproduces plain decoding's sample token for token."""
+    draft_model = tiny_llama(vocab_size=SMALL_V, seed=11)
+
     def run(drafter, budget, seed):
-        decoder = specdec.SpeculativeDecoder(small_model, drafter=drafter, tree_budget=budget)
+        decoder = specdec.SpeculativeDecoder(small_model, drafter=drafter, tree_budget=budget,
+                                             draft_model=draft_model if "model" in drafter else None)
         return decoder.generate(PROMPT, max_new_tokens=30, eos_token_id=-1, do_sample=True, generator=seed,
                                 **SETTINGS).tolist()
 
     for seed in (1, 2, 3):
         plain = run("recycling", 0, seed)
-        for drafter, budget in (("recycling", 6), ("ngram", 12), ("auto", None), ("recycling+ngram", 3)):
+        for drafter, budget in (("recycling", 6), ("ngram", 12), ("auto", None), ("recycling+ngram", 3),
+                                ("model-topk", 6)):  # the draft model's top-k children: no draws
             assert run(drafter, budget, seed) == plain, (seed, drafter, budget)
     assert len({tuple(run("auto", None, seed)[0]) for seed in range(6)}) > 1  # the seed matters
 
@@ -320,7 +325,8 @@ def test_drawn_drafts_from_the_target_itself_are_all_accepted(small_model):
     chain, node = 0, -1
     while (first := np.flatnonzero((shape.parents == node) & (shape.ranks == 0))).size:  # the rank-0 path
         chain, node = chain + 1, int(first[0])
-    decoder = specdec.SpeculativeDecoder(small_model, drafter="model", draft_model=small_model, tree_budget=8)
+    drafter = ModelDrafter(small_model, SMALL_V, clock=lambda: 0.0)  # no timings: the depth rule drafts every depth
+    decoder = specdec.SpeculativeDecoder(small_model, drafter=drafter, tree_budget=8)
     for seed in range(3):
         out = decoder.generate(PROMPT, max_new_tokens=5 * (chain + 1), eos_token_id=-1, do_sample=True,
                                generator=seed, return_dict_in_generate=True, **settings)
