@@ -50,6 +50,7 @@ class DrawPlan:
 
     def __init__(self, budget: int, max_depth: int, top_k: int) -> None:
         self.shape: TreeShape = best_first(budget, DEFAULT_RANK_PRIOR, max_depth=max_depth, max_rank=top_k)
+        self._on_device: dict[str, list[dict[str, torch.Tensor]]] = {}
         parents, depths = self.shape.parents, self.shape.depths
         ancestors: list[set[int]] = []
         for node, parent in enumerate(parents):
@@ -76,18 +77,30 @@ class DrawPlan:
     def __len__(self) -> int:
         return len(self.shape)
 
+    def on(self, device: torch.device) -> list[dict[str, torch.Tensor]]:
+        """Per depth, the index arrays drafting reads, on ``device`` (copied there once per plan):
+        ``expand``, ``expand_parents``, ``visible``, ``fed_depths``, ``local_rows`` and ``ranks``."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = [{name: torch.from_numpy(np.ascontiguousarray(value)).to(device) for name, value in (
+                ("expand", depth.expand), ("expand_parents", depth.expand_parents), ("visible", depth.visible),
+                ("fed_depths", depth.fed_depths), ("local_rows", depth.local_rows), ("ranks", self.ranks(depth)))}
+                for depth in self.depths]
+        return self._on_device[key]
+
     def ranks(self, depth: DrawDepth) -> np.ndarray:
         return self.shape.ranks[depth.nodes]
 
 
-def draw_children(probs: torch.Tensor, depth: DrawDepth, ranks: np.ndarray, generator) -> torch.Tensor:
-    """``[m]`` the drawn tokens of ``depth``'s nodes: node j is the ``ranks[j]``-th draw without
-    replacement from row ``depth.local_rows[j]`` of ``probs [r, V]`` (the exponential race: the
-    order of ``E_v / q_v``, ``E ~ Exp(1)``, is sequential sampling without replacement), on
-    ``probs``' device, no host read."""
+def draw_children(probs: torch.Tensor, local_rows: torch.Tensor, ranks: torch.Tensor, width: int,
+                  generator) -> torch.Tensor:
+    """``[m]`` drawn tokens: node j is the ``ranks[j]``-th draw without replacement from row
+    ``local_rows[j]`` of ``probs [r, V]`` (the exponential race: the order of ``E_v / q_v``,
+    ``E ~ Exp(1)``, is sequential sampling without replacement); ``width`` (host) bounds the
+    ranks. All on ``probs``' device, no host read."""
     race = probs.log() - torch.empty_like(probs).exponential_(generator=generator).log()  # [r, V]
-    drawn = race.topk(int(ranks.max()) + 1, dim=-1).indices  # [r, c] in draw order
-    return drawn[torch.from_numpy(depth.local_rows).to(probs.device), torch.from_numpy(ranks).to(probs.device)]
+    drawn = race.topk(width, dim=-1).indices  # [r, width] in draw order
+    return drawn[local_rows, ranks]
 
 
 def draft_generator(device: torch.device, seed: int) -> torch.Generator:

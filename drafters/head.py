@@ -329,6 +329,7 @@ class HeadDrafter(Drafter):
         plan = self._plans[budget]
         device = self.readout.device
         generator = draft_generator(device, sampling.seed)
+        arrays = plan.on(device)
         entry, query, position = window.last
         empty = window.keys.new_zeros(*query.shape[:3], 0, query.shape[-1])  # [1, H, 1, 0, d]
         chain_k = chain_v = empty  # [r, H, 1, J, d]: the chain entries of the rows' nodes
@@ -336,15 +337,15 @@ class HeadDrafter(Drafter):
         probs: list[torch.Tensor] = []  # [r, V] per depth: the distributions its tokens are drawn from
         drawn: list[torch.Tensor] = []  # each depth's drawn tokens, in node order
         spent, reached = 0.0, 0
-        for number, depth in enumerate(plan.depths, start=1):
+        for number, (depth, on) in enumerate(zip(plan.depths, arrays), start=1):
             if not self.depths.should_draft(number, spent):
                 break
             started = self.clock()
             if number == 1:
                 predicted = self.head.finish(entry, attend(query, window.keys, window.values, None, empty, empty))[:, 0]
             else:  # the nodes whose children are drawn here, as chain entries below their parents
-                parent_of = torch.from_numpy(depth.expand_parents).to(device)
-                tokens = torch.cat(drawn)[torch.from_numpy(depth.expand).to(device)]
+                parent_of = on["expand_parents"]
+                tokens = torch.cat(drawn)[on["expand"]]
                 entries = self.head.entries(predicted[parent_of], self.embed(tokens).float())[:, None]  # [r, 1, h]
                 q, k_new, v_new = self.head.project(entries, positions[number - 2 : number - 1])
                 chain_k = torch.cat([chain_k[parent_of], k_new.unsqueeze(3)], dim=3)
@@ -354,7 +355,8 @@ class HeadDrafter(Drafter):
             logits = predicted.new_full((len(predicted), self.logits_size), float("-inf"))
             logits[:, self.readout_ids] = predicted @ self.readout.T  # [r, V]: no mass outside the readout
             probs.append(torch.softmax(sampling.warp(logits), dim=-1))
-            drawn.append(draw_children(probs[-1], depth, plan.ranks(depth), generator))
+            drawn.append(draw_children(probs[-1], on["local_rows"], on["ranks"], int(plan.ranks(depth).max()) + 1,
+                                       generator))
             seconds = self.clock() - started
             self.depths.record_depth(number, seconds)
             spent, reached = spent + seconds, number

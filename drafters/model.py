@@ -24,7 +24,7 @@ import torch
 from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
 from drafters.depth_rule import DepthRule, own_path_depth
 from drafters.drawing import DrawPlan, draft_generator, draw_children
-from drafters.modeling import SlotCache, forward_with_cache
+from drafters.modeling import SlotCache, forward_with_cache, position_limit
 from trees import (
     ROOT,
     DraftDraws,
@@ -73,6 +73,7 @@ class ModelDrafter(Drafter):
         self.vocab_size = vocab_size
         self.top_k, self.beam, self.max_depth = top_k, beam, max_depth
         self.draw = draw
+        self.position_limit = position_limit(draft_model)  # learned absolute positions (None: computed)
         self.name = "model" if draw else "model-topk"
         self.draft_share, self.clock = draft_share, clock
         self.depths = DepthRule(max_depth, draft_share)
@@ -102,10 +103,12 @@ class ModelDrafter(Drafter):
         if budget <= 0:
             return TokenTree.empty()
         root_logits = self._sync(ctx, budget)  # [V] device
+        # a depth-d draft forward feeds nodes at position cached_len - 2 + d: inside the draft model's positions
+        deepest = self.max_depth if self.position_limit is None else self.position_limit - self._cached_len + 1
         try:
             if ctx.sampling is not None and self.draw:
-                return self._drawn(root_logits, budget, ctx.sampling)
-            return self._beam(root_logits, budget)
+                return self._drawn(root_logits, budget, ctx.sampling, deepest)
+            return self._beam(root_logits, budget, deepest)
         finally:
             self._cache.truncate(self._cached_len)  # drafted tokens leave; committed ones stay
 
@@ -124,7 +127,7 @@ class ModelDrafter(Drafter):
         return out.logits[0].float()
 
     # ------------------------------------------------------------------ greedy: best-first beam
-    def _beam(self, root_logits: torch.Tensor, budget: int) -> TokenTree:
+    def _beam(self, root_logits: torch.Tensor, budget: int, deepest: int) -> TokenTree:
         device = root_logits.device
         top = torch.log_softmax(root_logits, dim=-1).topk(min(self.top_k, budget))
         width = top.indices.numel()
@@ -137,7 +140,7 @@ class ModelDrafter(Drafter):
         seen = torch.zeros((frontier.numel(), 0), dtype=torch.bool, device=device)  # [f, fed] ancestors fed so far
         key_depths = torch.zeros(0, dtype=torch.long, device=device)
         spent = 0.0
-        for depth in range(2, min(self.max_depth, budget) + 1):
+        for depth in range(2, min(self.max_depth, budget, deepest) + 1):
             if not self.depths.should_draft(depth, spent):
                 break
             started = self.clock()
@@ -169,7 +172,7 @@ class ModelDrafter(Drafter):
         return tree.prune(budget)
 
     # ------------------------------------------------------------------ sampling: drawn children
-    def _drawn(self, root_logits: torch.Tensor, budget: int, sampling: DraftSampling) -> TokenTree:
+    def _drawn(self, root_logits: torch.Tensor, budget: int, sampling: DraftSampling, deepest: int) -> TokenTree:
         """A `DrawPlan` tree: one draft forward per depth over the nodes whose children it draws."""
         if budget not in self._plans:
             self._plans[budget] = DrawPlan(budget, self.max_depth, self.top_k)
@@ -178,19 +181,19 @@ class ModelDrafter(Drafter):
             return TokenTree.empty()
         device = root_logits.device
         generator = draft_generator(device, sampling.seed)
+        arrays = plan.on(device)
         probs = [torch.softmax(sampling.warp(root_logits[None]), dim=-1)]  # [1, V]: the root's draft distribution
         drawn: list[torch.Tensor] = []  # each depth's drawn tokens, in node order
         spent = 0.0
-        for number, depth in enumerate(plan.depths, start=1):
-            if number > 1 and not self.depths.should_draft(number, spent):
+        for number, (depth, on) in enumerate(zip(plan.depths, arrays), start=1):
+            if number > 1 and (number > deepest or not self.depths.should_draft(number, spent)):
                 break  # whole depths are cut: each parent keeps its first draws
             started = self.clock()
             if number > 1:  # feed the nodes that have children: their distributions are the new rows
-                expand = torch.from_numpy(depth.expand).to(device)
-                logits = self._forward(torch.cat(drawn)[expand], torch.from_numpy(depth.visible).to(device),
-                                       number - 1, torch.from_numpy(depth.fed_depths))
+                logits = self._forward(torch.cat(drawn)[on["expand"]], on["visible"], number - 1, on["fed_depths"])
                 probs.append(torch.softmax(sampling.warp(logits), dim=-1))
-            drawn.append(draw_children(probs[-1], depth, plan.ranks(depth), generator))
+            width = int(plan.ranks(depth).max()) + 1
+            drawn.append(draw_children(probs[-1], on["local_rows"], on["ranks"], width, generator))
             if number > 1:
                 seconds = self.clock() - started
                 self.depths.record_depth(number, seconds)

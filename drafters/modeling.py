@@ -139,3 +139,17 @@ class SlotCache(Cache):
         if capacity > self.capacity:
             for layer in self.layers:
                 layer.resize(capacity)
+
+
+def position_limit(model) -> int | None:
+    """The number of learned absolute positions (GPT-2's ``n_positions``), or None when positions
+    are computed (RoPE and the like) and the model runs past ``max_position_embeddings``."""
+    config = model.config.get_text_config(decoder=True)
+    declared = {getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")}
+    declared.discard(None)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and ("pos" in leaf or leaf == "wpe") \
+                and module.num_embeddings in declared:
+            return int(module.num_embeddings)
+    return None

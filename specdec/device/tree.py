@@ -76,6 +76,11 @@ def candidate_flags(tree: TokenTree) -> np.ndarray:
     return flags
 
 
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (a draft model on another device hands its distributions over)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
 def draw_table(tree: TokenTree) -> tuple[np.ndarray, np.ndarray] | None:
     """``(children [n+1, k], rows [n+1])`` in slot space for a tree with draws (host): each slot's
     children in the order they were drawn (-1 after the last) and the draft row they were drawn
@@ -198,7 +203,8 @@ class TreeUploader:
             uniforms=layout.view(pack, "uniforms").view(torch.float64), n=n, max_depth=max_depth,
             depth_starts=starts.tolist(),
             **({} if table is None else dict(
-                draft_probs=tree.draws.probs, children=layout.view(pack, "children").view(slots, siblings),
+                draft_probs=_on(tree.draws.probs, self.device),
+                children=layout.view(pack, "children").view(slots, siblings),
                 draw_rows=layout.view(pack, "draw_rows"),
                 stage_uniforms=layout.view(pack, "stage_uniforms").view(torch.float64).view(width, siblings + 1))),
         )

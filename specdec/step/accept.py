@@ -10,6 +10,8 @@ Sampled verification uses the delta rule with one uniform per depth (the uniform
 sequence position), shared by every slot at that depth: the walk that draws at each slot it
 visits and follows the child carrying the draw visits one slot per depth, so each uniform it uses
 decides one draw, independent of the others, and the output keeps the target's distribution.
+Trees whose tokens a drafter drew from its own distributions are verified by rejection sampling
+instead (`specdec.step.sampling.accept_drawn`), which returns the same `Accepted`.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from drafters import (
     default_head_path,
     make_drafter,
 )
-from drafters.modeling import SlotCache, forward_with_cache
+from drafters.modeling import SlotCache, forward_with_cache, position_limit
 from drafters.state import StateError, check_vocab_size, field, read_state_file
 from specdec.device import kv
 from specdec.device.reductions import row_topk_ids
@@ -37,7 +37,7 @@ from specdec.step.accept import Outcome, read_outcome
 from specdec.step.features import FeatureTap
 from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_tree_budget
 from specdec.step.sequence import SequenceState, common_prefix_len, model_lock
-from specdec.step.support import UnsupportedGeneration, position_limit, support_for, vocab_size_of
+from specdec.step.support import UnsupportedGeneration, support_for, vocab_size_of
 from specdec.step.timing import StepTimer
 from specdec.step.verify import verify_forward
 from trees import TokenTree

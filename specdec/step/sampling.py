@@ -16,15 +16,15 @@ reproduces its sample exactly, and each token is exactly distributed as the targ
 
 A tree whose tokens a drafter *drew* from its own distributions q (`trees.DraftDraws`: a draft
 model's or the head's, each node's children drawn without replacement) is verified by recursive
-rejection sampling instead (`accept_drawn`; SpecInfer's multi-candidate verification, the
-without-replacement form of Jeon et al. 2024): at a visited slot with target distribution r, the
-i-th child x is accepted with probability min(1, r(x) / q_i(x)); on rejection r becomes
-norm(max(0, r - q_i)) and q_{i+1} is q_i without x, renormalised; when no child is accepted the
-token is drawn from r. Each step keeps r's distribution (the mass accepted at x is min(q_i, r)
-and the residual carries the rest), so the output is exactly the target's, while a draft q close
-to the target's accepts far more often than a fixed top-k child set can. The uniforms are keyed
-by (position, sibling) (`PositionDraws.stage_uniforms`); which token a seed yields then depends on
-the drafts, the distribution does not.
+rejection sampling instead (`accept_drawn`: multi-candidate speculative sampling in its without-
+replacement form, as in Jeon et al. 2024's recursive rejection sampling): at a visited slot with
+target distribution r, the i-th child x is accepted with probability min(1, r(x) / q_i(x)); on
+rejection r becomes norm(max(0, r - q_i)) and q_{i+1} is q_i without x, renormalised; when no child
+is accepted the token is drawn from r. Each step keeps r's distribution (the mass accepted at x is
+min(q_i, r) and the residual carries the rest), so the output is exactly the target's, while a
+draft q close to the target's accepts far more often than a fixed top-k child set can. The uniforms
+are keyed by (position, sibling) (`PositionDraws.stage_uniforms`); which token a seed yields then
+depends on the drafts, the distribution does not.
 """
 
 from __future__ import annotations
@@ -123,44 +123,47 @@ def accept_sampled(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor
 
 def accept_drawn(tree: DeviceTree, probs: torch.Tensor) -> Accepted:
     """Recursive rejection sampling down a drawn tree (see the module docstring), on the device:
-    ``probs [n+1, V]`` the target's distribution at every slot. One loop over depths and siblings
-    of 0-d device tensors: no host reads."""
+    ``probs [n+1, V]`` the target's distribution at every slot. A loop over depths and siblings
+    whose indices are one-element device tensors (``index_select``, never a 0-d index, which
+    would read it back): no host reads."""
     draft, children, tokens = tree.draft_probs, tree.children, tree.tokens
-    device, siblings = tokens.device, children.shape[1]
-    node = torch.zeros((), dtype=torch.long, device=device)  # slot_idx of the walk's position
+    device, siblings, vocab = tokens.device, children.shape[1], probs.shape[-1]
+    node = torch.zeros(1, dtype=torch.long, device=device)  # [1] slot_idx of the walk's position
     residual = probs[0].double()  # [V] what the target's distribution at ``node`` has left
-    walking = torch.ones((), dtype=torch.bool, device=device)
-    path, count = [node], torch.ones((), dtype=torch.long, device=device)
-    bonus = None
+    walking = torch.ones(1, dtype=torch.bool, device=device)
+    count = torch.ones(1, dtype=torch.long, device=device)
+    nothing = torch.zeros(1, dtype=torch.float64, device=device)
+    path, bonus = [node], None
     for depth in range(tree.max_depth + 1):
-        q = draft[tree.draw_rows[node].clamp(min=0)].double()  # [V] the draft distribution of node's children
-        moved = torch.zeros((), dtype=torch.bool, device=device)
+        q = draft.index_select(0, tree.draw_rows.index_select(0, node).clamp(min=0))[0].double()  # [V] node's draft
+        kids = children.index_select(0, node)[0]  # [k] node's children in draw order (-1 after the last)
+        moved = torch.zeros(1, dtype=torch.bool, device=device)
         for i in range(siblings):
-            child = children[node, i]
-            live = walking & ~moved & (child >= 0)
-            token = tokens[child.clamp(min=0)]
-            live = live & (q[token] > 0)  # a draw past the end of q's support proposes nothing
-            taken = live & (tree.stage_uniforms[depth, i] * q[token] < residual[token])
+            child = kids[i : i + 1]  # [1]
+            token = tokens.index_select(0, child.clamp(min=0))  # [1]
+            q_x, r_x = q.index_select(0, token), residual.index_select(0, token)
+            live = walking & ~moved & (child >= 0) & (q_x > 0)  # a draw past q's support proposes nothing
+            taken = live & (tree.stage_uniforms[depth, i : i + 1] * q_x < r_x)  # probability min(1, r/q)
             rejected = live & ~taken
             left = (residual - q).clamp(min=0)
             residual = torch.where(rejected & (left.sum() > 0), left / left.sum().clamp(min=1e-300), residual)
-            q_left = q.scatter(0, token.view(1), torch.zeros(1, dtype=q.dtype, device=device))
+            q_left = q.scatter(0, token, nothing)
             q = torch.where(rejected, q_left / q_left.sum().clamp(min=1e-300), q)
             node = torch.where(taken, child, node)
             moved = moved | taken
         stopped = walking & ~moved  # the walk ends here: the bonus token is drawn from the residual
         cdf = residual.cumsum(dim=0)
-        drawn = torch.searchsorted(cdf, (tree.stage_uniforms[depth, siblings] * cdf[-1]).view(1), right=True)[0]
-        drawn = drawn.clamp(max=residual.numel() - 1)
+        drawn = torch.searchsorted(cdf, tree.stage_uniforms[depth, siblings : siblings + 1] * cdf[-1:], right=True)
+        drawn = drawn.clamp(max=vocab - 1)  # [1]
         bonus = drawn if bonus is None else torch.where(stopped, drawn, bonus)
-        residual = torch.where(moved, probs[node].double(), residual)
+        residual = torch.where(moved, probs.index_select(0, node)[0].double(), residual)
         walking = walking & moved
         count = count + walking.long()
         path.append(node)
-    path = torch.stack(path[: tree.max_depth + 1])  # [max_depth+1]: entries past count repeat the tip
-    block = torch.cat([tokens[path[1:]], bonus.view(1)])
-    block = block.scatter(0, (count - 1).view(1), bonus.view(1))  # the bonus right after the path
-    return Accepted(path=path, block=block, count=count)
+    path = torch.cat(path[: tree.max_depth + 1])  # [max_depth+1]: entries past count repeat the tip
+    block = torch.cat([tokens.index_select(0, path[1:]), bonus])
+    block = block.scatter(0, count - 1, bonus)  # the bonus right after the path
+    return Accepted(path=path, block=block, count=count[0])
 
 
 def sampled_choices(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
