@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trees import DEFAULT_RANK_PRIOR, ROOT, TreeShape, best_first
+from trees import DEFAULT_RANK_PRIOR, ROOT, DraftDraws, TokenTree, TreeShape, best_first
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,16 @@ class DrawPlan:
 
     def ranks(self, depth: DrawDepth) -> np.ndarray:
         return self.shape.ranks[depth.nodes]
+
+    def tree(self, drawn: list[torch.Tensor], probs: list[torch.Tensor], source_id: int) -> TokenTree:
+        """The tree of the first ``len(drawn)`` depths: ``drawn`` each depth's tokens (device),
+        ``probs`` the ``[r, V]`` rows they were drawn from; the tokens' one copy to the host."""
+        depths = self.depths[: len(drawn)]
+        n, shape = sum(len(d.nodes) for d in depths), self.shape
+        tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)
+        return TokenTree(tokens, torch.from_numpy(shape.parents[:n]), torch.from_numpy(shape.log_prior[:n]),
+                         torch.full((n,), source_id, dtype=torch.int8), torch.from_numpy(shape.ranks[:n]),
+                         DraftDraws(torch.cat(probs), torch.from_numpy(np.concatenate([d.rows for d in depths]))))
 
 
 def draw_children(probs: torch.Tensor, local_rows: torch.Tensor, ranks: torch.Tensor, width: int,

@@ -34,7 +34,7 @@ from drafters.base import DraftContext, Drafter, DraftSampling, VerifyFeedback
 from drafters.depth_rule import DRAFT_SHARE, DepthRule, own_path_depth
 from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.head_net import DraftHead, attend
-from trees import DraftDraws, TokenTree
+from trees import TokenTree
 
 HEAD_KIND = "specdec-head"
 HEAD_VERSION = 2  # 2: the attention head over a window of entries
@@ -362,12 +362,7 @@ class HeadDrafter(Drafter):
             spent, reached = spent + seconds, number
         if not drawn:
             return TokenTree.empty()
-        n, shape = sum(len(d.nodes) for d in plan.depths[:reached]), plan.shape
-        tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)  # the proposal's one copy to the host
-        rows = torch.from_numpy(np.concatenate([d.rows for d in plan.depths[:reached]]))
-        tree = TokenTree(tokens, torch.from_numpy(shape.parents[:n]), torch.from_numpy(shape.log_prior[:n]),
-                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks[:n]),
-                         DraftDraws(torch.cat(probs), rows))
+        tree = plan.tree(drawn, probs, self.source_id)  # the proposal's one copy to the host
         window.proposed = (tree.tokens.numpy(), tree.parents.numpy(), reached)
         return tree
 

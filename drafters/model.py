@@ -27,7 +27,6 @@ from drafters.drawing import DrawPlan, draft_generator, draw_children
 from drafters.modeling import SlotCache, forward_with_cache, position_limit
 from trees import (
     ROOT,
-    DraftDraws,
     TokenTree,
     masks_by_layer_type,
     tree_attention_mask,
@@ -198,12 +197,7 @@ class ModelDrafter(Drafter):
                 seconds = self.clock() - started
                 self.depths.record_depth(number, seconds)
                 spent += seconds
-        tokens = torch.tensor(torch.cat(drawn).tolist(), dtype=torch.long)  # the proposal's one copy to the host
-        reached = plan.depths[: len(drawn)]
-        shape, n = plan.shape, sum(len(d.nodes) for d in reached)
-        tree = TokenTree(tokens, torch.from_numpy(shape.parents[:n]), torch.from_numpy(shape.log_prior[:n]),
-                         torch.full((n,), self.source_id, dtype=torch.int8), torch.from_numpy(shape.ranks[:n]),
-                         DraftDraws(torch.cat(probs), torch.from_numpy(np.concatenate([d.rows for d in reached]))))
+        tree = plan.tree(drawn, probs, self.source_id)  # the proposal's one copy to the host
         self._proposed = (tree.tokens.numpy(), tree.parents.numpy(), len(drawn))
         return tree
 
