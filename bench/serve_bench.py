@@ -1,5 +1,8 @@
 """``specdec bench-serve``: N concurrent clients against `specdec serve`, against the same server
-with speculation off (plain batched decoding) and against N sequential HF ``generate`` calls.
+with speculation off (plain batched decoding) and against N sequential HF ``generate`` calls; or,
+with ``--flood``, a flood of concurrent streamed, non-streamed and abandoned requests against
+`specdec serve` with a small queue in a process of its own (`bench.flood`), reporting how each
+request ended and what the server holds after.
 
 Both servers run in this process (uvicorn threads on 127.0.0.1, free ports) over ONE loaded model;
 clients are threads streaming chat completions (SSE) with httpx. Each configuration answers the
@@ -169,9 +172,16 @@ def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> R
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--drafter", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures here.")
+@click.option("--flood", "flood_requests", type=click.IntRange(min=1), default=None,
+              help="Instead: this many concurrent requests (streamed, non-streamed, abandoned) at once.")
+@click.option("--flood-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="The flooded server's --max-queued; its batch is the default 8.")
+@click.option("--flood-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds each flooding client waits at most.")
 def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens, model_path, dtype, device, drafter,
-                json_path) -> None:
-    """Throughput of `specdec serve` under N concurrent clients, speculative and plain."""
+                json_path, flood_requests, flood_queue, flood_timeout) -> None:
+    """Throughput of `specdec serve` under N concurrent clients, speculative and plain (or, with
+    --flood, how the server survives a flood)."""
     from specdec import SpeculativeDecoder
 
     try:
@@ -188,6 +198,16 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     prompts = [q.turns[0] for q in questions][:n_requests]
+    if flood_requests is not None:  # against `specdec serve` in a process of its own: its memory alone
+        from bench.flood import flood_markdown, run_flood
+
+        figures = run_flood(model_path, dtype, device, drafter, flood_queue, prompts, flood_requests, max_tokens,
+                            flood_timeout)
+        click.echo(flood_markdown(figures))
+        if json_path:
+            with open(json_path, "w") as out:
+                json.dump(figures, out, indent=1)
+        return
     model, tokenizer, _ = load_target(model_path, dtype, device)
     name = "bench-model"
     servers = {"specdec": _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter), name),

@@ -38,8 +38,8 @@ class DraftContext:
         prompt_len: how many of ``token_ids`` are the prompt.
         sampling: set when the target samples: a drafter with distributions of its own may then
             draw its tokens from them and return them with the tree (`trees.DraftDraws`), which
-            is verified by rejection sampling; None for greedy decoding, inside hybrids (merged
-            trees are verified by the delta rule) and in batched steps.
+            is verified by rejection sampling; None for greedy decoding and inside hybrids
+            (merged trees are verified by the delta rule).
     """
 
     token_ids: np.ndarray

@@ -1,7 +1,8 @@
 """Calling a transformers model with an explicit, preallocated KV cache.
 
-`SlotCache` is a transformers ``Cache`` whose layers (`SlotLayer`) hold each attention layer's
-keys and values in one buffer ``[B, H_kv, capacity, D]`` allocated at the first forward. A forward
+`SlotCache` (the draft model's cache; the target's is `specdec.device.cache.RowCache`) is a
+transformers ``Cache`` whose layers (`SlotLayer`) hold each attention layer's keys and values in
+one buffer ``[B, H_kv, capacity, D]`` allocated at the first forward. A forward
 writes its rows right after the rows already held and attends to views of the held rows (no
 concatenation, no copy of the past); forgetting rows (rejected tree slots, a conversation rolled
 back) only shortens the held length, a host integer: nothing here reads the device.

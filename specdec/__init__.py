@@ -8,17 +8,22 @@ from specdec.schedule.scheduler import Scheduler
 from specdec.serving.session import ChatSession
 from specdec.step.engine import AUTO
 from specdec.step.request import SpecStats
+from specdec.step.stream import Cancelled, Overloaded, Stream, TimedOut
 from specdec.step.support import UnsupportedGeneration
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AUTO",
+    "Cancelled",
     "ChatSession",
+    "Overloaded",
     "Scheduler",
     "SpecStats",
     "SpeculativeDecoder",
     "SpeculativeGenerateOutput",
+    "Stream",
+    "TimedOut",
     "UnsupportedGeneration",
     "generate",
     "is_patched",

@@ -218,13 +218,13 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
         if line.startswith("/"):
             click.echo(f"[unknown command; {CHAT_HELP}]", err=True)
             continue
-        answer = session.stream(line, **options)
-        try:
-            for chunk in answer:
-                click.echo(chunk, nl=False)
-                sys.stdout.flush()
+        def show(chunk: str) -> None:
+            click.echo(chunk, nl=False)
+            sys.stdout.flush()
+
+        try:  # the steps run on this thread (the one that loaded the model): one OpenMP team
+            session.send(line, on_text=show, **options)
         except KeyboardInterrupt:
-            answer.close()
             click.echo(" [stopped]", nl=False)
         stats = session.last_stats
         seconds = stats.prefill_seconds + stats.decode_seconds
@@ -252,26 +252,65 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
               help="The largest max_tokens a request may ask for (and the length of one that sets none).")
 @click.option("--served-model-name", default=None,
               help="The model name clients send (default: the model's directory name, or SmolLM2-135M-Instruct).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (each holds a row of the KV cache).")
+@click.option("--max-queued", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for a row; more are refused at once with 429 and Retry-After.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="The largest request body (413 above).")
+@click.option("--max-messages", type=click.IntRange(min=1), default=256, show_default=True,
+              help="The most messages of a chat request.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="The longest prompt after the chat template.")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a request may take, queueing included.")
 def serve(model_path, dtype, device, host, port, drafter, tree_budget, api_key, max_tokens_limit,
-          served_model_name) -> None:
+          served_model_name, max_batch, max_queued, max_body_bytes, max_messages, max_prompt_tokens,
+          request_timeout) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions
-    (streamed or not), /v1/models and /health; concurrent requests are batched."""
+    (streamed or not), /v1/models, /health and /metrics; concurrent requests are batched. The server
+    listens at once and answers 503 until the model has loaded."""
+    import threading
+
     import uvicorn
 
     from specdec import SpeculativeDecoder
+    from specdec.serving.limits import ServerLimits
     from specdec.serving.server import build_app
 
-    model, tokenizer = _load(model_path, dtype, device)
     name = served_model_name or _served_name(model_path)
     try:
-        options = {} if tree_budget is None else {"tree_budget": tree_budget}
-        decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, **options)
-        app = build_app(decoder, name, api_key=api_key, max_tokens_limit=max_tokens_limit)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+        limits = ServerLimits(max_body_bytes, max_messages, max_prompt_tokens, request_timeout)
+        app = build_app(None, name, api_key=api_key, max_tokens_limit=max_tokens_limit, limits=limits)
+    except ValueError as err:
         raise click.UsageError(str(err)) from None
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    failures: list[click.ClickException] = []
+
+    def load() -> None:
+        try:
+            model, tokenizer = _load(model_path, dtype, device)
+            options = {} if tree_budget is None else {"tree_budget": tree_budget}
+            app.state.served.set(SpeculativeDecoder(model, tokenizer, drafter=drafter, max_batch=max_batch,
+                                                    max_queued=max_queued, **options))
+            click.echo(f"specdec serve: {name} loaded, ready", err=True)
+        except click.ClickException as err:
+            failures.append(err)
+            server.should_exit = True
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            failures.append(click.UsageError(str(err)))
+            server.should_exit = True
+        except Exception as err:  # no ready server without a model: report and stop
+            failures.append(click.ClickException(f"loading the model failed: {type(err).__name__}: {err}"))
+            server.should_exit = True
+
     click.echo(f"specdec serve: {name} at http://{host}:{port}/v1 (OpenAI API"
-               f"{', API key required' if api_key else ''}; Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+               f"{', API key required' if api_key else ''}; loading the model, 503 until ready; Ctrl-C stops)",
+               err=True)
+    threading.Thread(target=load, name="specdec-load", daemon=True).start()
+    server.run()
+    if failures:
+        raise failures[0]
 
 
 def _served_name(model_path: str | None) -> str:

@@ -118,6 +118,14 @@ class ScriptedDrafter(Drafter):
         return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
 
 
+def read_one(accepted):
+    """The host outcome of one tree's acceptance (`specdec.step.accept.Accepted` of a batch of one)."""
+    from specdec.step.accept import Accepted, read_outcomes
+
+    rows = Accepted(path=accepted.path[None], block=accepted.block[None], count=accepted.count.view(1))
+    return read_outcomes(rows, None, [0])[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama + a word-level tokenizer with a chat template, saved as an HF model directory."""

@@ -1,6 +1,6 @@
-"""Batched verification: every row of a batch decodes exactly as it would alone (fp32 greedy),
-sequences join and leave between steps, concurrent threads share forwards, and batched sampling
-keeps the target's distribution (with a negative control)."""
+"""Batched verification through the engine loop: every row of a batch decodes exactly as it would
+alone (fp32 greedy), sequences join and leave between steps, concurrent threads share forwards,
+and batched sampling keeps the target's distribution (with a negative control)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import torch
 import specdec
 from specdec import ChatSession, SpeculativeDecoder
 from specdec.api.arguments import prepare_request
-from specdec.batch.batcher import Batcher, batcher_for
-from specdec.batch.engine import BatchEngine
-from specdec.step.request import DecodeResult, SpecStats
 from specdec.step.sampling import sampled_choices as exact_choices
 from tests.conftest import hf_greedy, tiny_llama
 from tests.test_families import FAMILIES
@@ -90,34 +87,39 @@ def test_right_padding_and_mixed_drafters(model):
 def _request(decoder, row, new):
     request, _ = prepare_request(decoder, torch.tensor(row), None, None, None, None, None, None, None,
                                  {"max_new_tokens": new, "eos_token_id": -1})
-    return request, DecodeResult(tokens=[], stats=SpecStats())
+    return request
+
+
+def record_steps(decoder) -> list[int]:
+    """Wrap ``decoder``'s decode step to record how many rows each step verified."""
+    step, sizes = decoder.loop.step, []
+
+    def counted(sequences):
+        sizes.append(len(sequences))
+        return step(sequences)
+
+    decoder.loop.step = counted
+    return sizes
 
 
 def test_sequences_join_and_leave_between_steps(model):
-    """Continuous batching: a cancelled sequence frees its row at once, a new one takes it."""
-    decoder = SpeculativeDecoder(model, drafter="auto")
-    engine = BatchEngine(decoder)
-    first = engine.admit(*_request(decoder, ROWS[0], 30))
-    second = engine.admit(*_request(decoder, ROWS[1], 12))
-    for _ in range(3):
-        engine.step([first, second])
-    cancelled = second.result.tokens[:]
-    engine.release(second)  # cancelled mid-generation
-    assert engine.active == 1 and engine.cache.lengths[second.row] == 0
-    third = engine.admit(*_request(decoder, ROWS[2], 20))
-    assert third.row == second.row  # the freed row is reused
-    fourth = engine.admit(*_request(decoder, ROWS[3], 25))
-    live = [first, third, fourth]
-    while live:
-        engine.step(live)
-        for member in [m for m in live if m.finished]:
-            engine.release(member)
-        live = [m for m in live if not m.finished]
-    assert engine.active == 0
-    assert not any(layer.keys.requires_grad for layer in engine.cache.layers)  # no autograd graph kept alive
-    assert cancelled == alone(model, ROWS[1], 12)[: len(cancelled)] and cancelled
-    for member, row, new in ((first, ROWS[0], 30), (third, ROWS[2], 20), (fourth, ROWS[3], 25)):
-        assert member.result.tokens == alone(model, row, new)
+    """Continuous batching: a cancelled sequence frees its row at the next step, a queued one takes it."""
+    decoder = SpeculativeDecoder(model, drafter="auto", max_batch=2)
+    sizes = record_steps(decoder)
+    first = decoder.submit(_request(decoder, ROWS[0], 30))
+    second = decoder.submit(_request(decoder, ROWS[1], 12))
+    cancelled = next(second) + next(second)
+    second.cancel()
+    third = decoder.submit(_request(decoder, ROWS[2], 20))  # queued until a row is free
+    fourth = decoder.submit(_request(decoder, ROWS[3], 25))
+    results = [stream.wait() for stream in (first, third, fourth)]
+    assert second.wait_ended().value == "cancelled" and second.result.tokens[: len(cancelled)] == cancelled
+    assert cancelled == alone(model, ROWS[1], 12)[: len(cancelled)]
+    for result, row, new in zip(results, (ROWS[0], ROWS[2], ROWS[3]), (30, 20, 25)):
+        assert result.tokens == alone(model, row, new)
+    assert max(sizes) == 2 and 1 in sizes  # rows shared forwards, never more than max_batch
+    assert decoder.running == 0 and decoder.queued == 0 and decoder.cache.rows == 0  # every row freed
+    assert decoder.metrics.ended == {"finished": 3, "cancelled": 1}
 
 
 def test_threads_share_forwards_and_each_gets_its_own_answer(tiny_model_dir):
@@ -138,9 +140,9 @@ def test_threads_share_forwards_and_each_gets_its_own_answer(tiny_model_dir):
     for thread in threads:
         thread.join(120)
     assert answers == serial
-    batcher = batcher_for(decoder)
-    assert batcher.rows_stepped > 1.5 * batcher.steps  # forwards really were shared
-    assert batcher.active == 0 and batcher.engine.active == 0  # every row freed
+    metrics = decoder.metrics
+    assert metrics.rows_stepped > 1.5 * metrics.verify_steps  # forwards really were shared
+    assert decoder.running == 0 and decoder.queued == 0  # every row freed
 
 
 def test_a_closed_stream_frees_its_row(tiny_model_dir):
@@ -149,28 +151,28 @@ def test_a_closed_stream_frees_its_row(tiny_model_dir):
     session = ChatSession(decoder)
     stream = session.stream("hello there", max_new_tokens=40, eos_token_id=-1)
     next(stream)
-    assert batcher_for(decoder).engine.active == 1
+    assert decoder.running == 1
     stream.close()
-    assert batcher_for(decoder).engine.active == 0
+    session.wait()  # the engine honours the close at its next step boundary
+    assert decoder.running == 0 and decoder.cache.rows == 0
     assert session.send("what is this", max_new_tokens=8, eos_token_id=-1)  # still usable, KV reused
 
 
-def test_batcher_arguments_are_checked(model):
-    decoder = SpeculativeDecoder(model)
-    with pytest.raises(ValueError, match="max_batch"):
-        Batcher(decoder, max_batch=0)
-    with pytest.raises(ValueError, match="gather_seconds"):
-        Batcher(decoder, gather_seconds=-1.0)
+def test_loop_arguments_are_checked(model):
+    for name in ("max_batch", "max_queued", "prefill_chunk"):
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match=name):
+                SpeculativeDecoder(model, **{name: bad})
 
 
 def test_rows_beyond_max_batch_wait_for_a_free_row(model):
-    decoder = SpeculativeDecoder(model, drafter="ngram")
-    decoder.batcher = Batcher(decoder, max_batch=2)
+    decoder = SpeculativeDecoder(model, drafter="ngram", max_batch=2, max_queued=1)
+    sizes = record_steps(decoder)
     ids, mask = left_padded(ROWS)
     out = decoder.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=-1, pad_token_id=0)
     for b, row in enumerate(ROWS):
         assert out[b, ids.shape[1]:].tolist() == alone(model, row, 10)
-    assert decoder.batcher.engine.cache.rows <= 2
+    assert max(sizes) == 2  # four prompts, two rows; one queued at a time (the batch waited for room)
 
 
 def _biased_choices(tree, probs, uniforms):
@@ -201,6 +203,42 @@ def test_batched_sampling_keeps_the_distribution(small_model, monkeypatch):
     assert widest > 1
     assert chi_square_p(counts, expected, rows * calls) > 1e-3
     monkeypatch.setattr("specdec.step.sampling.sampled_choices", _biased_choices)
+    broken, _ = sample(calls // 2)
+    assert chi_square_p(broken, expected, rows * (calls // 2)) < 1e-6
+
+
+def test_batched_drawn_trees_keep_the_distribution(small_model, monkeypatch):
+    """Rows of one batch whose draft model drew their trees: each row is verified by rejection
+    sampling in the shared step (it really ran), the rows keep the target's distribution, and a
+    biased verifier in its place fails the same test."""
+    from specdec.step.sampling import accept_drawn
+    from tests.test_sampling import SMALL_V, broken_accept
+
+    rows, calls = 6, 150
+    expected = exact_joint(small_model)
+    batch = SAMPLE_PROMPT.repeat(rows, 1)
+    draft_model = tiny_llama(vocab_size=SMALL_V, seed=11)
+    drawn = []
+
+    def sample(calls):
+        generator = torch.Generator().manual_seed(9)
+        decoder = SpeculativeDecoder(small_model, drafter="model", draft_model=draft_model, tree_budget=6)
+        sizes = record_steps(decoder)
+        counts = {}
+        for _ in range(calls):
+            out = decoder.generate(batch, max_new_tokens=2, eos_token_id=-1, do_sample=True, generator=generator,
+                                   **SETTINGS)
+            for row in out[:, SAMPLE_PROMPT.shape[1]:].tolist():
+                counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        return counts, max(sizes)
+
+    monkeypatch.setattr("specdec.step.sampling.accept_drawn",
+                        lambda tree, probs: drawn.append(1) or accept_drawn(tree, probs))
+    counts, widest_batch = sample(calls)
+    assert drawn and widest_batch == rows  # drawn trees, verified rows together
+    assert chi_square_p(counts, expected, rows * calls) > 1e-3
+    monkeypatch.setattr("specdec.step.sampling.accept_drawn",
+                        lambda tree, probs: broken_accept(tree, probs, tree.uniforms, threshold=0.05))
     broken, _ = sample(calls // 2)
     assert chi_square_p(broken, expected, rows * (calls // 2)) < 1e-6
 

@@ -120,7 +120,7 @@ def test_one_synchronisation_per_step_on_cuda():
         decoder = specdec.SpeculativeDecoder(model, drafter=drafter, tree_budget=8)
         decoder.generate(prompt, max_new_tokens=8, eos_token_id=-1)  # warm-up (allocations, lazy builds)
         torch.cuda.synchronize()
-        step = decoder._step
+        step = decoder.loop.step  # the engine loop runs each decode step through it
         counts = []
 
         def counted_step(*args, **kwargs):
@@ -133,6 +133,6 @@ def test_one_synchronisation_per_step_on_cuda():
                     torch.cuda.set_sync_debug_mode("default")
                     counts.append(sum("synchroniz" in str(w.message) for w in caught))
 
-        decoder._step = counted_step
+        decoder.loop.step = counted_step
         out = decoder.generate(prompt, max_new_tokens=32, eos_token_id=-1, return_dict_in_generate=True)
         assert out.spec_stats.steps == len(counts) and max(counts) <= 1, (drafter, counts)

@@ -99,14 +99,15 @@ def test_greedy_equality_for_every_drafter(family, prompt_name):
 def test_gemma3_uses_one_mask_per_layer_type():
     """Every layer keeps every position (the cache never evicts); the sliding layers' mask applies
     the window: a slot at position p sees keys at k only if p - k < window."""
-    from specdec.device.tree import TreeUploader
+    from specdec.device.tree import HostBuffer, RowTree, upload_rows
     from specdec.step.verify import tree_masks
     from trees import TokenTree, sliding_window_of
 
     model = tiny_gemma3()
     assert sliding_window_of(model.config) == (WINDOW, True)
     tree = TokenTree(torch.tensor([3, 4, 5]), torch.tensor([-1, 0, -1]))
-    masks = tree_masks(model, TreeUploader(torch.device("cpu")).upload(tree, 7), prefix_len=20)
+    batch = upload_rows([RowTree(tree, 7, length=20)], [20], HostBuffer(torch.device("cpu")))
+    masks = tree_masks(model, batch, 20 + batch.queries)
     assert masks["full_attention"].shape == masks["sliding_attention"].shape == (1, 1, 4, 24)
     full, sliding = masks["full_attention"][0, 0] == 0, masks["sliding_attention"][0, 0] == 0  # True = attends
     ancestors = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)

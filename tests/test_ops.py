@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import specdec
-from drafters.modeling import SlotCache, forward_with_cache
 from specdec.device import ops
-from specdec.device.tree import TreeUploader
-from specdec.step.verify import verify_forward
+from specdec.device.cache import RowCache
+from specdec.device.tree import HostBuffer, RowTree, upload_rows
+from specdec.step.verify import prefill_row, verify_rows
 from tests.conftest import ScriptedDrafter, hf_greedy, tiny_llama
 from tests.test_families import tiny_qwen2
 from tests.test_trees import random_tree
@@ -121,14 +121,15 @@ def test_tree_forward_logits_equal_with_and_without_the_kernel(make_model):
     for prefix_len in (0, 1, 39):
         tree = random_tree(rng, 12, vocab=96)
         logits = []
-        slots = TreeUploader(torch.device("cpu")).upload(tree, int(prompt[0, prefix_len]))
+        batch = upload_rows([RowTree(tree, int(prompt[0, prefix_len]), length=prefix_len)], [prefix_len],
+                            HostBuffer(torch.device("cpu")))
         for use_kernel in (kernel, None):
-            cache = SlotCache.for_model(model, 64)
-            if prefix_len:
-                with torch.no_grad():
-                    forward_with_cache(model, cache, input_ids=prompt[:, :prefix_len])
+            cache = RowCache.for_model(model)
+            cache.fit(1, 64)
             with torch.no_grad():
-                logits.append(verify_forward(model, cache, slots, prefix_len, use_kernel))
+                if prefix_len:
+                    prefill_row(model, cache, 0, prompt[0, :prefix_len], 1)
+                logits.append(verify_rows(model, cache, batch, use_kernel)[0])
         torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa"  # switched back after each verify forward
 

@@ -19,10 +19,10 @@ from transformers.generation.logits_process import (
 
 import specdec
 from drafters import ModelDrafter
-from specdec.device.tree import DeviceTree, TreeUploader
-from specdec.step.accept import Accepted, read_outcome
+from specdec.device.tree import DeviceTree, HostBuffer, upload_one
+from specdec.step.accept import Accepted
 from specdec.step.sampling import accept_drawn, accept_sampled
-from tests.conftest import tiny_llama, untrained_head
+from tests.conftest import read_one, tiny_llama, untrained_head
 from trees import DEFAULT_RANK_PRIOR, DraftDraws, TokenTree, best_first
 
 P_VALUE = 1e-3
@@ -74,7 +74,7 @@ def broken_accept(tree: DeviceTree, probs: torch.Tensor, uniforms: torch.Tensor,
 
 def sample_two(accept, trials: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    uploader = TreeUploader(torch.device("cpu"))
+    buffer = HostBuffer(torch.device("cpu"))
     counts: dict = {}
     for _ in range(trials):
         out, root = [], 0
@@ -82,7 +82,7 @@ def sample_two(accept, trials: int, seed: int) -> dict:
             tree = draft_tree(root)
             slots = torch.cat([torch.tensor([root]), tree.tokens])
             uniforms = torch.from_numpy(rng.random(tree.max_depth + 1))
-            out += read_outcome(accept(uploader.upload(tree, root, uniforms), TARGET[slots], uniforms), None).tokens
+            out += read_one(accept(upload_one(tree, root, buffer, uniforms), TARGET[slots], uniforms)).tokens
             root = out[-1]
         key = tuple(out[:2])
         counts[key] = counts.get(key, 0) + 1
@@ -139,7 +139,7 @@ def accept_drawn_without_residual(tree: DeviceTree, probs: torch.Tensor) -> Acce
 
 def sample_two_drawn(accept, trials: int, seed: int) -> dict:
     rng, draw_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1000)  # independent streams
-    uploader = TreeUploader(torch.device("cpu"))
+    buffer = HostBuffer(torch.device("cpu"))
     counts: dict = {}
     for _ in range(trials):
         out, root = [], 0
@@ -147,10 +147,10 @@ def sample_two_drawn(accept, trials: int, seed: int) -> dict:
             tree = drawn_tree(root, draw_rng)
             slots = torch.cat([torch.tensor([root]), tree.tokens])
             stages = tree.max_depth + 1
-            device_tree = uploader.upload(tree, root, torch.zeros(stages, dtype=torch.float64),
-                                          lambda siblings: torch.from_numpy(rng.random((stages, siblings + 1))))
+            device_tree = upload_one(tree, root, buffer, torch.zeros(stages, dtype=torch.float64),
+                                     lambda siblings: torch.from_numpy(rng.random((stages, siblings + 1))))
             assert device_tree.children is not None  # the draws are usable: rejection sampling verifies
-            out += read_outcome(accept(device_tree, TARGET[slots]), None).tokens
+            out += read_one(accept(device_tree, TARGET[slots])).tokens
             root = out[-1]
         key = tuple(out[:2])
         counts[key] = counts.get(key, 0) + 1
@@ -172,11 +172,11 @@ def test_drawn_children_that_are_not_the_first_draws_fall_back_to_the_delta_rule
     """Only a prefix of each parent's draws can be verified by rejection sampling; a tree that
     kept a later draw without an earlier one is verified by the delta rule (lossless for any tree)."""
     tree = drawn_tree(0, np.random.default_rng(0))
-    uploader = TreeUploader(torch.device("cpu"))
+    buffer = HostBuffer(torch.device("cpu"))
 
     def upload(kept: TokenTree) -> DeviceTree:
-        return uploader.upload(kept, 0, None, lambda siblings: torch.zeros(kept.max_depth + 1, siblings + 1,
-                                                                             dtype=torch.float64))
+        return upload_one(kept, 0, buffer, None, lambda siblings: torch.zeros(kept.max_depth + 1, siblings + 1,
+                                                                                dtype=torch.float64))
 
     assert upload(tree).children is not None
     assert upload(tree.select(np.array([True, False, True, True, True, False, False]))).children is None  # 0 and 2

@@ -36,30 +36,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_health(url: str, alive, seconds: float = 60) -> None:
-    """Poll ``url/health`` until it answers 200; ``alive()`` false or the time out is an error."""
+def wait_for_health(url: str, alive, seconds: float = 60, ready: bool = True) -> httpx.Response:
+    """Poll ``url/health`` until it answers 200 (``ready=False``: answers at all); ``alive()`` false
+    or the time out is an error."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
+            response = httpx.get(f"{url}/health", timeout=1)
+            if response.status_code == 200 or not ready:
+                return response
         except httpx.TransportError:
-            if time.monotonic() > deadline or not alive():
-                raise RuntimeError(f"no server answered at {url}") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"no server answered at {url}")
+        time.sleep(0.05)
 
 
 class RunningServer:
     """A uvicorn server on a free port of 127.0.0.1, in a daemon thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, ready: bool = True) -> None:
         self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        wait_for_health(self.url, self.thread.is_alive, 30)
+        self.first_health = wait_for_health(self.url, self.thread.is_alive, 30, ready)
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
@@ -191,8 +194,8 @@ def test_completions_endpoint_streamed_and_not(client, loaded, decoder):
 
 def test_concurrent_clients_get_what_each_gets_alone(served, client):
     alone = {q: ask(client, q) for q in QUESTIONS}
-    batcher = served.app.state.completions.batcher
-    steps, rows = batcher.steps, batcher.rows_stepped
+    metrics = served.app.state.served.decoder.metrics
+    steps, rows = metrics.verify_steps, metrics.rows_stepped
     together, failures = {}, []
 
     def one(question: str) -> None:
@@ -207,7 +210,7 @@ def test_concurrent_clients_get_what_each_gets_alone(served, client):
     for thread in threads:
         thread.join(timeout=120)
     assert not failures
-    assert batcher.rows_stepped - rows > batcher.steps - steps  # some forwards verified several requests
+    assert metrics.rows_stepped - rows > metrics.verify_steps - steps  # some forwards verified several requests
     assert len({alone[q].choices[0].message.content for q in QUESTIONS}) > 1  # the questions differ
     for q in QUESTIONS:
         assert together[q].choices[0].message.content == alone[q].choices[0].message.content
@@ -241,53 +244,69 @@ def test_seeded_sampling_repeats_and_matches_generate(client, loaded, decoder):
     assert first != ask(client, QUESTIONS[2], max_tokens=12).choices[0].message.content  # greedy differs
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_generation(served, client, monkeypatch):
-    batcher = served.app.state.completions.batcher
-    real_steps, runs = batcher.decode_steps, []
+def slowed(monkeypatch, decoder, seconds: float = 0.05) -> list:
+    """Make each of ``decoder``'s steps take ``seconds`` longer; returns the list of the stepped
+    sequences (`specdec.step.sequence.Sequence`) it records."""
+    step, seen = decoder.loop.step, []
 
-    def slow_steps(request, result):  # slow enough that the stream is still generating when dropped
-        runs.append((request, result))
-        steps = real_steps(request, result)
-        try:
-            for tokens in steps:
-                time.sleep(0.05)
-                yield tokens
-        finally:
-            steps.close()
+    def slow_step(sequences):
+        seen.extend(seq for seq in sequences if seq not in seen)
+        time.sleep(seconds)
+        return step(sequences)
 
-    monkeypatch.setattr(batcher, "decode_steps", slow_steps)
+    monkeypatch.setattr(decoder.loop, "step", slow_step)
+    return seen
+
+
+def wait_until_idle(served, seconds: float = 30) -> dict:
+    """``/health`` once nothing runs or waits (a bounded poll: the engine frees a row at its next step)."""
+    deadline = time.monotonic() + seconds
+    while (health := served.health())["running"] or health["queued"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.02)
+    return health
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_generation(served, client, monkeypatch, stream):
+    seen = slowed(monkeypatch, served.app.state.served.decoder, 0.05 if stream else 0.3)
     body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTIONS[3]}], "max_tokens": LIMIT,
-            "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as response:
-        first = next(response.iter_lines())
-        assert first.startswith("data: ")
-        assert served.health()["active_requests"] == 1
-    deadline = time.monotonic() + 10
-    while served.health()["active_requests"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert served.health()["active_requests"] == 0
-    [(request, result)] = runs
-    assert 0 < len(result.tokens) < LIMIT and result.tokens[-1] not in request.eos_ids  # cut short, not finished
-    assert result.stats.new_tokens == len(result.tokens)  # the generation was closed (its stats finalised)
+            "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # held: dropping the iterator would close the connection
+            assert next(lines).startswith("data: ")
+            health = served.health()
+            assert health["running"] + health["queued"] == 1
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while the server generates
+            httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=1.0)
+    wait_until_idle(served)
+    [seq] = seen
+    tokens = seq.result.tokens
+    assert 0 < len(tokens) < LIMIT and tokens[-1] not in seq.request.eos_ids  # cut short, not finished
+    assert seq.result.stats.new_tokens == len(tokens)  # the generation was closed (its stats finalised)
     monkeypatch.undo()
     assert ask(client, QUESTIONS[3], max_tokens=4).usage.completion_tokens == 4
 
 
-def test_a_failing_generation_is_a_500_and_the_server_keeps_serving(served, client, monkeypatch):
-    def broken(request, result):
-        yield from ()
-        raise RuntimeError("the model fell over")
+def test_a_failing_generation_is_a_500_without_internals_and_the_server_keeps_serving(served, client, monkeypatch):
+    def broken(sequences):
+        raise RuntimeError("the model fell over at /secret/path.py")
 
-    monkeypatch.setattr(served.app.state.completions.batcher, "decode_steps", broken)
+    monkeypatch.setattr(served.app.state.served.decoder.loop, "step", broken)
     with pytest.raises(openai.InternalServerError) as caught:
         ask(client, "hello")
-    assert_error_shape(caught.value.response.json())
-    assert caught.value.response.json()["error"]["type"] == "server_error"
-    assert "the model fell over" in caught.value.message
-    with pytest.raises(openai.APIError, match="the model fell over"):
+    body = caught.value.response.json()
+    assert_error_shape(body)
+    assert body["error"]["type"] == "server_error"
+    for internal in ("RuntimeError", "fell over", "/secret/path.py"):
+        assert internal not in body["error"]["message"]
+    with pytest.raises(openai.APIError, match="the generation failed") as streamed:
         list(ask(client, "hello", stream=True))  # after the role chunk: an error event ends the stream
+    assert "fell over" not in str(streamed.value)
     monkeypatch.undo()
-    assert served.health()["active_requests"] == 0
+    wait_until_idle(served)
     assert ask(client, "hello", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -351,7 +370,7 @@ def test_unknown_routes_and_unset_fields(served, client):
 
 def test_models_lists_the_served_model(client, served):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert served.health() == {"status": "ok", "model": MODEL, "active_requests": 0}
+    assert served.health() == {"status": "ok", "model": MODEL, "running": 0, "queued": 0}
 
 
 def test_api_key_is_required_when_set(keyed):
@@ -402,25 +421,30 @@ def test_specdec_serve_command(tiny_model_dir):
     assert f"at http://127.0.0.1:{port}/v1" in stderr and "API key required" in stderr
 
 
-class PrefixTokenizer:
-    """Decodes the first n generated ids as ``texts[n - 1]`` (the text after each token)."""
+class PieceTokenizer:
+    """Token id i decodes to ``pieces[i]`` (bytes): a decode joins the pieces of its ids and shows
+    an incomplete UTF-8 character as U+FFFD, as byte-level tokenizers do."""
 
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
 
     def decode(self, tokens, skip_special_tokens: bool = True) -> str:
-        return self.texts[len(tokens) - 1]
+        return b"".join(self.pieces[i] for i in tokens).decode("utf-8", errors="replace")
 
 
 def stream_texts(texts: list[str], stops: list[str]) -> tuple[list[str], StreamedText]:
-    """What `StreamedText` shows after each token of a generation that decodes to ``texts``, then at its end."""
-    text = StreamedText(PrefixTokenizer(texts), stops)
+    """What `StreamedText` shows after each token of a generation whose text after token n is
+    ``texts[n - 1]``, then at its end."""
+    encoded = [text.encode() for text in texts]
+    pieces = [later[len(earlier):] for earlier, later in zip([b""] + encoded, encoded)]
+    text = StreamedText(PieceTokenizer(pieces), stops)
     shown = []
     for n in range(1, len(texts) + 1):
         shown.append(text.update(list(range(n))))
         if text.stopped:
             break
-    return shown + [text.rest()], text
+    end = text.update(list(range(len(texts))), final=True)
+    return shown + [end + text.rest()], text
 
 
 def test_streamed_text_holds_back_a_possible_stop_string():
@@ -433,5 +457,26 @@ def test_streamed_text_holds_back_a_possible_stop_string():
 
 
 def test_streamed_text_waits_for_whole_characters():
-    shown, _ = stream_texts(["caf", "caf\ufffd", "caf\u00e9", "caf\u00e9 ok", "caf\u00e9 ok\ufffd"], [])
-    assert shown == ["caf", "", "\u00e9", " ok", "", "\ufffd"]  # a U+FFFD still there at the end is shown
+    e_acute = "\u00e9".encode()
+    pieces = [b"caf", e_acute[:1], e_acute[1:], b" ok", "\u20ac".encode()[:2]]  # the last: half a euro sign
+    text, shown = StreamedText(PieceTokenizer(pieces)), []
+    for n in range(1, len(pieces) + 1):
+        shown.append(text.update(list(range(n))))
+    end = text.update(list(range(len(pieces))), final=True) + text.rest()
+    assert shown == ["caf", "", "\u00e9", " ok", ""] and end == "\ufffd"  # shown only once it has ended
+
+
+def test_streamed_text_decodes_a_window_not_the_whole_text():
+    """Each update decodes the previous piece's tokens and the new ones, never everything again."""
+    words = [f" w{i}".encode() for i in range(200)]
+
+    class Counting(PieceTokenizer):
+        longest = 0
+
+        def decode(self, tokens, skip_special_tokens: bool = True) -> str:
+            Counting.longest = max(Counting.longest, len(tokens))
+            return super().decode(tokens, skip_special_tokens)
+
+    text = StreamedText(Counting(words))
+    shown = "".join(text.update(list(range(n))) for n in range(1, len(words) + 1))
+    assert shown == b"".join(words).decode() and Counting.longest <= 2

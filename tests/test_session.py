@@ -191,3 +191,19 @@ def test_specdec_chat_through_a_pseudo_terminal(tiny_model_dir):
         if process.poll() is None:
             process.kill()
         os.close(main)
+
+
+def test_send_streams_its_text_to_a_callback_on_the_callers_thread(pair):
+    model, tokenizer = pair
+    decoder = SpeculativeDecoder(model, tokenizer)
+    whole = ChatSession(decoder).send("hello there", max_new_tokens=24, eos_token_id=-1)
+    pieces, threads = [], set()
+    session = ChatSession(decoder)
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        threads.add(threading.current_thread())
+
+    assert session.send("hello there", on_text=on_text, max_new_tokens=24, eos_token_id=-1) == whole
+    assert len(pieces) > 1 and "".join(pieces) == whole and threads == {threading.current_thread()}
+    assert session.history[-1] == {"role": "assistant", "content": whole}

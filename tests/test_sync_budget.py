@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from specdec import SpeculativeDecoder
-from specdec.batch.engine import BatchEngine
-from specdec.step.engine import Engine
+from specdec.step.step import Step
 from tests.conftest import tiny_llama, untrained_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +30,7 @@ class Tracked(torch.Tensor):
 
     active = False
     reads: list[tuple[str, str]] = []
+    batch_sizes: list[int] = []  # rows of each decode step
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -57,17 +57,18 @@ def tracked_model(monkeypatch):
     model = tiny_llama(seed=6)
 
     handle = model.register_forward_hook(lambda module, args, output: _tracked_logits(output))
-    step = Engine._step
+    step = Step.__call__
 
-    def counted_step(self, *args, **kwargs):  # reads count only inside decode steps
+    def counted_step(self, sequences):  # reads count only inside decode steps
         Tracked.active = True
         try:
-            return step(self, *args, **kwargs)
+            return step(self, sequences)
         finally:
             Tracked.active = False
+            Tracked.batch_sizes.append(len(sequences))
 
-    monkeypatch.setattr(Engine, "_step", counted_step)
-    Tracked.reads = []
+    monkeypatch.setattr(Step, "__call__", counted_step)
+    Tracked.reads, Tracked.batch_sizes = [], []
     yield model
     handle.remove()
 
@@ -98,19 +99,9 @@ def test_at_most_one_read_per_step(tracked_model, drafter, mode):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("drafter", ["recycling", "ngram", "model", "auto"])
-def test_one_read_per_batched_step_for_the_whole_batch(tracked_model, drafter, mode, monkeypatch):
+def test_one_read_per_batched_step_for_the_whole_batch(tracked_model, drafter, mode):
     """A batch of three prompts: still at most one read per batched step, whatever the batch size."""
-    step, batch_sizes = BatchEngine.step, []
-
-    def counted_step(self, members):
-        Tracked.active = True
-        try:
-            return step(self, members)
-        finally:
-            Tracked.active = False
-            batch_sizes.append(len(members))
-
-    monkeypatch.setattr(BatchEngine, "step", counted_step)
+    batch_sizes = Tracked.batch_sizes
     draft_model = tiny_llama(seed=9) if drafter == "model" else None
     prompts = torch.cat([PROMPT, PROMPT.flip(1), PROMPT.roll(3, 1)])  # [3, L]
     decoder = SpeculativeDecoder(tracked_model, drafter=drafter, draft_model=draft_model)
@@ -126,13 +117,13 @@ def test_one_read_per_batched_step_for_the_whole_batch(tracked_model, drafter, m
 def test_the_counter_sees_reads(tracked_model):
     """The instrument itself: a read of derived data inside a step is counted (a control)."""
     decoder = SpeculativeDecoder(tracked_model, drafter="recycling", tree_budget=4)
-    original = decoder._topk
+    original = decoder.loop.step._topk
 
     def topk_with_a_read(logits):
         float(logits.max())  # an extra blocking read
         return original(logits)
 
-    decoder._topk = topk_with_a_read
+    decoder.loop.step._topk = topk_with_a_read
     out = decoder.generate(PROMPT, max_new_tokens=10, eos_token_id=-1, return_dict_in_generate=True)
     assert len(Tracked.reads) == 2 * out.spec_stats.steps
 

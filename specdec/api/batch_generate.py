@@ -3,7 +3,7 @@
 Each row is prepared exactly as a single prompt is (`specdec.api.arguments.prepare_request`: the same
 merged generation config, processors and stopping criteria; its padding, given by the row of
 ``attention_mask`` or inferred from ``pad_token_id``, never reaches the model), the rows run
-together (`Batcher.decode_all`), and the output is laid out as transformers lays out a batch: the
+together (`specdec.step.engine.Engine.decode_all`), and the output is laid out as transformers lays out a batch: the
 prompts as given, then each row's new tokens, rows that ended early filled with ``pad_token_id``.
 A right-padded row (padding after its prompt) continues from its last real token, as the row
 alone would; transformers itself warns there and continues from the padding.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 
 from specdec.api.arguments import SpeculativeGenerateOutput, prepare_request
-from specdec.batch.batcher import batcher_for
-from specdec.step.request import DecodeResult, SpecStats
 from specdec.step.support import UnsupportedGeneration
 
 _MASK63 = (1 << 63) - 1
@@ -71,8 +69,7 @@ def generate_batch(decoder, input_ids, generation_config, logits_processor, stop
             raise UnsupportedGeneration("output_scores / output_logits with a batch of prompts are not supported: "
                                         "pass the prompts one at a time")
         requests.append(request)
-    results = [DecodeResult(tokens=[], stats=SpecStats()) for _ in requests]
-    batcher_for(decoder).decode_all(requests, results)
+    results = decoder.decode_all(requests)
     decoder.last_stats = [result.stats for result in results]
     longest = max(len(result.tokens) for result in results)
     pad = config._pad_token_tensor

@@ -10,8 +10,9 @@ class SpeculativeDecoder(Engine):
     """Speculative decoding for one HF causal LM, with drafter state kept across calls.
 
     Args:
-        model: a transformers causal LM (on any device); a batch of prompts runs through the
-            decoder's shared `specdec.batch.batcher.Batcher`.
+        model: a transformers causal LM (on any device). The decoder's engine loop (one thread,
+            started while there is work) runs every step on it: single prompts, batches, chat
+            sessions and server requests alike, several sequences per forward.
         tokenizer: optional, used by callers that pass text.
         drafter: ``"auto"`` (every available drafter, merged), a registered drafter name
             (``"recycling"``, ``"ngram"``, ``"model"``), several joined by ``+`` for a hybrid
@@ -26,6 +27,11 @@ class SpeculativeDecoder(Engine):
         tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
             (default) where the extension builds and the probe proves it exact for this model,
             ``True`` to require it, ``False`` for the model's own attention with an additive mask.
+        max_batch: the most sequences decoding together (each holds a row of the KV cache).
+        max_queued: the most requests waiting for a row; `submit` refuses one more at once with
+            `specdec.Overloaded` (``generate`` with a batch of prompts submits as rows free up).
+        prefill_chunk: prompt tokens cached per step while other sequences are decoding, so a long
+            prompt joins without stopping them for its whole prefill.
     """
 
     def generate(self, inputs=None, *args, **kwargs):

@@ -20,7 +20,7 @@ def decoder_for(model, drafter: str, draft_model=None, draft_head=None) -> Specu
     entry = entry_for(model)
     head_key = id(draft_head) if isinstance(draft_head, HeadFile) else (None if draft_head is None else str(draft_head))
     key = (drafter, None if draft_model is None else id(draft_model), head_key)
-    with entry.lock:
+    with entry.guard:
         if key not in entry.decoders:
             entry.decoders[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model,
                                                      draft_head=draft_head)

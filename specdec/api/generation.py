@@ -1,5 +1,5 @@
-"""``model.generate`` over a `SpeculativeDecoder`: one prompt through the decoder's loop, a batch
-of prompts through its shared batch (`specdec.serving`)."""
+"""``model.generate`` over a `SpeculativeDecoder`: one prompt, or a batch of prompts
+(`specdec.api.batch_generate`), submitted to the decoder's engine loop."""
 
 from __future__ import annotations
 
@@ -56,11 +56,15 @@ def run_generate(
         decoder, inputs, generation_config, logits_processor, stopping_criteria, prefix_allowed_tokens_fn,
         tree_budget, generator, tokenizer if tokenizer is not None else decoder.tokenizer, kwargs,
     )
-    if streamer is not None:
-        request.on_start = lambda: streamer.put(request.prompt[None])  # [1, L], as model.generate does first
-        request.on_tokens = lambda tokens: streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
+    def on_tokens(tokens: list[int]) -> None:
+        streamer.put(torch.tensor([tokens], dtype=torch.long))  # [1, k]
+
     try:
-        result = decoder.decode(request)
+        if streamer is not None:
+            if decoder.unsupported:  # refused before the streamer sees anything
+                raise UnsupportedGeneration(decoder.unsupported)
+            streamer.put(request.prompt[None])  # [1, L], as model.generate does first
+        result = decoder.decode(request, None if streamer is None else on_tokens)
     finally:
         if streamer is not None:
             streamer.end()

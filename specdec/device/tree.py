@@ -1,15 +1,21 @@
-"""A proposed tree on the model's device, from one host-to-device copy.
+"""The step's trees on the model's device, from one host-to-device copy.
 
-Everything the verify forward, the per-node logits processors and acceptance need about a tree is
-computed on the host (numpy: a tree has a few dozen nodes, and a handful of small numpy operations
-costs less than launching one device kernel) and packed into one flat int64 buffer (pinned when
-the device is a GPU), copied up once without blocking; on the device every field is a view of
-that copy, so uploading a tree runs no device computation. Tensors here are in slot space
-(``[n+1]``: slot 0 is the root, slot ``i + 1`` draft node ``i``).
+A verify forward feeds ``B`` cache rows ``q`` query slots each (``q`` = the largest tree of the
+step plus its root; a single sequence is a batch of one): row ``b``'s root and draft nodes, then
+padding slots that attend only to themselves, are never candidates for acceptance and whose
+outputs are ignored. A row with no sequence in the step (an idle row) is all padding.
+
+Everything the forward, the per-node logits processors and acceptance need is computed on the
+host (numpy: a tree has a few dozen nodes, and a handful of small numpy operations costs less
+than launching one device kernel), packed into one flat int64 buffer (pinned and reused when the
+device is a GPU) and copied up once without blocking; on the device every field is a view of that
+copy, so an upload runs no device computation. Tensors are in slot space per row (``[q]``: slot
+0 is the root, slot ``i + 1`` draft node ``i``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +26,7 @@ from trees import TokenTree
 
 @dataclass(frozen=True)
 class DeviceTree:
-    """One tree's tensors on the model's device.
+    """One row's tree as views of the step's upload (its own ``n+1`` slots).
 
     Attributes:
         tokens: ``[n+1]`` int64 token of each slot (the root first).
@@ -29,8 +35,8 @@ class DeviceTree:
         candidates: ``[n+1]`` bool, whether a slot may be accepted: the first of its siblings that
             carries its token (so at most one child of a slot can match the target's choice).
         by_depth: ``[n+1]`` int64 slots ordered by depth (``depth_starts`` delimits the depths).
-        packed_ancestors: ``[n+1, ceil((n+1)/64)]`` int64, bit j of row i set iff slot j is slot i
-            or one of its ancestors (what the tree-attention kernel reads).
+        packed_ancestors: ``[n+1, W]`` int64, bit j of row i set iff slot j is slot i or one of its
+            ancestors (what the tree-attention kernel reads).
         ancestors: ``[n+1, n+1]`` bool, the same unpacked.
         paths: ``[n+1, max_depth+1]`` int64, row i = the slots from the root down to slot i, then
             padding (slots that are not on the path).
@@ -63,9 +69,51 @@ class DeviceTree:
     draw_rows: torch.Tensor | None = None
     stage_uniforms: torch.Tensor | None = None
 
-    def position_ids(self, prefix_len: int) -> torch.Tensor:
-        """``[1, n+1]`` positions of the slots: ``prefix_len + depth``."""
-        return (self.depths + prefix_len)[None]
+
+@dataclass(frozen=True)
+class RowTree:
+    """One row's tree for the step (host): ``tree`` below ``root``; the sampling ``uniforms``
+    (``[max_depth+1]`` float64, or None for greedy decoding); for a sampled tree with draws,
+    ``stage_uniforms(siblings)`` gives rejection sampling's ``[max_depth+1, siblings+1]`` float64
+    uniforms (None: the delta rule); ``length``, the row's cache length (its root's position)."""
+
+    tree: TokenTree
+    root: int
+    uniforms: torch.Tensor | None = None
+    stage_uniforms: Callable[[int], torch.Tensor] | None = None
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class BatchTree:
+    """The step's trees on the device, ``B`` rows of ``q`` slots.
+
+    Attributes:
+        tokens, depths, parent_slots: ``[B, q]`` int64 (padding: token 0, depth 0, its own parent).
+        candidates: ``[B, q]`` bool (padding: False).
+        ancestors: ``[B, q, q]`` bool, slot j is slot i or one of its ancestors (padding: itself).
+        packed_ancestors: ``[B, q, ceil(q/64)]`` int64, the same as bits (the kernel's layout).
+        paths: ``[B, q, D]`` int64, the slots from the root to each slot, then padding.
+        lengths: ``[B]`` int64, each row's cache length (its root's position).
+        rows: per row, its `DeviceTree` (views of its own slots) or None for an idle row.
+        queries: ``q``; lengths_host: the lengths as host ints.
+    """
+
+    tokens: torch.Tensor
+    depths: torch.Tensor
+    parent_slots: torch.Tensor
+    candidates: torch.Tensor
+    ancestors: torch.Tensor
+    packed_ancestors: torch.Tensor
+    paths: torch.Tensor
+    lengths: torch.Tensor
+    rows: list[DeviceTree | None]
+    queries: int
+    lengths_host: list[int]
+
+    def position_ids(self) -> torch.Tensor:
+        """``[B, q]`` positions: each row's length plus the slot's depth."""
+        return self.depths + self.lengths[:, None]
 
 
 def candidate_flags(tree: TokenTree) -> np.ndarray:
@@ -74,11 +122,6 @@ def candidate_flags(tree: TokenTree) -> np.ndarray:
     flags = np.zeros(len(tree), dtype=bool)
     flags[np.unique(keys, return_index=True)[1]] = True
     return flags
-
-
-def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device`` (a draft model on another device hands its distributions over)."""
-    return tensor if tensor.device == device else tensor.to(device)
 
 
 def draw_table(tree: TokenTree) -> tuple[np.ndarray, np.ndarray] | None:
@@ -121,24 +164,11 @@ class FieldLayout:
         return flat[start:end]
 
 
-def tree_layout(slots: int, words: int, width: int, siblings: int = 0) -> FieldLayout:
-    """The fields of a tree with ``slots`` slots, ``words`` ancestor words per slot, paths of
-    ``width`` slots and, for drawn trees, ``siblings`` children per slot at most."""
-    drawn = {"children": slots * siblings, "draw_rows": slots, "stage_uniforms": width * (siblings + 1)} \
-        if siblings else {}
-    return FieldLayout({"tokens": slots, "depths": slots, "parents": slots, "by_depth": slots, "packed": slots * words,
-                        "paths": slots * width, "uniforms": width, **drawn,
-                        "flags": -(-(slots * slots + slots) // 8)})  # bool bytes: ancestors [slots, slots], candidates
-
-
-class TreeUploader:
-    """Packs trees on the host and copies each to ``device`` in one non-blocking transfer.
-
-    On a GPU the host buffer is pinned and reused once the previous copy out of it has completed
-    (normally long before: every step synchronises when it reads its outcome back); a copy still
-    in flight gets a fresh buffer instead of a wait. On a CPU the buffer is the device tree itself,
-    so each tree gets its own.
-    """
+class HostBuffer:
+    """The host side of the step's one copy. On a GPU a pinned buffer reused once the previous
+    copy out of it has completed (normally long before: every step synchronises when it reads its
+    outcome back; a copy still in flight gets a fresh buffer instead of a wait). On a CPU the
+    buffer is the device tree itself, so each upload gets its own."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -146,65 +176,144 @@ class TreeUploader:
         self._buffer = torch.empty(0, dtype=torch.long)
         self._copied = None  # CUDA event recorded after the last copy out of the buffer
 
-    def _host(self, size: int) -> torch.Tensor:
-        """``[size]`` int64 host buffer for the next tree."""
-        if self.device.type == "cpu":  # the "copy" is the buffer itself: a fresh one per tree
-            return torch.empty(size, dtype=torch.long)
+    def take(self, size: int) -> torch.Tensor:
+        """``[size]`` zeroed int64 host words for the next upload."""
+        if not self._pinned:
+            return torch.zeros(size, dtype=torch.long)
         in_flight = self._copied is not None and not self._copied.query()
         if in_flight or self._buffer.numel() < size:
-            self._buffer = torch.empty(max(size, 2 * self._buffer.numel()), dtype=torch.long, pin_memory=self._pinned)
-        return self._buffer[:size]
+            self._buffer = torch.empty(max(size, 2 * self._buffer.numel()), dtype=torch.long, pin_memory=True)
+        words = self._buffer[:size]
+        words.zero_()
+        return words
 
-    def upload(self, tree: TokenTree, root: int, uniforms: torch.Tensor | None = None,
-               stage_uniforms=None) -> DeviceTree:
-        """``tree`` below ``root`` on the device; ``uniforms`` (``[max_depth+1]`` float64, host) are
-        the sampling draws of the tree's positions, carried in the same copy. For a tree with
-        usable draws (`draw_table`), ``stage_uniforms(siblings)`` gives the ``[max_depth+1,
-        siblings+1]`` float64 uniforms of rejection sampling, and the draw fields are filled."""
-        n, max_depth = len(tree), tree.max_depth
-        slots, width = n + 1, max_depth + 1
-        ancestors = tree.ancestor_mask().numpy()  # [n+1, n+1] bool
-        packed = tree.packed_ancestor_mask().numpy()  # [n+1, W]
-        table = draw_table(tree) if stage_uniforms is not None else None
-        siblings = 0 if table is None else table[0].shape[1]
-        layout = tree_layout(slots, packed.shape[1], width, siblings)
-        host = self._host(layout.size)
-        host_array = host.numpy()
-        fields = {name: layout.view(host_array, name) for name in layout.spans}  # numpy views of the buffer
-        depths = fields["depths"]
-        depths[0], depths[1:] = 0, tree.depths.numpy()
-        fields["tokens"][0], fields["tokens"][1:] = root, tree.tokens.numpy()
-        fields["parents"][0], fields["parents"][1:] = 0, tree.parents.numpy() + 1
-        fields["by_depth"][:] = np.argsort(depths, kind="stable")
-        fields["packed"][:] = packed.reshape(-1)
-        # each slot's ancestors in slot order (slot order is topological: root first, itself last), then padding
-        fields["paths"][:] = np.argsort(~ancestors, axis=1, kind="stable")[:, :width].reshape(-1)
-        fields["uniforms"][:] = 0 if uniforms is None else uniforms.numpy().view(np.int64)  # the float64 bits
-        if table is not None:
-            fields["children"][:], fields["draw_rows"][:] = table[0].reshape(-1), table[1]
-            fields["stage_uniforms"][:] = stage_uniforms(siblings).numpy().reshape(-1).view(np.int64)
-        flags = fields["flags"].view(np.uint8)
-        flags[: slots * slots] = ancestors.reshape(-1)
-        flags[slots * slots] = True  # the root
-        flags[slots * slots + 1 : slots * slots + slots] = candidate_flags(tree)
-        pack = host.to(self.device, non_blocking=True)  # [size]: the one host-to-device copy
+    def send(self, words: torch.Tensor) -> torch.Tensor:
+        """``words`` on the device: the one non-blocking host-to-device copy."""
+        pack = words.to(self.device, non_blocking=True)
         if self._pinned:
             self._copied = torch.cuda.Event()
             self._copied.record(torch.cuda.current_stream(self.device))  # the stream the copy went on
-        starts = np.zeros(width + 1, dtype=np.int64)
-        np.cumsum(np.bincount(depths, minlength=width), out=starts[1:])
-        flag_bytes = layout.view(pack, "flags").view(torch.uint8).view(torch.bool)
-        return DeviceTree(
-            tokens=layout.view(pack, "tokens"), depths=layout.view(pack, "depths"),
-            parent_slots=layout.view(pack, "parents"), candidates=flag_bytes[slots * slots : slots * slots + slots],
-            by_depth=layout.view(pack, "by_depth"), packed_ancestors=layout.view(pack, "packed").view(slots, -1),
-            ancestors=flag_bytes[: slots * slots].view(slots, slots),
-            paths=layout.view(pack, "paths").view(slots, width),
-            uniforms=layout.view(pack, "uniforms").view(torch.float64), n=n, max_depth=max_depth,
-            depth_starts=starts.tolist(),
-            **({} if table is None else dict(
-                draft_probs=_on(tree.draws.probs, self.device),
-                children=layout.view(pack, "children").view(slots, siblings),
-                draw_rows=layout.view(pack, "draw_rows"),
-                stage_uniforms=layout.view(pack, "stage_uniforms").view(torch.float64).view(width, siblings + 1))),
-        )
+        return pack
+
+
+def _layout(b: int, q: int, w: int, d: int, drawn: dict[int, tuple[int, int, int]]) -> FieldLayout:
+    """The fields of ``b`` rows of ``q`` slots (``w`` ancestor words, paths of ``d`` slots), plus,
+    for each drawn row i, ``drawn[i] = (slots, width, siblings)`` of its draw table."""
+    extra = {}
+    for i, (slots, width, siblings) in drawn.items():
+        extra |= {f"children{i}": slots * siblings, f"draw_rows{i}": slots, f"stage{i}": width * (siblings + 1)}
+    return FieldLayout({"tokens": b * q, "depths": b * q, "parents": b * q, "by_depth": b * q, "packed": b * q * w,
+                        "paths": b * q * d, "uniforms": b * d, "lengths": b, **extra,
+                        "flags": -(-(b * q * q + b * q) // 8)})  # bool bytes: ancestors [b, q, q], candidates [b, q]
+
+
+def upload_rows(rows: list[RowTree | None], idle_lengths: list[int], buffer: HostBuffer) -> BatchTree:
+    """The step's ``rows`` (None: an idle row) on ``buffer``'s device in one copy. An idle row's
+    padding is written after its ``idle_lengths[b]`` held positions, which it keeps."""
+    live = [row for row in rows if row is not None]
+    b = len(rows)
+    q = 1 + max(len(row.tree) for row in live)
+    d = 1 + max(row.tree.max_depth for row in live)
+    w = -(-q // 64)
+    tables = {i: draw_table(row.tree) for i, row in enumerate(rows)
+              if row is not None and row.stage_uniforms is not None}
+    tables = {i: table for i, table in tables.items() if table is not None}
+    drawn = {i: (len(rows[i].tree) + 1, rows[i].tree.max_depth + 1, table[0].shape[1]) for i, table in tables.items()}
+    layout = _layout(b, q, w, d, drawn)
+    host = buffer.take(layout.size)
+    array = host.numpy()
+    tokens, depths, parents, by_depth = (layout.view(array, name).reshape(b, q)
+                                         for name in ("tokens", "depths", "parents", "by_depth"))
+    packed = layout.view(array, "packed").reshape(b, q, w)
+    paths = layout.view(array, "paths").reshape(b, q, d)
+    uniforms = layout.view(array, "uniforms").reshape(b, d)
+    lengths = layout.view(array, "lengths")
+    flags = layout.view(array, "flags").view(np.uint8)
+    ancestors = flags[: b * q * q].reshape(b, q, q)
+    candidates = flags[b * q * q : b * q * q + b * q].reshape(b, q)
+    padding = np.arange(q)
+    ancestors[:, padding, padding] = True  # padding sees itself
+    parents[:] = padding
+    by_depth[:] = padding
+    paths[:] = padding[:, None]
+    packed[:, padding, padding // 64] = (np.ones(q, dtype=np.uint64) << (padding % 64).astype(np.uint64)).view(np.int64)
+    for i, row in enumerate(rows):
+        if row is None:
+            lengths[i] = idle_lengths[i]
+            continue
+        tree, slots = row.tree, len(row.tree) + 1
+        width = tree.max_depth + 1
+        row_ancestors = tree.ancestor_mask().numpy()  # [s, s]
+        depths[i, 0], depths[i, 1:slots] = 0, tree.depths.numpy()
+        tokens[i, 0], tokens[i, 1:slots] = row.root, tree.tokens.numpy()
+        parents[i, 0], parents[i, 1:slots] = 0, tree.parents.numpy() + 1
+        by_depth[i, :slots] = np.argsort(depths[i, :slots], kind="stable")
+        ancestors[i, :slots, :slots] = row_ancestors
+        row_packed = tree.packed_ancestor_mask().numpy()  # [s, ceil(s/64)]
+        packed[i, :slots, :] = 0
+        packed[i, :slots, : row_packed.shape[1]] = row_packed
+        # each slot's ancestors in slot order (slot order is topological: root first, itself last), then padding
+        paths[i, :slots, :width] = np.argsort(~row_ancestors, axis=1, kind="stable")[:, :width]
+        if row.uniforms is not None:
+            uniforms[i, :width] = row.uniforms.numpy().view(np.int64)  # the float64 bits
+        candidates[i, 0] = True
+        candidates[i, 1:slots] = candidate_flags(tree)
+        lengths[i] = row.length
+        if i in tables:
+            children, draw_rows = tables[i]
+            layout.view(array, f"children{i}")[:] = children.reshape(-1)
+            layout.view(array, f"draw_rows{i}")[:] = draw_rows
+            stage = row.stage_uniforms(children.shape[1])  # [width, siblings + 1] float64
+            layout.view(array, f"stage{i}")[:] = stage.numpy().reshape(-1).view(np.int64)
+    lengths_host = lengths.tolist()
+    pack = buffer.send(host)  # [size]: the step's one host-to-device copy
+    flag_bytes = layout.view(pack, "flags").view(torch.uint8).view(torch.bool)
+    batch = BatchTree(
+        tokens=layout.view(pack, "tokens").view(b, q), depths=layout.view(pack, "depths").view(b, q),
+        parent_slots=layout.view(pack, "parents").view(b, q),
+        candidates=flag_bytes[b * q * q : b * q * q + b * q].view(b, q),
+        ancestors=flag_bytes[: b * q * q].view(b, q, q), packed_ancestors=layout.view(pack, "packed").view(b, q, w),
+        paths=layout.view(pack, "paths").view(b, q, d), lengths=layout.view(pack, "lengths"),
+        rows=[], queries=q, lengths_host=lengths_host,
+    )
+    by_depth_device = layout.view(pack, "by_depth").view(b, q)
+    uniforms_device = layout.view(pack, "uniforms").view(torch.float64).view(b, d)
+    for i, row in enumerate(rows):
+        if row is None:
+            batch.rows.append(None)
+            continue
+        draws = {}
+        if i in tables:
+            slots, width, siblings = drawn[i]
+            draws = dict(draft_probs=_on(row.tree.draws.probs, buffer.device),
+                         children=layout.view(pack, f"children{i}").view(slots, siblings),
+                         draw_rows=layout.view(pack, f"draw_rows{i}"),
+                         stage_uniforms=layout.view(pack, f"stage{i}").view(torch.float64).view(width, siblings + 1))
+        batch.rows.append(_row_view(batch, i, row.tree, by_depth_device[i], uniforms_device[i], draws))
+    return batch
+
+
+def upload_one(tree: TokenTree, root: int, buffer: HostBuffer, uniforms: torch.Tensor | None = None,
+               stage_uniforms: Callable[[int], torch.Tensor] | None = None, length: int = 0) -> DeviceTree:
+    """One tree as the row view of a batch of one (`upload_rows`)."""
+    return upload_rows([RowTree(tree, root, uniforms, stage_uniforms, length)], [length], buffer).rows[0]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (a draft model on another device hands its distributions over)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def _row_view(batch: BatchTree, i: int, tree: TokenTree, by_depth: torch.Tensor, uniforms: torch.Tensor,
+              draws: dict) -> DeviceTree:
+    """Row ``i``'s own slots as a `DeviceTree` of views."""
+    slots, width = len(tree) + 1, tree.max_depth + 1
+    starts = np.zeros(width + 1, dtype=np.int64)
+    np.cumsum(np.bincount(np.concatenate([[0], tree.depths.numpy()]), minlength=width), out=starts[1:])
+    return DeviceTree(
+        tokens=batch.tokens[i, :slots], depths=batch.depths[i, :slots], parent_slots=batch.parent_slots[i, :slots],
+        candidates=batch.candidates[i, :slots], by_depth=by_depth[:slots],
+        packed_ancestors=batch.packed_ancestors[i, :slots], ancestors=batch.ancestors[i, :slots, :slots],
+        paths=batch.paths[i, :slots, :width], uniforms=uniforms[:width], n=len(tree), max_depth=tree.max_depth,
+        depth_starts=starts.tolist(), **draws,
+    )

@@ -6,7 +6,7 @@ MLPs, and gathers the LM head's output, so every rank holds the same full-vocabu
 The decode loop runs on every rank on identical inputs: drafters are deterministic given the same
 history, so every rank proposes the same tree; acceptance reads the replicated logits, so every
 rank commits the same tokens and the drafters learn the same things. Only the scheduler depends
-on rank-local timings, so rank 0's selection is broadcast (`agree_on_selection`): one small
+on rank-local timings, so rank 0's selection is broadcast (`agree_on_selections`): one small
 collective per step, and every rank verifies the same nodes.
 """
 
@@ -56,10 +56,9 @@ def is_sharded(model) -> bool:
         getattr(model, "tp_size", None) not in (None, 1)
 
 
-def agree_on_selection(tree: TokenTree) -> TokenTree:
-    """Rank 0's ``tree`` on every rank (the scheduler's choice depends on rank-local timings)."""
-    fields = [tree.tokens, tree.parents, tree.scores, tree.sources, tree.ranks] if dist.get_rank() == 0 else None
+def agree_on_selections(trees: list[TokenTree]) -> list[TokenTree]:
+    """Rank 0's ``trees`` on every rank (the scheduler's choice depends on rank-local timings)."""
+    fields = [[t.tokens, t.parents, t.scores, t.sources, t.ranks] for t in trees] if dist.get_rank() == 0 else None
     box = [fields]
     dist.broadcast_object_list(box, src=0)
-    tokens, parents, scores, sources, ranks = box[0]
-    return TokenTree(tokens, parents, scores, sources, ranks)
+    return [TokenTree(tokens, parents, scores, sources, ranks) for tokens, parents, scores, sources, ranks in box[0]]

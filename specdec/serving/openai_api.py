@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256  # characters of one stop string
 
 
 class APIError(Exception):
@@ -23,16 +24,18 @@ class APIError(Exception):
         param: the request field at fault, if one is.
         code: OpenAI's machine-readable code (``"invalid_api_key"``, ``"model_not_found"``, ...).
         error_type: OpenAI's error ``type``.
+        headers: extra response headers (``Retry-After`` on 429 and 503).
     """
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str = "invalid_request_error") -> None:
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.error_type = error_type
+        self.headers = headers or {}
 
     def body(self) -> dict:
         """The error as OpenAI sends it (`error_body`)."""
@@ -95,6 +98,8 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
         if any(not s for s in strings):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in strings):
+            raise ValueError(f"a stop string may hold at most {MAX_STOP_LENGTH} characters")
         return stop
 
     @property

@@ -1,180 +1,68 @@
 """`specdec serve`: an OpenAI-compatible HTTP API over one `SpeculativeDecoder` (FastAPI).
 
-Every request generates through the decoder's shared `specdec.batch.batcher.Batcher`, one step
-at a time on a worker thread, so concurrent requests are verified together in batched forwards and
-the event loop stays free. A stream whose client goes away is closed at once: its generation is
-cancelled and its sequence freed. Every error, bad requests included, is answered in OpenAI's error shape; none ends the
-server.
+Every request is submitted to the decoder's engine loop, which owns the model and verifies the
+running requests together in batched forwards; handlers only await their request's stream, so no
+request, however slow its client, holds a thread or blocks another. A full engine queue is refused
+at once (429 with ``Retry-After``), as is every request while the model loads (503). A client that
+goes away, streamed or not, queued or generating, cancels its generation at the engine's next step.
+Every error, bad requests included, is answered in OpenAI's error shape, without internals; none
+ends the server.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
-import anyio.to_thread
-import torch
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from specdec.api.arguments import prepare_request
-from specdec.batch.batcher import batcher_for
-from specdec.models.prompts import encode_chat
-from specdec.serving.openai_api import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingRequest,
-    error_body,
-)
-from specdec.serving.text_stream import StreamedText
-from specdec.step.request import DecodeRequest, DecodeResult, SpecStats
+from specdec.serving.completions import Completions, Generation
+from specdec.serving.limits import RequestGate, ServerLimits
+from specdec.serving.metrics import registry_for
+from specdec.serving.openai_api import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from specdec.step.stream import TimedOut
 from specdec.step.support import UnsupportedGeneration
 
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LOADING_RETRY_SECONDS = 2
 
 
-@dataclass
-class Generation:
-    """One request's generation: what it asked for, what it made so far, and how it ended."""
+class Served:
+    """The decoder a server serves: None while the model loads (`set` makes the server ready)."""
 
-    id: str
-    created: int
-    request: DecodeRequest
-    result: DecodeResult
-    output: StreamedText
-    prompt_tokens: int
-    finish_reason: str | None = None
+    def __init__(self) -> None:
+        self.decoder = None
+        self.refused = {"loading": 0, "queue_full": 0}  # the server's own (the engine counts its queue's too)
 
-    def usage(self) -> dict:
-        """OpenAI's ``usage`` counts."""
-        completion = len(self.result.tokens)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-    def spec_stats(self) -> dict:
-        """specdec's own figures for the generation (a response's ``specdec`` field): verify steps,
-        draft tokens proposed and kept (every step also commits one token of the target's own), mean
-        accepted tokens per step."""
-        stats = self.result.stats
-        return {"steps": stats.steps, "new_tokens": stats.new_tokens, "drafted_tokens": stats.drafted_tokens,
-                "accepted_tokens": stats.new_tokens - stats.steps,
-                "mean_accepted_tokens": stats.mean_accepted_tokens, "prefill_seconds": stats.prefill_seconds,
-                "decode_seconds": stats.decode_seconds}
-
-
-class Completions:
-    """Turns validated requests into generations on the shared batcher, and counts the running ones.
-
-    Args:
-        decoder: the `SpeculativeDecoder` (with a tokenizer) that generates.
-        model_name: the only model name requests may ask for.
-        max_tokens_limit: the most tokens one request may generate.
-    """
-
-    def __init__(self, decoder, model_name: str, max_tokens_limit: int) -> None:
+    def set(self, decoder) -> None:
+        """Serve ``decoder`` (a `specdec.SpeculativeDecoder` with a tokenizer) from now on."""
+        check_decoder(decoder)
         self.decoder = decoder
-        self.tokenizer = decoder.tokenizer
-        self.model_name = model_name
-        self.max_tokens_limit = max_tokens_limit
-        self.batcher = batcher_for(decoder)  # shared with the decoder's other users (sessions, ...)
-        self.active_requests = 0
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        """The prompt ids of a conversation, through the tokenizer's chat template."""
-        try:
-            return encode_chat(self.tokenizer, [m.model_dump() for m in body.messages])[0].tolist()
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from None
+    def ready(self):
+        """The decoder, or a 503 with ``Retry-After`` while the model is loading."""
+        if self.decoder is None:
+            self.refused["loading"] += 1
+            raise APIError(503, "the model is still loading: retry shortly", code="model_loading",
+                           error_type="service_unavailable", headers={"Retry-After": str(LOADING_RETRY_SECONDS)})
+        return self.decoder
 
-    def text_prompt(self, body: CompletionRequest) -> list[int]:
-        """The prompt ids of a plain completion."""
-        ids = list(self.tokenizer(body.prompt)["input_ids"])
-        if not ids:
-            raise APIError(400, "prompt is empty: it must encode to at least one token", param="prompt")
-        return ids
 
-    def check_model(self, body: SamplingRequest) -> None:
-        """A request must name the served model."""
-        if body.model != self.model_name:
-            raise APIError(404, f"The model {body.model!r} does not exist: this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-
-    def start(self, body: SamplingRequest, prompt: list[int], id_prefix: str) -> Generation:
-        """Validate the request against this server and model and build its generation (no model work yet).
-
-        ``temperature=0`` decodes greedily; otherwise it samples at ``temperature`` and ``top_p``
-        (OpenAI's defaults, 1 and 1, when unset) with ``seed`` as the sampling key."""
-        gen_kwargs = {"max_new_tokens": self._max_new_tokens(body, len(prompt))}
-        temperature = 1.0 if body.temperature is None else body.temperature
-        if temperature == 0:
-            gen_kwargs["do_sample"] = False
-        else:
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p)
-            if self.decoder.model.generation_config.top_k is None:  # OpenAI samples with no top-k cut;
-                gen_kwargs["top_k"] = 0  # transformers' default would keep 50 (a model's own top_k stays)
-        try:
-            request, _ = prepare_request(self.decoder, torch.tensor(prompt, dtype=torch.long), None, None, None, None,
-                                         None, body.seed, self.tokenizer, gen_kwargs)
-        except (ValueError, TypeError) as err:
-            raise APIError(400, str(err)) from None
-        return Generation(id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), request=request,
-                          result=DecodeResult(tokens=[], stats=SpecStats()),
-                          output=StreamedText(self.tokenizer, body.stop_strings), prompt_tokens=len(prompt))
-
-    def _max_new_tokens(self, body: SamplingRequest, prompt_len: int) -> int:
-        """The request's length limit (this server's limit when unset), checked against the limit and
-        against the model's learned positions (if it has a fixed number)."""
-        name, asked = body.max_tokens_field
-        if asked is not None and asked > self.max_tokens_limit:
-            raise APIError(400, f"{name} is {asked}, above this server's limit of {self.max_tokens_limit} tokens "
-                                "(--max-tokens-limit)", param=name)
-        wanted = self.max_tokens_limit if asked is None else asked
-        positions = self.decoder.position_limit
-        if positions is None or prompt_len + wanted <= positions:
-            return wanted
-        if asked is None and prompt_len < positions:
-            return positions - prompt_len
-        raise APIError(400, f"the prompt ({prompt_len} tokens) plus {name} ({wanted}) exceeds the model's "
-                            f"{positions} positions", param=name)
-
-    async def deltas(self, generation: Generation) -> AsyncIterator[str]:
-        """Run ``generation`` step by step on worker threads, yielding the text as it becomes showable.
-
-        Ends at EOS, a stop string or the length limit, then sets ``finish_reason``. Whenever the
-        iteration ends (finished, failed, or closed or cancelled by a client that went away), the
-        generation is closed, which frees its sequence, before this returns.
-        """
-        steps = self.batcher.decode_steps(generation.request, generation.result)
-        self.active_requests += 1
-        try:
-            while not generation.output.stopped:
-                if await anyio.to_thread.run_sync(next, steps, None) is None:
-                    break
-                piece = generation.output.update(generation.result.tokens)
-                if piece:
-                    yield piece
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(steps.close)  # may wait for the step another thread runs
-            self.active_requests -= 1
-        tokens, request = generation.result.tokens, generation.request
-        ended = generation.output.stopped or len(tokens) < request.max_new_tokens or tokens[-1] in request.eos_ids
-        generation.finish_reason = "stop" if ended else "length"
-        piece = generation.output.rest()
-        if piece:
-            yield piece
+def check_decoder(decoder) -> None:
+    if decoder.tokenizer is None:
+        raise ValueError("decoder has no tokenizer: build it as SpeculativeDecoder(model, tokenizer)")
+    if decoder.unsupported:
+        raise UnsupportedGeneration(decoder.unsupported)
 
 
 class EventStream(StreamingResponse):
@@ -198,10 +86,15 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def collect(deltas: AsyncIterator[str]) -> None:
-    """Run a generation to its end (its text is then in ``Generation.output.text``)."""
-    async for _ in deltas:
-        pass
+def _failure(generation: Generation, err: BaseException) -> tuple[int, dict]:
+    """The status and OpenAI error body of a generation that did not finish (never its internals:
+    the details go to the log)."""
+    if isinstance(err, TimedOut):
+        return 504, error_body("the request did not finish within this server's time limit (--request-timeout)",
+                               "timeout_error", code="timeout")
+    logger.error("generation %s failed", generation.id, exc_info=err)
+    return 500, error_body(f"the generation failed (request {generation.id}); the server keeps serving",
+                           "server_error")
 
 
 async def stream_events(generation: Generation, deltas: AsyncIterator[str], model_name: str, chat: bool,
@@ -228,8 +121,7 @@ async def stream_events(generation: Generation, deltas: AsyncIterator[str], mode
         async for piece in deltas:
             yield sse(chunk(piece))
     except Exception as err:
-        logger.exception("generation %s failed", generation.id)
-        yield sse(error_body(f"the generation failed: {type(err).__name__}: {err}", "server_error"))
+        yield sse(_failure(generation, err)[1])
         return
     finally:
         await deltas.aclose()
@@ -239,24 +131,9 @@ async def stream_events(generation: Generation, deltas: AsyncIterator[str], mode
     yield "data: [DONE]\n\n"
 
 
-def require_api_key(api_key: str):
-    """A dependency that refuses (401) requests without ``Authorization: Bearer <api_key>``."""
-    expected = api_key.encode()
-
-    async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-        if not secrets.compare_digest(token.strip().encode(), expected):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    return check
-
-
-def server_error(err: Exception) -> JSONResponse:
-    """A 500 in OpenAI's error shape, naming the exception (never its traceback)."""
-    return JSONResponse(error_body(f"the server failed: {type(err).__name__}: {err}", "server_error"),
+def server_error() -> JSONResponse:
+    """A 500 in OpenAI's error shape, with no internals (the traceback goes to the log)."""
+    return JSONResponse(error_body("the server failed on this request; it keeps serving", "server_error"),
                         status_code=500)
 
 
@@ -272,9 +149,9 @@ class GuardedRoute(APIRoute):
                 return await handler(request)
             except (APIError, RequestValidationError, HTTPException):
                 raise
-            except Exception as err:
+            except Exception:
                 logger.exception("%s %s failed", request.method, request.url.path)
-                return server_error(err)
+                return server_error()
 
         return guarded
 
@@ -285,7 +162,7 @@ def add_error_handlers(app: FastAPI) -> None:
     logs its traceback)."""
 
     async def refused(_request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
         problems = err.errors()
@@ -299,8 +176,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, err: HTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
 
-    async def failed(_request: Request, err: Exception) -> JSONResponse:  # starlette logs the traceback
-        return server_error(err)
+    async def failed(_request: Request, _err: Exception) -> JSONResponse:  # starlette logs the traceback
+        return server_error()
 
     app.add_exception_handler(APIError, refused)
     app.add_exception_handler(RequestValidationError, invalid)
@@ -308,63 +185,70 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, failed)
 
 
-def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_limit: int = 2048) -> FastAPI:
+def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_limit: int = 2048,
+              limits: ServerLimits | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``decoder``.
 
     Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``),
-    ``GET /v1/models`` and ``GET /health`` (``{"status", "model", "active_requests"}``, no key
-    needed). Responses carry OpenAI's fields plus ``specdec`` (the generation's `SpecStats` figures).
+    ``GET /v1/models``, ``GET /health`` (``{"status", "model", "running", "queued"}``; 503 while the
+    model loads) and ``GET /metrics`` (Prometheus; neither needs the key). Responses carry
+    OpenAI's fields plus ``specdec`` (the generation's `SpecStats` figures).
 
     Args:
-        decoder: a `specdec.SpeculativeDecoder` built with a tokenizer.
+        decoder: a `specdec.SpeculativeDecoder` built with a tokenizer, or None to answer 503 until
+            ``app.state.served.set(decoder)`` (a model that is still loading).
         model_name: the name clients must ask for (``model``), listed by ``/v1/models``.
-        api_key: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>`` (401 otherwise).
+        api_key: when set, ``/v1`` requests need ``Authorization: Bearer <api_key>`` (401
+            otherwise, before their body is read).
         max_tokens_limit: the largest ``max_tokens`` accepted (400 above), and the length of a
             request that sets none.
+        limits: body size, message count, prompt length and time limits (`ServerLimits`).
     """
-    if decoder.tokenizer is None:
-        raise ValueError("decoder has no tokenizer: build it as SpeculativeDecoder(model, tokenizer)")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError("model_name must be a non-empty string")
     if api_key is not None and not api_key:
         raise ValueError("api_key is empty: pass None to serve without a key")
     if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
-    if decoder.unsupported:
-        raise UnsupportedGeneration(decoder.unsupported)
-    completions = Completions(decoder, model_name, max_tokens_limit)
+    limits = limits if limits is not None else ServerLimits()
+    served = Served()
+    if decoder is not None:
+        served.set(decoder)
+    completions = Completions(served, model_name, max_tokens_limit, limits)
+    registry = registry_for(served)
     started = int(time.time())
     app = FastAPI(title="specdec", summary=f"OpenAI-compatible API serving {model_name}")
-    app.state.completions = completions
+    app.state.served, app.state.completions = served, completions
     add_error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key(api_key))] if api_key else [],
-                   route_class=GuardedRoute)
+    app.add_middleware(RequestGate, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    v1 = APIRouter(prefix="/v1", route_class=GuardedRoute)
+
+    async def respond(body, request: Request, chat: bool):
+        completions.check_model(body)
+        generation = await completions.start(body, "chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return EventStream(stream_events(generation, completions.deltas(generation), model_name, chat,
+                                             body.include_usage))
+        try:
+            await completions.complete(generation, request.receive)
+        except Exception as err:
+            status, error = _failure(generation, err)
+            return JSONResponse(error, status_code=status)
+        text = generation.output.text
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0,
+                                                                                                 "text": text}
+        return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
+                "created": generation.created, "model": model_name,
+                "choices": [choice | {"logprobs": None, "finish_reason": generation.finish_reason}],
+                "usage": generation.usage(), "specdec": generation.spec_stats()}
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        completions.check_model(body)
-        generation = completions.start(body, completions.chat_prompt(body), "chatcmpl")
-        deltas = completions.deltas(generation)
-        if body.stream:
-            return EventStream(stream_events(generation, deltas, model_name, True, body.include_usage))
-        await collect(deltas)
-        return {"id": generation.id, "object": "chat.completion", "created": generation.created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.output.text},
-                             "logprobs": None, "finish_reason": generation.finish_reason}],
-                "usage": generation.usage(), "specdec": generation.spec_stats()}
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(body, request, chat=True)
 
     @v1.post("/completions")
-    async def text_completions(body: CompletionRequest):
-        completions.check_model(body)
-        generation = completions.start(body, completions.text_prompt(body), "cmpl")
-        deltas = completions.deltas(generation)
-        if body.stream:
-            return EventStream(stream_events(generation, deltas, model_name, False, body.include_usage))
-        await collect(deltas)
-        return {"id": generation.id, "object": "text_completion", "created": generation.created, "model": model_name,
-                "choices": [{"index": 0, "text": generation.output.text, "logprobs": None,
-                             "finish_reason": generation.finish_reason}],
-                "usage": generation.usage(), "specdec": generation.spec_stats()}
+    async def text_completions(body: CompletionRequest, request: Request):
+        return await respond(body, request, chat=False)
 
     @v1.get("/models")
     async def models():
@@ -373,7 +257,15 @@ def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "active_requests": completions.active_requests}
+        if served.decoder is None:
+            return JSONResponse({"status": "loading", "model": model_name}, status_code=503,
+                                headers={"Retry-After": str(LOADING_RETRY_SECONDS)})
+        return {"status": "ok", "model": model_name, "running": served.decoder.running,
+                "queued": served.decoder.queued}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(v1)
     return app

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from specdec.api.arguments import prepare_request
 from specdec.api.decoder import SpeculativeDecoder
-from specdec.batch.batcher import batcher_for
 from specdec.models.prompts import encode_chat
-from specdec.step.request import DecodeResult, KVState, SpecStats
+from specdec.serving.text_stream import StreamedText
+from specdec.step.request import DecodeRequest, KVState, SpecStats
 
 SESSION_FORMAT = 1
 
@@ -28,8 +28,8 @@ class ChatSession:
     scheduler's statistics are shared by every session of the decoder, so each conversation
     speeds up the next; ``own_drafter=True`` gives this session a private drafter instead.
     Sessions may run on several threads: concurrent turns of one decoder's sessions are verified
-    together in batched forwards (`specdec.batch.batcher`), and every session's output is what
-    it would be alone (greedy: token for token).
+    together in the decoder's engine loop (several sequences per forward), and every session's
+    output is what it would be alone (greedy: token for token).
 
     Args:
         decoder: the `SpeculativeDecoder` (with a tokenizer) that generates.
@@ -50,6 +50,7 @@ class ChatSession:
         self.last_stats: SpecStats | None = None
         self._kv = KVState()
         self._turn_lock = threading.Lock()  # held from a turn's start to its stream's end or close
+        self._last_turn = None  # the last turn's `specdec.step.stream.Stream`
 
     @property
     def tokenizer(self):
@@ -60,25 +61,72 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + self.history
 
-    def send(self, message: str, **gen_kwargs) -> str:
-        """Add a user message and return the whole answer (``model.generate`` keyword arguments apply)."""
-        return "".join(self.stream(message, **gen_kwargs))
+    def send(self, message: str, on_text: Callable[[str], None] | None = None, **gen_kwargs) -> str:
+        """Add a user message and return the whole answer (``model.generate`` keyword arguments
+        apply). ``on_text`` receives the answer's text as it is accepted, whole characters only.
+        The engine's steps run on the calling thread when nothing else drives it (`SpeculativeDecoder.run`)."""
+        request = self._begin(message, gen_kwargs)
+        output = StreamedText(self.tokenizer)
+        tokens: list[int] = []
+
+        def on_tokens(new: list[int]) -> None:
+            tokens.extend(new)
+            piece = output.update(tokens)
+            if piece and on_text is not None:
+                on_text(piece)
+
+        stats = None  # stays None if the request was refused before it ran
+        try:
+            stream = self.decoder.run(request, on_tokens)
+            stats = stream.result.stats
+            stream.wait()  # a failure raises here
+        finally:
+            if stats is None and tokens:  # interrupted while it ran: the partial answer is still a turn
+                stats = SpecStats(new_tokens=len(tokens))
+            self._end_turn(tokens, stats)
+        piece = output.update(tokens, final=True) + output.rest()
+        if piece and on_text is not None:
+            on_text(piece)
+        return output.text
 
     def stream(self, message: str, **gen_kwargs) -> Iterator[str]:
         """Add a user message and yield the answer's text as tokens are accepted.
 
         Text is only yielded once it decodes to whole characters. Closing the iterator early
-        stops generation after the current step; the partial answer stays in the history. The
-        stream holds no lock while the caller has it: it may be read and closed from any thread,
-        and one that is abandoned is closed when garbage-collected. One turn at a time per
-        session: a second message while a stream is still open raises RuntimeError.
+        stops generation at the engine's next step boundary; the partial answer (what was read)
+        stays in the history. The stream holds no lock the engine needs: it may be read and
+        closed from any thread, and one that is abandoned is cancelled when garbage-collected.
+        One turn at a time per session: a second message while a stream is still open raises
+        RuntimeError.
         """
+        request = self._begin(message, gen_kwargs)
+        try:
+            stream = self._last_turn = self.decoder.submit(request)  # concurrent sessions share forwards
+        except BaseException:
+            self._end_turn([], None)
+            raise
+        output = StreamedText(self.tokenizer)
+        try:
+            for _ in stream:
+                piece = output.update(stream.tokens)
+                if piece:
+                    yield piece
+            piece = output.update(stream.tokens, final=True) + output.rest()
+            if piece:
+                yield piece
+        finally:
+            stream.close()  # never waits: this may run when an abandoned stream is collected
+            self._end_turn(stream.tokens, stream.result.stats)
+
+    def _begin(self, message: str, gen_kwargs: dict) -> DecodeRequest:
+        """Take the session's turn and build its request (the whole history through the template)."""
         if not isinstance(message, str) or not message.strip():
             raise ValueError("message is empty")
         if not self._turn_lock.acquire(blocking=False):  # a plain Lock: any thread may release it
             raise RuntimeError("this ChatSession is still answering: read its stream to the end or close() it "
                                "before the next message")
         try:
+            self.wait()  # a closed turn ends at the engine's next step: its KV state is then written
             prompt = encode_chat(self.tokenizer, self.messages() + [{"role": "user", "content": message}])
             gen_kwargs.setdefault("max_new_tokens", 256)
             request, _ = prepare_request(self.decoder, prompt, gen_kwargs.pop("generation_config", None),
@@ -90,30 +138,29 @@ class ChatSession:
             self._turn_lock.release()
             raise
         request.kv = self._kv
-        result = DecodeResult(tokens=[], stats=SpecStats())
         self.history.append({"role": "user", "content": message})
-        shown = ""
-        steps = batcher_for(self.decoder).decode_steps(request, result)  # concurrent sessions share forwards
-        try:
-            for _ in steps:
-                text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                    continue
-                if len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-            text = self.tokenizer.decode(result.tokens, skip_special_tokens=True)
-            if len(text) > len(shown):
-                yield text[len(shown):]
-        finally:
-            steps.close()
+        return request
+
+    def _end_turn(self, tokens: list[int], stats: SpecStats | None) -> None:
+        """Record the answer (what was read of it) and give the turn back."""
+        if stats is None:  # refused before it ran: the message is not part of the conversation
+            self.history.pop()
+        else:
             self.history.append({"role": "assistant",
-                                 "content": self.tokenizer.decode(result.tokens, skip_special_tokens=True)})
-            self.last_stats = result.stats
-            self._turn_lock.release()
+                                 "content": self.tokenizer.decode(tokens, skip_special_tokens=True)})
+            self.last_stats = stats
+        self._turn_lock.release()
+
+    def wait(self) -> None:
+        """Block until the last turn's generation has ended in the engine: after a stream was
+        closed early, its row is freed and the conversation's KV state written at the engine's
+        next step boundary."""
+        if self._last_turn is not None:
+            self._last_turn.wait_ended()
 
     def reset(self) -> None:
         """Forget the conversation (and its KV cache); learned drafter state is kept."""
+        self.wait()
         self.history = []
         self._kv.clear()
 

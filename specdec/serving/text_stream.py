@@ -1,4 +1,5 @@
-"""A generation's text as it streams: whole characters only, cut before the first stop string."""
+"""A generation's text as it streams: decoded incrementally, whole characters only, cut before the
+first stop string."""
 
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 class StreamedText:
-    """The text of a generation, decoded from all its tokens after each step.
+    """The text of a generation, decoded a few tokens at a time.
+
+    Each `update` decodes only a short window: the tokens of the previous piece as context (so a
+    tokenizer that drops or adds a leading space at the start of a decode sees the same
+    neighbours as in the whole text) and the new ones, and appends what the new ones add. A piece
+    that ends in an incomplete multi-byte character (U+FFFD) waits for the next tokens.
 
     ``text`` is everything decoded so far, cut before the first stop string; `update` returns the
-    part that is safe to show: never a trailing incomplete character (U+FFFD while a multi-byte
-    character is still arriving) and never the beginning of a possible stop string. `rest` returns
-    what is left once generation has ended.
+    part that is safe to show: never the beginning of a possible stop string. `rest` returns what
+    is left once generation has ended.
 
     Args:
         tokenizer: decodes the generated ids (special tokens skipped).
@@ -37,19 +42,29 @@ class StreamedText:
         self.stops = list(stops)
         self.text = ""
         self.stopped = False
+        self._decoded = ""  # the whole text decoded so far (before any stop cut)
+        self._prefix = 0  # tokens[_prefix:_read] are the context of the next decode
+        self._read = 0  # tokens decoded into ``_decoded``
         self._shown = 0
 
-    def update(self, tokens: list[int]) -> str:
-        """Decode ``tokens`` (every token generated so far); return the newly showable text."""
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        end = first_stop(text, self.stops)
-        self.stopped = end is not None
+    def update(self, tokens: list[int], final: bool = False) -> str:
+        """Decode the new part of ``tokens`` (every token generated so far); return the newly
+        showable text. ``final``: generation has ended, so an incomplete character is kept as is."""
         if self.stopped:
-            self.text = text[:end]
+            return ""
+        decode = self.tokenizer.decode
+        context = decode(tokens[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(tokens[self._prefix :], skip_special_tokens=True)
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self._decoded += window[len(context) :]
+            self._prefix, self._read = self._read, len(tokens)
+        end = first_stop(self._decoded, self.stops)
+        if end is not None:
+            self.stopped = True
+            self.text = self._decoded[:end]
             return self._show(end)
-        self.text = text
-        whole = text.rstrip("\ufffd")
-        return self._show(len(whole) - stop_prefix_len(whole, self.stops))
+        self.text = self._decoded
+        return self._show(len(self.text) - stop_prefix_len(self.text, self.stops))
 
     def rest(self) -> str:
         """The text not shown yet, once generation has ended."""

@@ -90,16 +90,9 @@ class Outcome:
         return self.tokens[-1]
 
 
-def read_outcome(accepted: Accepted, topk_ids: torch.Tensor | None) -> Outcome:
-    """Copy the outcome (and the top-k ids ``[n+1, k]`` the drafters learn from) to the host in
-    one transfer: the only blocking read of the step."""
-    rows = Accepted(path=accepted.path[None], block=accepted.block[None], count=accepted.count.view(1))
-    return read_outcomes(rows, topk_ids, [topk_ids.shape[0] if topk_ids is not None else 0])[0]
-
-
 def read_outcomes(accepted: Accepted, topk_ids: torch.Tensor | None, slots: list[int | None]) -> list[Outcome | None]:
     """The outcomes of ``B`` rows (``accepted`` from `accept_rows`) and, when asked, the top-k ids
-    ``[B * q, k]`` of their ``q`` slots, in one transfer (the step's synchronisation point).
+    ``[B * q, k]`` of their ``q`` slots, in one transfer: the step's only blocking read.
     ``slots[b]`` is how many of row b's slots are real (None: an idle row, whose outcome is None)."""
     batch, width = accepted.path.shape
     parts = [accepted.count, accepted.path.reshape(-1), accepted.block.reshape(-1)]

@@ -77,19 +77,22 @@ class SpecStats:
 
 @dataclass
 class KVState:
-    """A KV cache kept between generations (a conversation): ``token_ids`` are the ids whose keys
-    and values ``cache`` holds. A prompt that starts with them is only prefilled past them."""
+    """Keys and values kept between generations (a conversation): ``keys`` and ``values`` (one
+    ``[H, L, D]`` tensor a layer, on the model's device) hold the ``L`` positions of ``token_ids``.
+    A prompt that starts with them is only prefilled past them. The engine reads and writes it
+    while a request that carries it is live; its owner touches it only between requests."""
 
-    cache: object | None = None
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.cache, self.token_ids = None, []
+        self.keys, self.values, self.token_ids = [], [], []
 
 
 @dataclass
 class DecodeRequest:
-    """One generation for `SpeculativeDecoder.decode`.
+    """One generation for `SpeculativeDecoder.submit` / `decode`.
 
     Attributes:
         prompt: ``[L]`` int64 prompt ids on the host (L >= 1).
@@ -102,9 +105,8 @@ class DecodeRequest:
         stop: ``stop(ids [1, L + i] host, scores [1, V] device) -> bool`` checked after every new
             token (HF stopping-criteria protocol); generation ends after the first token where it
             is true.
-        on_start: called once the model is known to be supported, before the prefill (a streamer
-            receives the prompt there).
-        on_tokens: called with each step's new tokens as soon as they are accepted (streaming).
+        timeout: seconds from submission after which the request is cancelled at the next step
+            boundary (its stream raises `specdec.step.stream.TimedOut`); None: no limit.
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` (on the
             model's device) that chose each new token (``output_scores`` / ``output_logits``).
         kv: a `KVState` to reuse and update (conversations); ``None`` = a fresh cache.
@@ -121,8 +123,7 @@ class DecodeRequest:
     rule: NodeRule = field(default_factory=NodeRule)
     draws: PositionDraws | None = None
     stop: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
-    on_start: Callable[[], None] | None = None
-    on_tokens: Callable[[list[int]], None] | None = None
+    timeout: float | None = None
     keep_scores: bool = False
     keep_logits: bool = False
     kv: KVState | None = None

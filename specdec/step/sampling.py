@@ -84,13 +84,6 @@ class NodeRule:
             return logits
         return processed_scores(logits, tree, history, self.processors)
 
-    def choose(self, tree: DeviceTree, scores: torch.Tensor) -> torch.Tensor:
-        """``[n+1]`` int64 the target's choice at every slot: the argmax (greedy) or the draw at the
-        uniform of the slot's position (sampling, with the tree's per-depth uniforms)."""
-        if not self.do_sample:
-            return row_argmax(scores)
-        return sampled_choices(tree, torch.softmax(scores.float(), dim=-1), tree.uniforms)
-
     def accept(self, tree: DeviceTree, scores: torch.Tensor) -> Accepted:
         """The accepted path: following the argmax (greedy), rejection sampling against the draft
         distributions (sampling a tree with draws) or the delta rule (sampling)."""

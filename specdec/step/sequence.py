@@ -1,46 +1,86 @@
-"""One sequence's decoding state between steps, and the per-model lock every step holds."""
+"""One request's decoding state, owned by the engine loop from submission to its end.
+
+States: ``QUEUED`` (in the admission queue) -> ``PREFILLING`` (holds a cache row; its prompt is
+cached chunk by chunk between decode steps) -> ``RUNNING`` (in every decode step) -> ended (its
+`Outbox` says how). Every transition happens on the loop's thread; a caller only sets the
+`Ticket`'s flag and reads the outbox.
+"""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from drafters.modeling import SlotCache
-from specdec.step.per_model import entry_for
+from specdec.step.request import DecodeRequest, DecodeResult
+from specdec.step.stream import Outbox, Ticket
 
 
-@dataclass
-class SequenceState:
-    """One generation's decoding state between steps.
+class State(enum.Enum):
+    QUEUED = "queued"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+    ENDED = "ended"
 
-    The cache holds ``prefix_len`` positions: the model-visible history but its last token,
-    ``root``, which the next verify forward feeds. ``history`` (host) and ``history_device``
-    (the model's device) hold the ``n_committed`` committed ids (prompt, padding included, then
-    new tokens); ``seen`` (host) the ids the model attended to, for KV reuse.
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    ``seen`` are the ids the model attends to (the prompt without padding, then new tokens); the
+    cache row ``slot`` holds a prefix of them while prefilling, then everything but the root (the
+    last committed token, which the next verify forward feeds). ``history`` (host)
+    and ``history_device`` (the model's device, from admission) hold the ``n_committed`` committed
+    ids (prompt, padding included, then new tokens) that drafters and logits processors read.
     """
 
-    cache: SlotCache
-    history: np.ndarray
-    history_device: torch.Tensor
-    n_committed: int
-    prefix_len: int
-    root: int
+    request: DecodeRequest
+    result: DecodeResult
+    outbox: Outbox
+    ticket: Ticket
     sequence_id: int
-    prompt_len: int
     seen: list[int]
+    submitted: float  # time.monotonic() at submission
+    deadline: float | None  # time.monotonic() past which it is cancelled
+    history: np.ndarray = field(init=False)
+    history_device: torch.Tensor | None = None
+    n_committed: int = 0
+    state: State = State.QUEUED
+    slot: int | None = None
+    reused: int = 0  # positions of ``seen`` copied into the row from the request's kept KV state
+    started: float | None = None  # loop clock at admission
+    first_tokens: float | None = None  # time.monotonic() when its first tokens were emitted
+    finished: bool = False
+    consistent: bool = True  # False after a failure inside a forward of its row
+
+    def __post_init__(self) -> None:
+        prompt = self.request.prompt
+        self.history = np.empty(prompt.numel() + self.request.max_new_tokens + 1, dtype=np.int64)
+        self.history[: prompt.numel()] = prompt.numpy()
+        self.n_committed = prompt.numel()
+
+    @property
+    def root(self) -> int:
+        return self.seen[-1]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt.numel()
+
+    @property
+    def final_len(self) -> int:
+        """The most positions its row can hold: every attended prompt token and new token."""
+        return len(self.seen) - 1 + self.request.max_new_tokens
 
     def advance(self, emitted: list[int], block: torch.Tensor) -> None:
         """Commit ``emitted`` (host) whose device copy is ``block`` (``[len(emitted)]``)."""
         end = self.n_committed + len(emitted)
         self.history[self.n_committed : end] = emitted
         self.history_device[self.n_committed : end] = block
-        self.prefix_len += len(emitted)
         self.n_committed = end
         self.seen.extend(emitted)
-        self.root = emitted[-1]
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -48,8 +88,3 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     limit = min(len(a), len(b))
     mismatch = np.flatnonzero(np.asarray(a[:limit]) != np.asarray(b[:limit]))
     return int(mismatch[0]) if mismatch.size else limit
-
-
-def model_lock(model) -> threading.RLock:
-    """The lock every decoder of ``model`` holds for each step (one forward at a time)."""
-    return entry_for(model).lock

@@ -7,9 +7,10 @@ attention KV cache. `support_for` decides, once per model, before any generation
 1. statically, from the model's class and config, the families that cannot work (no KV cache, no
    ``position_ids``, recurrent or other non-attention layers, ALiBi position biases computed from
    key indices, encoder-decoders);
-2. then by an equivalence probe on a small prompt and a branching tree: the tree forward's logits
-   (mask path, and kernel path where the kernel could run) must equal sequential decoding's, and
-   the compacted cache must continue exactly. A path that raises or differs is not used; a model
+2. then by an equivalence probe on a small prompt and a branching tree, through the engine's own
+   cache, upload and verify forward: the tree forward's logits (mask path, and kernel path where
+   the kernel could run) must equal sequential decoding's, and the cache compacted to the second
+   sibling's path must continue exactly. A path that raises or differs is not used; a model
    with no exact path is refused with `UnsupportedGeneration` naming what differed.
 
 Models with learned absolute positions also have a hard position limit (`position_limit`), past
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.modeling import SlotCache, forward_with_cache, returned_cache
-from specdec.device import kv
+from drafters.modeling import forward_with_cache, returned_cache
 from specdec.device.attention import tree_kernel_for
-from specdec.device.tree import TreeUploader
+from specdec.device.cache import RowCache
+from specdec.device.tree import HostBuffer, RowTree, upload_rows
 from specdec.step.per_model import entry_for
-from specdec.step.verify import verify_forward
+from specdec.step.verify import prefill_row, verify_rows
 from trees import TokenTree
 
 
@@ -104,14 +105,15 @@ def probe(model, kernel=None) -> str | None:
     paths = [[root], [root, tokens[0]], [root, tokens[1]], [root, tokens[0], tokens[2]]]  # slot order
     try:
         expected = torch.stack([_sequential_logits(model, prefix, path) for path in paths])  # [4, V]
-        cache = SlotCache.for_model(model, len(_PROBE_PROMPT) + len(tokens) + 2)
-        forward_with_cache(model, cache, input_ids=prefix[None])
-        slots = TreeUploader(model.device).upload(tree, root)
-        got = verify_forward(model, cache, slots, len(_PROBE_PROMPT), kernel).float()  # [4, V]
-        kv.compact(cache, len(_PROBE_PROMPT), torch.tensor([0, 1], device=model.device))  # accept the first child
-        after = forward_with_cache(model, cache, input_ids=torch.tensor([[tokens[2]]], device=model.device),
-                                   position_ids=torch.tensor([[len(_PROBE_PROMPT) + 2]], device=model.device),
-                                   ).logits[0, -1].float()
+        continued = _sequential_logits(model, prefix, [root, tokens[1], tokens[2]])  # [V] after the second sibling
+        cache = RowCache.for_model(model)
+        cache.fit(1, len(_PROBE_PROMPT) + len(tokens) + 2)
+        prefill_row(model, cache, 0, prefix, 1)
+        batch = upload_rows([RowTree(tree, root, length=len(_PROBE_PROMPT))], [len(_PROBE_PROMPT)],
+                            HostBuffer(model.device))
+        got = verify_rows(model, cache, batch, kernel)[0].float()  # [4, V]
+        cache.compact_row(0, torch.tensor([0, 2], device=model.device), [0, 2], batch.queries)  # the second sibling
+        after = prefill_row(model, cache, 0, torch.tensor([tokens[2]], device=model.device), 1)[0, -1].float()
     except Exception as err:  # a family-specific failure is a reason to refuse, not a crash later
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         return f"the tree forward raised {type(err).__name__}: {first}"
@@ -120,7 +122,7 @@ def probe(model, kernel=None) -> str | None:
     differs = (got - expected).abs().max()
     if differs > tolerance:
         return f"tree logits differ from sequential decoding by {float(differs):.3g} (scale {float(scale):.3g})"
-    if (after - expected[3]).abs().max() > tolerance:
+    if (after - continued).abs().max() > tolerance:
         return "the compacted cache does not continue like sequential decoding"
     return None
 
@@ -142,10 +144,12 @@ def support_for(model, tree_kernel: bool | None = None) -> Support:
     """
     key = (tree_kernel, model.dtype, str(model.device))
     entry = entry_for(model)
+    known = entry.support.get(key)  # decided once: later calls (inside steps too) take no lock
+    if known is not None:
+        return known
     with entry.lock:  # the probe runs forwards on the model
-        known = entry.support
-        if key in known:
-            return known[key]
+        if key in entry.support:
+            return entry.support[key]
         reason = static_reason(model)
         kernel = None if reason else tree_kernel_for(model, tree_kernel)
         if kernel is not None and (kernel_failure := probe(model, kernel)):
@@ -156,5 +160,5 @@ def support_for(model, tree_kernel: bool | None = None) -> Support:
         if reason is None and kernel is None and (mask_failure := probe(model, None)):
             reason = (f"tree verification does not reproduce {type(model).__name__}'s sequential decoding "
                       f"({mask_failure})")
-        known[key] = Support(reason, kernel)
-        return known[key]
+        entry.support[key] = Support(reason, kernel)
+        return entry.support[key]

@@ -1,40 +1,57 @@
-"""Verification: one target forward over ``[root] + tree`` with tree attention."""
+"""Verification: ONE target forward over every row's ``[root] + tree`` slots, with tree attention."""
 
 from __future__ import annotations
 
 import torch
 
 from drafters.modeling import forward_with_cache
-from specdec.device.tree import DeviceTree
-from trees.masks import masks_by_layer_type, tree_attention_mask
+from specdec.device.cache import RowCache
+from specdec.device.tree import BatchTree
+from trees.masks import batch_tree_attention_mask, masks_by_layer_type
 
 
-def verify_forward(model, cache, tree: DeviceTree, prefix_len: int, kernel=None) -> torch.Tensor:
-    """Run the target on the tree's slots after ``prefix_len`` cached positions.
+def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None) -> torch.Tensor:
+    """Run the target on ``batch`` (``B`` rows of ``q`` slots) over ``cache``'s rows ``0..B-1``.
 
-    The slots' keys and values are written to ``cache`` right after the prefix (compact it
-    afterwards). With ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through
-    ``torch.ops.specdec.tree_attention`` on the packed ancestor bits; otherwise through the
-    model's own attention with an additive mask built on the device. Returns logits ``[n+1, V]``
-    on the model's device, in slot order.
+    Each row's slots are written right after its own prefix (compact each row afterwards). With
+    ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through the tree kernel row
+    by row; otherwise through the model's attention with one additive mask ``[B, 1, q, K]`` built on
+    the device. Returns logits ``[B, q, V]`` on the model's device, in slot order.
     """
-    input_ids = tree.tokens[None]  # [1, n+1]
-    position_ids = tree.position_ids(prefix_len)  # [1, n+1]
-    if tree.n and kernel is not None:
-        from specdec.device.attention import TREE_KWARG, TreeMeta
+    cache.begin_forward(0, batch.lengths_host, batch.queries, batch.lengths)
+    try:
+        kwargs = {"input_ids": batch.tokens, "position_ids": batch.position_ids()}  # [B, q] each
+        if kernel is not None:
+            from specdec.device.attention import TREE_KWARG, BatchTreeMeta
 
-        with kernel.active():
-            out = forward_with_cache(model, cache, input_ids=input_ids, position_ids=position_ids,
-                                     **{TREE_KWARG: TreeMeta(tree.packed_ancestors, prefix_len)})
-        return out.logits[0]
-    mask = tree_masks(model, tree, prefix_len) if tree.n else None
-    out = forward_with_cache(model, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
-    return out.logits[0]
+            with kernel.active():
+                out = forward_with_cache(model, cache, **kwargs,
+                                         **{TREE_KWARG: BatchTreeMeta(batch.packed_ancestors, batch.lengths_host)})
+        else:
+            out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end), **kwargs)
+    finally:
+        cache.end_forward()
+    return out.logits
 
 
-def tree_masks(model, tree: DeviceTree, prefix_len: int):
-    """The verify forward's additive mask(s) ``[1, 1, n+1, prefix_len + n+1]`` (a dict by layer type
-    for hybrid sliding-window models), built on the device."""
-    positions = tree.depths + prefix_len  # [n+1]
-    return masks_by_layer_type(model.config, lambda window: tree_attention_mask(
-        tree.ancestors, prefix_len, positions, positions, model.dtype, window))
+def tree_masks(model, batch: BatchTree, key_len: int):
+    """The verify forward's additive mask(s) ``[B, 1, q, key_len]`` (a dict by layer type for
+    hybrid sliding-window models), built on the device."""
+    return masks_by_layer_type(model.config, lambda window: batch_tree_attention_mask(
+        batch.ancestors, batch.lengths, batch.depths, key_len, model.dtype, window))
+
+
+def prefill_row(model, cache: RowCache, row: int, ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """Cache ``ids`` (``[m]`` on the model's device) in row ``row`` after the positions it holds, as
+    one causal forward of that row alone. Returns the logits ``[1, k, V]`` of the last
+    ``logits_to_keep`` positions (0: all)."""
+    length = cache.lengths[row]
+    positions = torch.arange(length, length + ids.numel(), device=ids.device)[None]  # [1, m]
+    cache.begin_forward(row, [length], ids.numel())
+    try:
+        out = forward_with_cache(model, cache, input_ids=ids[None], position_ids=positions,
+                                 logits_to_keep=logits_to_keep)
+    finally:
+        cache.end_forward()
+    cache.lengths[row] = length + ids.numel()
+    return out.logits
