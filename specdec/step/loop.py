@@ -11,10 +11,10 @@
 Each cycle: honour cancellations and deadlines (a queued request is dropped unprefilled, a running
 one frees its row), admit queued requests into free rows up to ``max_batch``, cache up to
 ``prefill_chunk`` positions of the joining prompts, oldest first (up to ``max_prefill_chunk`` when
-nobody is decoding), then one decode step for every running row (`specdec.step.step.Step`). A sequence that ends frees its row at once, the last row
-moving into the hole so the running rows stay packed, and the cache is refitted to the rows live
-now. Forwards of several engines on one model take turns under the model's lock (a plain lock:
-nothing on the loop re-enters it).
+nobody is decoding), then one decode step for every running row (`specdec.step.step.Step`). A
+sequence that ends frees its row at once, the last row moving into the hole so the running rows
+stay packed, and the cache is refitted to the rows live now. Forwards of several engines on one
+model take turns under the model's lock (a plain lock: nothing on the loop re-enters it).
 
 Who runs the cycles (the *driver*): exactly one thread at a time, and one whenever work is left.
 A request submitted for reading at leisure (a stream, a server's request) gets a thread of the
