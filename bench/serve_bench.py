@@ -103,6 +103,9 @@ def _run_clients(url: str, model: str, questions: list[str], max_tokens: int, co
     """``questions`` answered by ``concurrency`` client threads taking the next question in turn."""
     import httpx
 
+    from specdec.device.openmp import release_thread_team
+
+    release_thread_team()  # this thread's compute (HF generate, loading) must not slow the engine's
     results, queue, lock = [], list(enumerate(questions)), threading.Lock()
     errors: list[BaseException] = []
 

@@ -278,6 +278,20 @@ def test_a_blocking_call_runs_its_steps_on_its_own_thread(model):
     wait_idle(decoder)
 
 
+def test_a_blocking_caller_lets_its_openmp_team_go_when_it_stops_driving(model, monkeypatch):
+    """Its team would otherwise throttle the next driver's compute (`specdec.device.openmp`)."""
+    decoder = SpeculativeDecoder(model)
+    released = []
+    monkeypatch.setattr(loop_module, "release_thread_team", lambda: released.append(threading.current_thread().name))
+    caller = threading.Thread(target=lambda: decoder.decode(request(decoder, PROMPTS[0], 8)), name="blocking-caller")
+    caller.start()
+    caller.join(TIMEOUT)
+    assert released == ["blocking-caller"]
+    decoder.submit(request(decoder, PROMPTS[1], 8)).wait()  # the loop's own thread: its team ends with it
+    assert released == ["blocking-caller"]
+    wait_idle(decoder)
+
+
 def test_a_blocking_caller_hands_the_loop_over_when_others_remain(model):
     decoder = SpeculativeDecoder(model)
     steps = record_threads(decoder)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from specdec.device.memory import release_free_memory
+from specdec.device.openmp import release_thread_team
 from specdec.step.per_model import entry_for
 from specdec.step.prefill import prefill_chunk
 from specdec.step.sequence import Sequence, State, common_prefix_len
@@ -145,13 +146,16 @@ class Loop:
         self._background.start()
 
     def _hand_over(self) -> None:
-        """The calling driver lets go: to the loop's own thread when work is left."""
+        """The calling driver lets go: to the loop's own thread when work is left. The caller's
+        OpenMP team goes too, so that it does not slow the next driver's compute (see
+        `specdec.device.openmp`; the loop's own thread lets its team go when it ends)."""
         with self._guard:
             if self._driver is not threading.current_thread():
                 return
             self._driver = None
             if self.rows or self._queue:
                 self._start_background()
+        release_thread_team()
 
     def _run(self) -> None:
         device = self.engine.model.device
