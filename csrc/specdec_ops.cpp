@@ -7,6 +7,16 @@
 //     (bit j of the packed row = word j / 64, bit j % 64). S == prefix_len + n. Grouped-query
 //     heads share K/V rows without expansion (query head h reads kv head h / (Hq / Hkv)).
 //
+//   tree_attention_rows(q [B, Hq, n, D], k [B, Hkv, S, D], v [B, Hkv, S, D], ancestors [B, n, W] int64,
+//                       lengths [B] int64, scale) -> [B, n, Hq, D]
+//     The same for rows of different prefix lengths in one call: row b's query i attends to keys
+//     [0, lengths[b]) and to key lengths[b] + j iff bit j of ancestors[b, i] is set; keys from
+//     lengths[b] + n on (other rows' slots, unwritten cache) are never seen. S >= lengths[b] + n.
+//
+//   kv_write(keys [R, H, C, D], values [R, H, C, D], key_states [R, H, q, D], value_states, offsets [R] int64)
+//     In place: row r's q new slots go to positions offsets[r] .. offsets[r] + q - 1 (one memcpy of D
+//     per slot and head; no index tensor, no scatter).
+//
 //   kv_compact(keys[], values[], prefix_len, keep [m] int64) -> ()
 //     For every [B, H, S, D] cache tensor, in place: row prefix_len + i <- row prefix_len + keep[i]
 //     (keep strictly increasing, so rows only move towards the prefix). The caller narrows the
@@ -84,6 +94,100 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at
   return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
 }
 
+// Row b's tree part of scores [B, Hkv, G * n, S] float32: the slots row r % n may not see, and
+// every key past the row's own slots. The prefix [0, lengths[b]) stays visible.
+void mask_row_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, const int64_t* lengths, int64_t n) {
+  const int64_t batch = scores.size(0), seq = scores.size(-1), words = ancestors.size(2);
+  const int64_t rows_per_batch = scores.numel() / batch / seq;
+  float* data = scores.data_ptr<float>();
+  const uint64_t* anc = reinterpret_cast<const uint64_t*>(ancestors.data_ptr<int64_t>());
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, batch * rows_per_batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / rows_per_batch;
+      const uint64_t* anc_row = anc + (b * n + row % n) * words;
+      float* tree_scores = data + row * seq + lengths[b];
+      for (int64_t slot = 0; slot < n; ++slot) {
+        if (!sees_slot(anc_row, slot)) tree_scores[slot] = kNegInf;
+      }
+      std::fill(tree_scores + n, data + (row + 1) * seq, kNegInf);
+    }
+  });
+}
+
+// One call for every row: the float32 GEMMs run batched over (row, kv head) as in tree_attention,
+// and only the mask knows each row's own prefix length.
+at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& ancestors, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "tree_attention_rows: q, k, v must be 4-D [B, H, len, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "tree_attention_rows: k and v shapes differ");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "tree_attention_rows: q, k, v must share a dtype");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "tree_attention_rows: batch or head_dim mismatch");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "tree_attention_rows: query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1), ")");
+  const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
+  const int64_t seq = k.size(2);
+  TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 3 && ancestors.size(0) == batch &&
+                  ancestors.size(1) == n && ancestors.size(2) * 64 >= n,
+              "tree_attention_rows: ancestors must be int64 [B, n, ceil(n / 64)]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == batch &&
+                  lengths.device().is_cpu(),
+              "tree_attention_rows: lengths must be a CPU int64 [B] tensor");
+  const auto lengths_c = lengths.contiguous();
+  const int64_t* lengths_ptr = lengths_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lengths_ptr[b] >= 0 && lengths_ptr[b] + n <= seq, "tree_attention_rows: row ", b, "'s length ",
+                lengths_ptr[b], " plus ", n, " slots passes the ", seq, " keys");
+  }
+  if (q.numel() == 0) return at::empty({batch, n, q_heads, d}, q.options());
+  const auto queries = (q.to(at::kFloat) * scale).reshape({batch, kv_heads, q_heads / kv_heads * n, d});
+  auto scores = at::matmul(queries, k.to(at::kFloat).transpose(-1, -2)).contiguous();  // [B, Hkv, G*n, S]
+  mask_row_tree_keys(scores, ancestors.contiguous(), lengths_ptr, n);
+  const auto probs = at::_softmax(scores, -1, false);
+  const auto out = at::matmul(probs, v.to(at::kFloat));  // [B, Hkv, G*n, D]
+  return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
+}
+
+void kv_write_cpu(at::Tensor keys, at::Tensor values, const at::Tensor& key_states, const at::Tensor& value_states,
+                  const at::Tensor& offsets) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.device().is_cpu(),
+              "kv_write: offsets must be a CPU int64 [R] tensor");
+  const at::Tensor* caches[2] = {&keys, &values};
+  const at::Tensor* states[2] = {&key_states, &value_states};
+  const int64_t rows = offsets.size(0), queries = key_states.dim() == 4 ? key_states.size(2) : 0;
+  for (int pair = 0; pair < 2; ++pair) {
+    const at::Tensor &cache = *caches[pair], &state = *states[pair];
+    TORCH_CHECK(cache.dim() == 4 && state.dim() == 4 && cache.stride(3) == 1 && state.stride(3) == 1,
+                "kv_write: cache and states must be [R, H, len, D] with unit last stride");
+    TORCH_CHECK(cache.scalar_type() == state.scalar_type(), "kv_write: cache and states must share a dtype");
+    TORCH_CHECK(cache.size(0) == rows && state.size(0) == rows && cache.size(1) == state.size(1) &&
+                    cache.size(3) == state.size(3) && state.size(2) == queries,
+                "kv_write: cache ", cache.sizes(), " and states ", state.sizes(), " do not match ", rows, " rows");
+  }
+  const auto offsets_c = offsets.contiguous();
+  const int64_t* offset = offsets_c.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(offset[r] >= 0 && offset[r] + queries <= keys.size(2), "kv_write: row ", r, "'s slots ", offset[r],
+                " .. ", offset[r] + queries - 1, " pass the cache's ", keys.size(2), " positions");
+  }
+  const int64_t heads = keys.size(1);
+  at::parallel_for(0, 2 * rows * heads, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int pair = static_cast<int>(item / (rows * heads));
+      const int64_t r = item / heads % rows, h = item % heads;
+      const at::Tensor &cache = *caches[pair], &state = *states[pair];
+      const int64_t size = cache.element_size(), bytes = cache.size(3) * size;
+      char* target = static_cast<char*>(cache.data_ptr()) + (r * cache.stride(0) + h * cache.stride(1)) * size;
+      const char* source =
+          static_cast<const char*>(state.data_ptr()) + (r * state.stride(0) + h * state.stride(1)) * size;
+      for (int64_t i = 0; i < queries; ++i) {
+        std::memcpy(target + (offset[r] + i) * cache.stride(2) * size, source + i * state.stride(2) * size, bytes);
+      }
+    }
+  });
+}
+
 void kv_compact_cpu(at::TensorList keys, at::TensorList values, int64_t prefix_len, const at::Tensor& keep) {
   TORCH_CHECK(keys.size() == values.size(), "kv_compact: as many key as value tensors expected");
   TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1, "kv_compact: keep must be a 1-D int64 tensor");
@@ -124,11 +228,15 @@ void kv_compact_cpu(at::TensorList keys, at::TensorList values, int64_t prefix_l
 
 TORCH_LIBRARY(specdec, m) {
   m.def("tree_attention(Tensor q, Tensor k, Tensor v, Tensor ancestors, int prefix_len, float scale) -> Tensor");
+  m.def("tree_attention_rows(Tensor q, Tensor k, Tensor v, Tensor ancestors, Tensor lengths, float scale) -> Tensor");
+  m.def("kv_write(Tensor(a!) keys, Tensor(b!) values, Tensor key_states, Tensor value_states, Tensor offsets) -> ()");
   m.def("kv_compact(Tensor(a!)[] keys, Tensor(b!)[] values, int prefix_len, Tensor keep) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(specdec, CPU, m) {
   m.impl("tree_attention", &tree_attention_cpu);
+  m.impl("tree_attention_rows", &tree_attention_rows_cpu);
+  m.impl("kv_write", &kv_write_cpu);
   m.impl("kv_compact", &kv_compact_cpu);
 }
 

@@ -90,6 +90,72 @@ def test_tree_attention_rejects_bad_shapes():
         torch.ops.specdec.tree_attention(q, k, v, anc.int(), 10, 0.25)
 
 
+def ragged_rows(rng, lengths, q_heads, kv_heads, n, dim, dtype, spare=5):
+    """Rows of their own prefix lengths in one ``[B, H, S, D]`` cache: each row's slots right after
+    its prefix, then keys that row must never see (huge, so one seen shows at once)."""
+    seq = max(lengths) + n + spare
+    q = torch.randn(len(lengths), q_heads, n, dim).to(dtype)
+    k = torch.randn(len(lengths), kv_heads, seq, dim)
+    v = torch.randn(len(lengths), kv_heads, seq, dim)
+    for b, length in enumerate(lengths):
+        k[b, :, length + n :] = 50.0
+        v[b, :, length + n :] = 1e4
+    masks = [random_tree(rng, n - 1).ancestor_mask() if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+             for _ in lengths]
+    return q, k.to(dtype), v.to(dtype), torch.stack([pack_rows(mask) for mask in masks])
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_rows_matches_the_reference_row_by_row(group, dtype):
+    rng = np.random.default_rng(group)
+    torch.manual_seed(group)
+    for lengths, n, dim in (([0], 1, 16), ([5, 0, 17], 9, 64), ([300, 12, 299, 1], 33, 64), ([70, 700], 70, 40)):
+        q, k, v, anc = ragged_rows(rng, lengths, 2 * group, 2, n, dim, dtype)
+        scale = dim ** -0.5
+        ours = torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor(lengths), scale)
+        assert ours.shape == (len(lengths), n, 2 * group, dim) and ours.dtype == dtype
+        for b, length in enumerate(lengths):
+            expected = ops.tree_attention_reference(q[b : b + 1], k[b : b + 1, :, : length + n],
+                                                    v[b : b + 1, :, : length + n], anc[b], length, scale)
+            tolerance = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+            torch.testing.assert_close(ours[b : b + 1].float(), expected.float(), **tolerance)
+        through_wrapper = ops.tree_attention_rows(q, k, v, anc, lengths, scale)
+        assert torch.equal(through_wrapper, ours)
+
+
+def test_tree_attention_rows_rejects_bad_lengths():
+    q, k, v, anc = ragged_rows(np.random.default_rng(0), [3, 4], 4, 2, 5, 16, torch.float32, spare=0)
+    with pytest.raises(RuntimeError, match="row 1's length 5 plus 5 slots"):
+        torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor([3, 5]), 0.25)
+    with pytest.raises(RuntimeError, match="lengths must be"):
+        torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor([3]), 0.25)
+    with pytest.raises(RuntimeError, match="ancestors must be"):
+        torch.ops.specdec.tree_attention_rows(q, k, v, anc[0], torch.tensor([3, 4]), 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_puts_each_rows_slots_at_its_own_offset(dtype):
+    torch.manual_seed(0)
+    rows, heads, capacity, dim, queries = 4, 3, 40, 16, 6
+    keys, values = torch.randn(rows, heads, capacity, dim).to(dtype), torch.randn(rows, heads, capacity, dim).to(dtype)
+    # as a projection leaves them: [R, q, H, D] memory seen as [R, H, q, D] (not contiguous)
+    key_states = torch.randn(rows, queries, heads, dim).to(dtype).transpose(1, 2)
+    value_states = torch.randn(rows, queries, heads, dim).to(dtype).transpose(1, 2)
+    offsets = [0, 17, 34, 5]
+    expected_k, expected_v = keys.clone(), values.clone()
+    for r, offset in enumerate(offsets):  # independent: a slice assignment per row
+        expected_k[r, :, offset : offset + queries] = key_states[r]
+        expected_v[r, :, offset : offset + queries] = value_states[r]
+    torch.ops.specdec.kv_write(keys, values, key_states, value_states, torch.tensor(offsets))
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+    with pytest.raises(RuntimeError, match="row 2's slots 35 .. 40 pass"):
+        torch.ops.specdec.kv_write(keys, values, key_states, value_states, torch.tensor([0, 1, 35, 0]))
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.specdec.kv_write(keys[:3], values[:3], key_states, value_states, torch.tensor([0, 1, 2]))
+    assert torch.equal(keys, expected_k)  # a refused write changed nothing
+
+
 def test_kv_compact_matches_reference_on_narrowed_caches():
     torch.manual_seed(0)
     prefix_len, keep = 6, torch.tensor([0, 2, 3, 7])
@@ -107,8 +173,12 @@ def test_kv_compact_matches_reference_on_narrowed_caches():
 def test_opcheck():
     q, k, v, anc = random_inputs(np.random.default_rng(2), 1, 6, 2, 7, 5, 16, torch.float32)
     torch.library.opcheck(torch.ops.specdec.tree_attention.default, (q, k, v, anc, 5, 0.25))
+    q, k, v, anc = ragged_rows(np.random.default_rng(3), [4, 0, 9], 6, 2, 7, 16, torch.float32)
+    torch.library.opcheck(torch.ops.specdec.tree_attention_rows.default, (q, k, v, anc, torch.tensor([4, 0, 9]), 0.25))
     keys = [torch.randn(1, 2, 12, 4) for _ in range(2)]
     values = [torch.randn(1, 2, 12, 4) for _ in range(2)]
+    torch.library.opcheck(torch.ops.specdec.kv_write.default, (torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4),
+                          torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4), torch.tensor([1, 6])))
     torch.library.opcheck(torch.ops.specdec.kv_compact.default, (keys, values, 4, torch.tensor([0, 3, 5])))
 
 

@@ -34,8 +34,8 @@ class TreeMeta:
 
 @dataclass(frozen=True)
 class BatchTreeMeta:
-    """The same for a batch (`specdec.batch.tree`): ``ancestors [B, q, W]`` and each row's
-    cache length (host ints); row b's slots sit right after its own prefix."""
+    """The same for a batch (`specdec.device.tree.BatchTree`): ``ancestors [B, q, W]`` and each
+    row's cache length (host ints); row b's slots sit right after its own prefix."""
 
     ancestors: torch.Tensor
     lengths: list[int]
@@ -61,11 +61,7 @@ def _register(original: str) -> str:
         scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
         if isinstance(meta, TreeMeta):
             return ops.tree_attention(query, key, value, meta.ancestors, meta.prefix_len, scale), None  # [B, n, Hq, D]
-        queries = query.shape[2]
-        rows = [ops.tree_attention(query[b : b + 1], key[b : b + 1, :, : length + queries],
-                                   value[b : b + 1, :, : length + queries], meta.ancestors[b], length, scale)
-                for b, length in enumerate(meta.lengths)]  # each row over its own prefix and slots
-        return torch.cat(rows), None  # [B, q, Hq, D]
+        return ops.tree_attention_rows(query, key, value, meta.ancestors, meta.lengths, scale), None  # [B, q, Hq, D]
 
     AttentionInterface.register(name, tree_attention_forward)
     mask = ALL_MASK_ATTENTION_FUNCTIONS.get(original if original in ALL_MASK_ATTENTION_FUNCTIONS else "eager")

@@ -90,9 +90,7 @@ class RowLayer(CacheLayerMixin):
             keys[:, :, offset : offset + forward.queries] = key_states
             values[:, :, offset : offset + forward.queries] = value_states
         else:
-            index = self.owner.write_index()  # [B, 1, q, 1] device
-            keys.scatter_(2, index.expand(key_states.shape), key_states)
-            values.scatter_(2, index.expand(value_states.shape), value_states)
+            ops.kv_write(keys, values, key_states, value_states, forward.offsets_host, self.owner.write_index)
         end = forward.end
         return keys[:, :, :end], values[:, :, :end]
 

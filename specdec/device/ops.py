@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,6 +103,14 @@ def _register_fakes() -> None:
     def _tree_attention_fake(q, k, v, ancestors, prefix_len, scale):
         return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
+    @torch.library.register_fake("specdec::tree_attention_rows")
+    def _tree_attention_rows_fake(q, k, v, ancestors, lengths, scale):
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+    @torch.library.register_fake("specdec::kv_write")
+    def _kv_write_fake(keys, values, key_states, value_states, offsets):
+        return None
+
     @torch.library.register_fake("specdec::kv_compact")
     def _kv_compact_fake(keys, values, prefix_len, keep):
         return None
@@ -118,6 +127,35 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestors:
     if load():
         return torch.ops.specdec.tree_attention(q, k, v, ancestors, prefix_len, scale)
     return tree_attention_reference(q, k, v, ancestors, prefix_len, scale)
+
+
+def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestors: torch.Tensor,
+                        lengths: list[int], scale: float) -> torch.Tensor:
+    """`tree_attention` for rows of their own prefix lengths: row b's queries ``q[b]`` (``[B, Hq, n,
+    D]``) see its first ``lengths[b]`` keys and, under ``ancestors[b]`` (``[B, n, W]``), its tree
+    slots at ``lengths[b] .. lengths[b] + n - 1`` of ``k, v [B, Hkv, S, D]``; nothing past them.
+    Returns ``[B, n, Hq, D]``. One operator call on CPU; on other devices (and without the
+    extension) the rows one by one."""
+    if q.device.type == "cpu" and load():
+        return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, torch.tensor(lengths, dtype=torch.long),
+                                                     scale)
+    n = q.shape[2]
+    return torch.cat([tree_attention(q[b : b + 1], k[b : b + 1, :, : length + n], v[b : b + 1, :, : length + n],
+                                     ancestors[b], length, scale) for b, length in enumerate(lengths)])
+
+
+def kv_write(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
+             offsets: list[int], index: Callable[[], torch.Tensor]) -> None:
+    """Write row r's new slots ``key_states[r], value_states[r]`` (``[R, H, q, D]``) into ``keys,
+    values`` (``[R, H, C, D]``) at positions ``offsets[r] ..`` in place: one memcpy per slot and
+    head on CPU; elsewhere (and without the extension) a scatter along ``index()``, the
+    ``[R, 1, q, 1]`` int64 device positions."""
+    if keys.device.type == "cpu" and load():
+        torch.ops.specdec.kv_write(keys, values, key_states, value_states, torch.tensor(offsets, dtype=torch.long))
+        return
+    positions = index()
+    keys.scatter_(2, positions.expand(key_states.shape), key_states)
+    values.scatter_(2, positions.expand(value_states.shape), value_states)
 
 
 def kv_compact(keys: list[torch.Tensor], values: list[torch.Tensor], prefix_len: int, keep: torch.Tensor) -> None:
