@@ -59,16 +59,34 @@ void mask_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, int64_t pre
   });
 }
 
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D [B, H, len, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v shapes differ");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              op, ": q, k, v must share a dtype");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": batch or head_dim mismatch");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              op, ": query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1), ")");
+}
+
+// Scores of q [B, Hq, n, D] against every key as one float32 GEMM per (batch, kv head), grouped-query
+// heads viewed as rows ([B, Hkv, G * n, S]; row r is tree slot r % n); `mask` blocks keys in place;
+// then softmax and the GEMM with V. Returns [B, n, Hq, D] in q's dtype.
+template <typename Mask>
+at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, Mask mask) {
+  const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
+  if (q.numel() == 0) return at::empty({batch, n, q_heads, d}, q.options());
+  const auto queries = (q.to(at::kFloat) * scale).reshape({batch, kv_heads, q_heads / kv_heads * n, d});
+  auto scores = at::matmul(queries, k.to(at::kFloat).transpose(-1, -2)).contiguous();  // [B, Hkv, G*n, S]
+  mask(scores);
+  const auto probs = at::_softmax(scores, -1, false);
+  const auto out = at::matmul(probs, v.to(at::kFloat));  // [B, Hkv, G*n, D]
+  return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
+}
+
 void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& ancestors, int64_t prefix_len) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "tree_attention: q, k, v must be 4-D [B, H, len, D]");
-  TORCH_CHECK(k.sizes() == v.sizes(), "tree_attention: k and v shapes differ");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "tree_attention: q, k, v must share a dtype");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "tree_attention: batch or head_dim mismatch");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "tree_attention: query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1), ")");
+  check_qkv("tree_attention", q, k, v);
   TORCH_CHECK(prefix_len >= 0 && k.size(2) == prefix_len + q.size(2),
               "tree_attention: keys must hold prefix_len + n positions, got ", k.size(2), " for prefix_len ",
               prefix_len, " and n ", q.size(2));
@@ -84,14 +102,10 @@ void check_tree_attention_args(const at::Tensor& q, const at::Tensor& k, const a
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& ancestors, int64_t prefix_len, double scale) {
   check_tree_attention_args(q, k, v, ancestors, prefix_len);
-  const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
-  if (q.numel() == 0) return at::empty({batch, n, q_heads, d}, q.options());
-  const auto queries = (q.to(at::kFloat) * scale).reshape({batch, kv_heads, q_heads / kv_heads * n, d});
-  auto scores = at::matmul(queries, k.to(at::kFloat).transpose(-1, -2)).contiguous();  // [B, Hkv, G*n, S]
-  mask_tree_keys(scores, ancestors.contiguous(), prefix_len, n);
-  const auto probs = at::_softmax(scores, -1, false);
-  const auto out = at::matmul(probs, v.to(at::kFloat));  // [B, Hkv, G*n, D]
-  return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
+  const auto ancestors_c = ancestors.contiguous();
+  return masked_attention(q, k, v, scale, [&](at::Tensor& scores) {
+    mask_tree_keys(scores, ancestors_c, prefix_len, q.size(2));
+  });
 }
 
 // Row b's tree part of scores [B, Hkv, G * n, S] float32: the slots row r % n may not see, and
@@ -119,15 +133,8 @@ void mask_row_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, const i
 // and only the mask knows each row's own prefix length.
 at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& ancestors, const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "tree_attention_rows: q, k, v must be 4-D [B, H, len, D]");
-  TORCH_CHECK(k.sizes() == v.sizes(), "tree_attention_rows: k and v shapes differ");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "tree_attention_rows: q, k, v must share a dtype");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "tree_attention_rows: batch or head_dim mismatch");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "tree_attention_rows: query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1), ")");
-  const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
-  const int64_t seq = k.size(2);
+  check_qkv("tree_attention_rows", q, k, v);
+  const int64_t batch = q.size(0), n = q.size(2), seq = k.size(2);
   TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 3 && ancestors.size(0) == batch &&
                   ancestors.size(1) == n && ancestors.size(2) * 64 >= n,
               "tree_attention_rows: ancestors must be int64 [B, n, ceil(n / 64)]");
@@ -140,13 +147,10 @@ at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(lengths_ptr[b] >= 0 && lengths_ptr[b] + n <= seq, "tree_attention_rows: row ", b, "'s length ",
                 lengths_ptr[b], " plus ", n, " slots passes the ", seq, " keys");
   }
-  if (q.numel() == 0) return at::empty({batch, n, q_heads, d}, q.options());
-  const auto queries = (q.to(at::kFloat) * scale).reshape({batch, kv_heads, q_heads / kv_heads * n, d});
-  auto scores = at::matmul(queries, k.to(at::kFloat).transpose(-1, -2)).contiguous();  // [B, Hkv, G*n, S]
-  mask_row_tree_keys(scores, ancestors.contiguous(), lengths_ptr, n);
-  const auto probs = at::_softmax(scores, -1, false);
-  const auto out = at::matmul(probs, v.to(at::kFloat));  // [B, Hkv, G*n, D]
-  return out.reshape({batch, q_heads, n, d}).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, n, Hq, D]
+  const auto ancestors_c = ancestors.contiguous();
+  return masked_attention(q, k, v, scale, [&](at::Tensor& scores) {
+    mask_row_tree_keys(scores, ancestors_c, lengths_ptr, n);
+  });
 }
 
 void kv_write_cpu(at::Tensor keys, at::Tensor values, const at::Tensor& key_states, const at::Tensor& value_states,
