@@ -39,6 +39,7 @@ class BatchTreeMeta:
 
     ancestors: torch.Tensor
     lengths: list[int]
+    lengths_tensor: torch.Tensor | None = None  # the same lengths, int64 on the model's device
 
 
 def _delegate(original: str, module):
@@ -61,7 +62,8 @@ def _register(original: str) -> str:
         scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
         if isinstance(meta, TreeMeta):
             return ops.tree_attention(query, key, value, meta.ancestors, meta.prefix_len, scale), None  # [B, n, Hq, D]
-        return ops.tree_attention_rows(query, key, value, meta.ancestors, meta.lengths, scale), None  # [B, q, Hq, D]
+        return ops.tree_attention_rows(query, key, value, meta.ancestors, meta.lengths, scale,
+                                       meta.lengths_tensor), None  # [B, q, Hq, D]
 
     AttentionInterface.register(name, tree_attention_forward)
     mask = ALL_MASK_ATTENTION_FUNCTIONS.get(original if original in ALL_MASK_ATTENTION_FUNCTIONS else "eager")

@@ -90,7 +90,7 @@ class RowLayer(CacheLayerMixin):
             keys[:, :, offset : offset + forward.queries] = key_states
             values[:, :, offset : offset + forward.queries] = value_states
         else:
-            ops.kv_write(keys, values, key_states, value_states, forward.offsets_host, self.owner.write_index)
+            ops.kv_write(keys, values, key_states, value_states, forward.offsets, self.owner.write_index)
         end = forward.end
         return keys[:, :, :end], values[:, :, :end]
 

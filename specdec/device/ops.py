@@ -130,28 +130,30 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestors:
 
 
 def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestors: torch.Tensor,
-                        lengths: list[int], scale: float) -> torch.Tensor:
+                        lengths: list[int], scale: float, lengths_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """`tree_attention` for rows of their own prefix lengths: row b's queries ``q[b]`` (``[B, Hq, n,
     D]``) see its first ``lengths[b]`` keys and, under ``ancestors[b]`` (``[B, n, W]``), its tree
     slots at ``lengths[b] .. lengths[b] + n - 1`` of ``k, v [B, Hkv, S, D]``; nothing past them.
-    Returns ``[B, n, Hq, D]``. One operator call on CPU; on other devices (and without the
-    extension) the rows one by one."""
+    Returns ``[B, n, Hq, D]``. One operator call on CPU (``lengths_tensor``: the same lengths as
+    an int64 tensor, when the caller holds one); on other devices (and without the extension) the
+    rows one by one."""
     if q.device.type == "cpu" and load():
-        return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, torch.tensor(lengths, dtype=torch.long),
-                                                     scale)
+        if lengths_tensor is None or lengths_tensor.device.type != "cpu":
+            lengths_tensor = torch.tensor(lengths, dtype=torch.long)
+        return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, lengths_tensor, scale)
     n = q.shape[2]
     return torch.cat([tree_attention(q[b : b + 1], k[b : b + 1, :, : length + n], v[b : b + 1, :, : length + n],
                                      ancestors[b], length, scale) for b, length in enumerate(lengths)])
 
 
 def kv_write(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
-             offsets: list[int], index: Callable[[], torch.Tensor]) -> None:
+             offsets: torch.Tensor, index: Callable[[], torch.Tensor]) -> None:
     """Write row r's new slots ``key_states[r], value_states[r]`` (``[R, H, q, D]``) into ``keys,
-    values`` (``[R, H, C, D]``) at positions ``offsets[r] ..`` in place: one memcpy per slot and
-    head on CPU; elsewhere (and without the extension) a scatter along ``index()``, the
-    ``[R, 1, q, 1]`` int64 device positions."""
+    values`` (``[R, H, C, D]``) at positions ``offsets[r] ..`` (``[R]`` int64, on the cache's
+    device) in place: one memcpy per slot and head on CPU; elsewhere (and without the extension)
+    a scatter along ``index()``, the ``[R, 1, q, 1]`` int64 device positions."""
     if keys.device.type == "cpu" and load():
-        torch.ops.specdec.kv_write(keys, values, key_states, value_states, torch.tensor(offsets, dtype=torch.long))
+        torch.ops.specdec.kv_write(keys, values, key_states, value_states, offsets)
         return
     positions = index()
     keys.scatter_(2, positions.expand(key_states.shape), key_states)

@@ -24,9 +24,9 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None) -> torch.
         if kernel is not None:
             from specdec.device.attention import TREE_KWARG, BatchTreeMeta
 
+            meta = BatchTreeMeta(batch.packed_ancestors, batch.lengths_host, batch.lengths)
             with kernel.active():
-                out = forward_with_cache(model, cache, **kwargs,
-                                         **{TREE_KWARG: BatchTreeMeta(batch.packed_ancestors, batch.lengths_host)})
+                out = forward_with_cache(model, cache, **kwargs, **{TREE_KWARG: meta})
         else:
             out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end), **kwargs)
     finally:
