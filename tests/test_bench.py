@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -231,3 +232,72 @@ def test_sampled_benchmark_repeats_outputs_with_the_same_seed(tiny_model_dir):
     first = outputs(5)
     assert first == outputs(5)
     assert first != outputs(6)
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-serve"])
+def test_peer_without_vllm_says_how_to_get_it(command, tmp_path):
+    missing = CliRunner().invoke(main, [command, "--peer", "vllm", "--vllm-python", str(tmp_path / "nope" / "python")])
+    assert missing.exit_code == 2
+    assert "--vllm-python" in missing.output and "dev.py peers" in missing.output
+    assert "Traceback" not in missing.output
+    without = CliRunner().invoke(main, [command, "--peer", "vllm", "--vllm-python", sys.executable])
+    assert without.exit_code == 2
+    assert "cannot import vllm" in without.output and "Traceback" not in without.output
+
+
+@pytest.fixture
+def fake_vllm_python(tmp_path, monkeypatch):
+    """An interpreter that imports the suite's stand-in for vLLM (tests/fake_vllm), and the file
+    where the stand-in records how each server was started."""
+    from pathlib import Path
+
+    fake = Path(__file__).parent / "fake_vllm"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{fake}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    started = tmp_path / "started.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_ARGS", str(started))
+    return python, started
+
+
+def test_bench_peer_runs_vllm_plain_and_ngram_interleaved(tmp_path, tiny_model_dir, fake_vllm_python):
+    python, started = fake_vllm_python
+    dataset = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "category": "qa", "turns": ["what is this"]},
+                                                 {"question_id": 2, "category": "qa", "turns": ["hello there"]}])
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--dataset", str(dataset), "--max-new-tokens", "5",
+        "--methods", "baseline", "--peer", "vllm", "--vllm-python", str(python), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert set(payload["summary"]) == {"baseline", "vllm-plain", "vllm-ngram"}
+    order = [row["method"] for row in payload["results"]]
+    assert order == ["baseline", "vllm-plain", "vllm-ngram"] * 2  # interleaved question by question
+    peer_rows = [row for row in payload["results"] if row["method"].startswith("vllm")]
+    assert all(row["new_tokens"] == 5 for row in peer_rows)  # the peer's token ids came back
+    runs = [json.loads(line) for line in started.read_text().splitlines()]
+    assert len(runs) == 2
+    plain, ngram = runs
+    assert "--speculative-config" not in plain and json.loads(ngram[ngram.index("--speculative-config") + 1]) == \
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    for run in runs:
+        assert "--no-enable-prefix-caching" in run and run[run.index("--max-num-seqs") + 1] == "1"
+        assert run[run.index("--dtype") + 1] == "float32" and run[-1] == "KV=4"
+
+
+def test_bench_serve_peer_reports_vllm_rows_with_their_mat(tmp_path, tiny_model_dir, fake_vllm_python):
+    python, _ = fake_vllm_python
+    out = tmp_path / "serve.json"
+    result = CliRunner().invoke(main, [
+        "bench-serve", "--model", str(tiny_model_dir), "--dtype", "fp32", "--requests", "3", "--concurrency", "1,2",
+        "--max-tokens", "4", "--peer", "vllm", "--vllm-python", str(python), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    configs = [(row["config"], row["concurrency"]) for row in rows]
+    assert configs == [("hf-sequential", 1)] + [(c, n) for n in (1, 2) for c in
+                                                ("specdec", "plain-batched", "vllm-plain", "vllm-ngram")]
+    for row in rows:
+        if row["config"].startswith("vllm"):
+            assert row["requests"] == 3 and row["tokens"] == 12
+            assert row["mat"] == (3.0 if row["config"] == "vllm-ngram" else None)  # 1 + accepted / drafts
+    assert "vLLM's MAT is 1 + accepted / drafts" in result.output

@@ -24,7 +24,8 @@ import numpy as np
 # Tree sizes grouped for cost measurements; a size belongs to the largest bucket not above it.
 SIZE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Prior relative cost of each extra draft node, T(n) ~ T(0) * (1 + slope * n), until two buckets
-# are measured: about what bf16 / fp32 forwards of a 135M model cost on a 2-core CPU.
+# are measured: about what bf16 / fp32 forwards of a 135M model cost on a 2-core CPU. A forward of
+# B rows feeds B positions per node, so its prior is B times steeper (`CostModel(rows=B)`).
 PRIOR_SLOPE = 0.03
 PER_BUCKET = 32  # newest measurements kept per bucket
 MIN_CONTEXT_GAP = 16  # pairs closer than this in context length say nothing about the slope
@@ -82,9 +83,11 @@ def theil_sen(xs: np.ndarray, ys: np.ndarray, min_gap: float) -> tuple[float, in
 
 
 class CostModel:
-    """``T(n, L)`` from measured verify forwards; see the module docstring."""
+    """``T(n, L)`` from measured verify forwards of ``rows`` rows (``n`` nodes a row); see the
+    module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 1) -> None:
+        self.prior_slope = PRIOR_SLOPE * rows
         self.samples = [np.zeros((0, 3)) for _ in SIZE_BUCKETS]  # per bucket: [k, (size, context, seconds)]
         self._fit = None
         self._curve = None  # the fit's curve at context 0 (see `_curve_at_zero`)
@@ -130,7 +133,7 @@ class CostModel:
         if not len(xs):
             self._curve = (0.0, np.full(len(sizes), np.nan), np.full(len(sizes), np.nan))
             return self._curve
-        base = ys[0] / (1 + PRIOR_SLOPE * xs[0])
+        base = ys[0] / (1 + self.prior_slope * xs[0])
         step = self._node_slope(xs, ys, base)
         at_zero = np.interp(sizes, xs, ys)
         above, below = sizes > xs[-1], sizes < xs[0]
@@ -143,13 +146,12 @@ class CostModel:
         self._curve = (slope, at_zero, relative)
         return self._curve
 
-    @staticmethod
-    def _node_slope(xs: np.ndarray, ys: np.ndarray, base: float) -> float:
+    def _node_slope(self, xs: np.ndarray, ys: np.ndarray, base: float) -> float:
         """Seconds per extra node beyond the measured sizes: the robust slope of the measured
         points (never flatter than a quarter of the prior), the prior with one point."""
-        floor = 0.25 * PRIOR_SLOPE * base
+        floor = 0.25 * self.prior_slope * base
         if len(xs) < 2:
-            return PRIOR_SLOPE * base
+            return self.prior_slope * base
         slope, _ = theil_sen(xs.astype(float), ys, 1)
         return max(slope, floor)
 

@@ -27,7 +27,7 @@ from specdec.schedule.costs import SIZE_BUCKETS, CostModel
 from trees import TokenTree
 
 __all__ = ["Scheduler", "SIZE_BUCKETS"]
-FIRST_SIZE = 8  # the tree verified before anything is measured
+FIRST_POSITIONS = 9  # positions a forward verifies before anything is measured: a tree of 8 for one row
 
 
 class Scheduler:
@@ -122,8 +122,8 @@ class Scheduler:
             cumulative = np.concatenate([[0.0], np.cumsum(values[:width])])
             gain += np.pad(cumulative, (0, width + 1 - len(cumulative)), mode="edge")
         cost, error = self._cost(batch).curve(context_len)
-        if np.isnan(cost[0]):
-            return min(width, FIRST_SIZE)
+        if np.isnan(cost[0]):  # nothing measured at this row count: trees only as large as one row's first
+            return min(width, max(0, FIRST_POSITIONS // batch - 1))
         cost, error = cost[: len(gain)], error[: len(gain)]
         # a cost's lower bound is also one for every larger size (costs are monotone in n)
         optimistic = np.maximum.accumulate(np.maximum(cost - self.explore * error, 0.5 * cost))
@@ -133,7 +133,7 @@ class Scheduler:
         """The verify cost model of forwards of ``batch`` rows (``self.cost`` for one)."""
         if batch == 1:
             return self.cost
-        return self._batch_costs.setdefault(batch, CostModel())
+        return self._batch_costs.setdefault(batch, CostModel(batch))
 
     def _probe(self, keep: np.ndarray, order: np.ndarray, sources: np.ndarray) -> None:
         """Add the best nodes of every drafter left out for `probe_every` steps (`select` adds their ancestors)."""

@@ -24,7 +24,7 @@ from specdec.schedule.scheduler import Scheduler
 from specdec.step.features import FeatureTap
 from specdec.step.loop import Loop
 from specdec.step.metrics import EngineMetrics
-from specdec.step.per_model import entry_for
+from specdec.step.per_model import entry_for, forward_module
 from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_tree_budget
 from specdec.step.sequence import Sequence
 from specdec.step.stream import End, Outbox, Overloaded, Stream, Ticket
@@ -97,6 +97,7 @@ class Engine:
         self.position_limit = position_limit(model)
         declared = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
         self.context_length = self.position_limit or declared  # what servers hold requests to (None: unknown)
+        self.forward_model = forward_module(model, self.sharded)  # verify and prefill forwards run this
         self.features = FeatureTap(model, self.drafter.needs_features)
         self.cache = RowCache.for_model(model)
         self.buffer = HostBuffer(model.device)

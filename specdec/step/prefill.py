@@ -28,7 +28,7 @@ def prefill_chunk(engine, seq: Sequence, limit: int) -> bool:
         featured = max(0, min(end - cached, end - (target - drafter.needs_features)))  # the chunk's last ones
         kept = ids.numel() if k else max(featured, 1)  # positions the LM head reads, the last ones
         with engine.features.capture():
-            logits = prefill_row(engine.model, cache, seq.slot, ids.to(engine.model.device), 0 if k else kept)
+            logits = prefill_row(engine.forward_model, cache, seq.slot, ids.to(engine.model.device), 0 if k else kept)
         features = engine.features.rows(torch.arange(kept - featured, kept, device=engine.model.device)) \
             if featured else None
         if k or features is not None:
