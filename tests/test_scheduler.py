@@ -288,3 +288,69 @@ def _ctx(sequences):
     from drafters import DraftContext
 
     return (DraftContext(sequences[0].numpy(), sequence_id=99, prompt_len=8),)
+
+
+def batch_seconds(rows: int, nodes: int) -> float:
+    """A forward's cost by query positions: flat while memory-bound (up to 16), then linear."""
+    return 0.05 * (1 + max(0, rows * (nodes + 1) - 16) / 24)
+
+
+def replay_batches(rows_per_step, accepted_per_row, steps=200, explore=1.0):
+    """Batched steps at the row counts ``rows_per_step`` cycles through, each row's chain accepting
+    ``accepted_per_row`` of its nodes; returns the scheduler and its (rows, nodes) choices."""
+    scheduler = Scheduler(explore=explore)
+    choices = []
+    for step in range(steps):
+        rows = rows_per_step[step % len(rows_per_step)]
+        trees = scheduler.select_batch([chain(16, source=0) for _ in range(rows)], 300)
+        nodes = max(len(t) for t in trees)
+        choices.append((rows, nodes))
+        scheduler.record_batch(trees, 300, batch_seconds(rows, nodes), 0.001,
+                               [range(min(accepted_per_row, len(t))) for t in trees])
+    return scheduler, choices
+
+
+def test_batched_costs_are_shared_across_row_counts():
+    """Forwards of 2 rows teach the cost of forwards of 8: a curve by query positions."""
+    scheduler, _ = replay_batches([2], 1, steps=60)
+    measured = scheduler.batch_cost.counts.sum()
+    assert measured == 60
+    cost8, _ = scheduler._curve(8, 300)
+    cost2, _ = scheduler._curve(2, 300)
+    assert not np.isnan(cost8).any()
+    assert cost8[1] == pytest.approx(cost2[3], rel=0.35)  # 16 positions either way (context differs)
+
+
+def test_trees_that_pay_for_few_rows_do_not_for_many():
+    """Every row accepts one node a step: worth a tree at 2 rows (positions nearly free), not at 8
+    (each node costs 8 positions past the memory-bound region); the scheduler learns both."""
+    scheduler, choices = replay_batches([2, 8], 1, steps=400)
+    late = choices[-100:]
+    two = [nodes for rows, nodes in late if rows == 2]
+    eight = [nodes for rows, nodes in late if rows == 8]
+    assert np.median(two) >= 1
+    assert np.median(eight) <= 1
+    rate = {rows: np.mean([(rows * (1 + min(1, n))) / batch_seconds(rows, n) for r, n in late if r == rows])
+            for rows in (2, 8)}
+    plain = {rows: rows / batch_seconds(rows, 0) for rows in (2, 8)}
+    assert rate[2] > 1.3 * plain[2]  # speculation pays where it can
+    assert rate[8] > 0.9 * plain[8]  # and costs little where it cannot
+
+
+def test_first_batched_tree_fits_one_rows_positions():
+    scheduler = Scheduler()
+    assert max(len(t) for t in scheduler.select_batch([chain(16) for _ in range(8)], 300)) == 0
+    assert max(len(t) for t in scheduler.select_batch([chain(16) for _ in range(2)], 300)) == 3
+
+
+def test_probes_count_steps_not_rows_and_probe_one_row():
+    """A drafter left out gets probed once every `probe_every` steps, in one row only (a probe in
+    every row, or every few rows, would make every row of a batched forward pay for it)."""
+    scheduler = Scheduler(probe_every=4, probe_nodes=2)
+    sizes = []
+    for _ in range(8):
+        trees = scheduler.select_batch([chain(16) for _ in range(8)], 300)  # nothing measured: size 0
+        sizes.append([len(t) for t in trees])
+    assert sizes[3] == [2] + [0] * 7 and sizes[7] == [2] + [0] * 7
+    assert all(s == [0] * 8 for i, s in enumerate(sizes) if i not in (3, 7))
+    assert scheduler.probes == 2

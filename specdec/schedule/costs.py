@@ -23,9 +23,11 @@ import numpy as np
 
 # Tree sizes grouped for cost measurements; a size belongs to the largest bucket not above it.
 SIZE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-# Prior relative cost of each extra draft node, T(n) ~ T(0) * (1 + slope * n), until two buckets
-# are measured: about what bf16 / fp32 forwards of a 135M model cost on a 2-core CPU. A forward of
-# B rows feeds B positions per node, so its prior is B times steeper (`CostModel(rows=B)`).
+# Batched forwards: their cost is kept by query positions (rows x (nodes + 1)), less one, so that
+# forwards of every row count inform each other (a size here is positions - 1: one row's n).
+POSITION_BUCKETS = SIZE_BUCKETS[:-1] + (64, 96, 128, 192, 256, 384, 512, 640, 768, 1024)
+# Prior relative cost of each extra draft node (or query position), T(n) ~ T(0) * (1 + slope * n),
+# until two buckets are measured: about what bf16 / fp32 forwards of a 135M model cost on a 2-core CPU.
 PRIOR_SLOPE = 0.03
 PER_BUCKET = 32  # newest measurements kept per bucket
 MIN_CONTEXT_GAP = 16  # pairs closer than this in context length say nothing about the slope
@@ -83,24 +85,24 @@ def theil_sen(xs: np.ndarray, ys: np.ndarray, min_gap: float) -> tuple[float, in
 
 
 class CostModel:
-    """``T(n, L)`` from measured verify forwards of ``rows`` rows (``n`` nodes a row); see the
-    module docstring."""
+    """``T(n, L)`` from measured verify forwards; see the module docstring. ``buckets`` group the
+    sizes (`SIZE_BUCKETS`: draft nodes of one row; `POSITION_BUCKETS`: query positions of a
+    batched forward, less one)."""
 
-    def __init__(self, rows: int = 1) -> None:
-        self.prior_slope = PRIOR_SLOPE * rows
-        self.samples = [np.zeros((0, 3)) for _ in SIZE_BUCKETS]  # per bucket: [k, (size, context, seconds)]
+    def __init__(self, buckets: tuple[int, ...] = SIZE_BUCKETS) -> None:
+        self.buckets = buckets
+        self.samples = [np.zeros((0, 3)) for _ in buckets]  # per bucket: [k, (size, context, seconds)]
         self._fit = None
         self._curve = None  # the fit's curve at context 0 (see `_curve_at_zero`)
         self._pending = 0  # records since the last fit
 
-    @staticmethod
-    def bucket(size: int) -> int:
+    def bucket(self, size: int) -> int:
         """Index of the largest bucket not above ``size``."""
-        return int(np.searchsorted(SIZE_BUCKETS, min(size, SIZE_BUCKETS[-1]), side="right") - 1)
+        return int(np.searchsorted(self.buckets, min(size, self.buckets[-1]), side="right") - 1)
 
     @property
     def counts(self) -> np.ndarray:
-        """``[len(SIZE_BUCKETS)]`` measurements kept per bucket."""
+        """``[len(buckets)]`` measurements kept per bucket."""
         return np.array([len(s) for s in self.samples])
 
     def record(self, size: int, context_len: int, seconds: float) -> None:
@@ -117,23 +119,23 @@ class CostModel:
         return self._fitted()[0]
 
     def curve(self, context_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """``([65], [65])``: estimated seconds for tree sizes 0..64 at ``context_len`` and their
-        standard errors (NaN everywhere while nothing is measured)."""
+        """``([m + 1], [m + 1])``: estimated seconds for sizes 0..m (the largest bucket) at
+        ``context_len`` and their standard errors (NaN everywhere while nothing is measured)."""
         slope, at_zero, relative = self._curve_at_zero()
         seconds = at_zero + slope * context_len
         return seconds, relative * seconds
 
     def _curve_at_zero(self) -> tuple[float, np.ndarray, np.ndarray]:
-        """(context slope, ``[65]`` seconds at context 0, ``[65]`` relative standard errors); kept
-        with the fit, so a step only adds the context term."""
+        """(context slope, ``[m + 1]`` seconds at context 0, ``[m + 1]`` relative standard errors);
+        kept with the fit, so a step only adds the context term."""
         if self._curve is not None:
             return self._curve
         slope, xs, ys, errors = self._fitted()
-        sizes = np.arange(SIZE_BUCKETS[-1] + 1)
+        sizes = np.arange(self.buckets[-1] + 1)
         if not len(xs):
             self._curve = (0.0, np.full(len(sizes), np.nan), np.full(len(sizes), np.nan))
             return self._curve
-        base = ys[0] / (1 + self.prior_slope * xs[0])
+        base = ys[0] / (1 + PRIOR_SLOPE * xs[0])
         step = self._node_slope(xs, ys, base)
         at_zero = np.interp(sizes, xs, ys)
         above, below = sizes > xs[-1], sizes < xs[0]
@@ -146,12 +148,13 @@ class CostModel:
         self._curve = (slope, at_zero, relative)
         return self._curve
 
-    def _node_slope(self, xs: np.ndarray, ys: np.ndarray, base: float) -> float:
+    @staticmethod
+    def _node_slope(xs: np.ndarray, ys: np.ndarray, base: float) -> float:
         """Seconds per extra node beyond the measured sizes: the robust slope of the measured
         points (never flatter than a quarter of the prior), the prior with one point."""
-        floor = 0.25 * self.prior_slope * base
+        floor = 0.25 * PRIOR_SLOPE * base
         if len(xs) < 2:
-            return self.prior_slope * base
+            return PRIOR_SLOPE * base
         slope, _ = theil_sen(xs.astype(float), ys, 1)
         return max(slope, floor)
 
@@ -184,16 +187,16 @@ class CostModel:
         from drafters.state import StateError, check_array, field
 
         raw = field(state, "samples", where)
-        if not isinstance(raw, list) or len(raw) != len(SIZE_BUCKETS):
-            raise StateError(f"{where}: samples must be a list of {len(SIZE_BUCKETS)} buckets")
+        if not isinstance(raw, list) or len(raw) != len(self.buckets):
+            raise StateError(f"{where}: samples must be a list of {len(self.buckets)} buckets")
         samples = []
         for b, rows in enumerate(raw):
             if isinstance(rows, (list, tuple)) and not rows:
                 rows = np.zeros((0, 3))
             array = check_array(rows, f"{where}: samples[{b}]",
                                 (None, 3), "float", low=0.0)[-PER_BUCKET:]
-            if any(size != int(size) or size > SIZE_BUCKETS[-1] or self.bucket(int(size)) != b
+            if any(size != int(size) or size > self.buckets[-1] or self.bucket(int(size)) != b
                    for size in array[:, 0]):
-                raise StateError(f"{where}: samples[{b}] holds sizes outside bucket {SIZE_BUCKETS[b]}")
+                raise StateError(f"{where}: samples[{b}] holds sizes outside bucket {self.buckets[b]}")
             samples.append(array.astype(float))
         self.samples, self._fit, self._curve, self._pending = samples, None, None, 0

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from specdec.schedule.calibration import MAX_SOURCES, Calibration
-from specdec.schedule.costs import SIZE_BUCKETS, CostModel
+from specdec.schedule.costs import POSITION_BUCKETS, SIZE_BUCKETS, CostModel
 from trees import TokenTree
 
 __all__ = ["Scheduler", "SIZE_BUCKETS"]
@@ -55,7 +55,7 @@ class Scheduler:
         self.explore = explore
         self.cost = CostModel()
         self.calibration = Calibration(decay)
-        self._batch_costs: dict[int, CostModel] = {}  # forwards of several rows, by row count
+        self.batch_cost = CostModel(POSITION_BUCKETS)  # forwards of several rows, by query positions - 1
         self._overhead: dict[int, float] = {}  # by row count: EMA of per-step seconds outside the verify forward
         self.steps = 0
         self.probes = 0
@@ -79,7 +79,10 @@ class Scheduler:
         with self._lock:
             ranked = [self._ranked(tree) for tree in trees]
             size = self._size([values[order] for values, order, _ in ranked if order.size], context_len, len(trees))
-            selected = [self._keep(tree, order, size, parents) for tree, (_, order, parents) in zip(trees, ranked)]
+            keeps = [self._best(tree, order, size) for tree, (_, order, _) in zip(trees, ranked)]
+            if self.max_budget:
+                self._probe(trees, keeps, [order for _, order, _ in ranked])
+            selected = [self._closed(tree, keep, parents) for tree, keep, (_, _, parents) in zip(trees, keeps, ranked)]
             self.last_size = max(len(tree) for tree in selected)
         return selected
 
@@ -97,14 +100,18 @@ class Scheduler:
             values[nodes] = np.minimum(values[nodes], values[parents[nodes]])
         return values, np.lexsort((np.arange(n), depths, -values)), parents
 
-    def _keep(self, tree: TokenTree, order: np.ndarray, size: int, parents: np.ndarray) -> TokenTree:
-        """``tree`` cut to its ``size`` best nodes (``order``) and due probes, closed over ancestors."""
-        if len(tree) == 0:
-            return tree
+    @staticmethod
+    def _best(tree: TokenTree, order: np.ndarray, size: int) -> np.ndarray:
+        """``[n]`` bool: ``tree``'s ``size`` best nodes (``order``: best first)."""
         keep = np.zeros(len(tree), dtype=bool)
         keep[order[:size]] = True
-        if self.max_budget:
-            self._probe(keep, order, tree.sources.numpy())
+        return keep
+
+    @staticmethod
+    def _closed(tree: TokenTree, keep: np.ndarray, parents: np.ndarray) -> TokenTree:
+        """``tree`` cut to the nodes ``keep`` marks, closed over their ancestors."""
+        if len(tree) == 0:
+            return tree
         depths = tree.depths.numpy()
         for d in range(int(depths.max()), 1, -1):  # close over ancestors, deepest first
             nodes = np.flatnonzero((depths == d) & keep)
@@ -121,33 +128,52 @@ class Scheduler:
         for values in rows:
             cumulative = np.concatenate([[0.0], np.cumsum(values[:width])])
             gain += np.pad(cumulative, (0, width + 1 - len(cumulative)), mode="edge")
-        cost, error = self._cost(batch).curve(context_len)
-        if np.isnan(cost[0]):  # nothing measured at this row count: trees only as large as one row's first
+        cost, error = self._curve(batch, context_len)
+        if np.isnan(cost[0]):  # nothing measured yet: trees only as large as one row's first
             return min(width, max(0, FIRST_POSITIONS // batch - 1))
         cost, error = cost[: len(gain)], error[: len(gain)]
         # a cost's lower bound is also one for every larger size (costs are monotone in n)
         optimistic = np.maximum.accumulate(np.maximum(cost - self.explore * error, 0.5 * cost))
         return int(np.argmax(gain / (optimistic + self._overhead.get(batch, 0.0))))
 
-    def _cost(self, batch: int) -> CostModel:
-        """The verify cost model of forwards of ``batch`` rows (``self.cost`` for one)."""
+    def _curve(self, batch: int, context_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """``([65], [65])`` seconds (and standard errors) of a forward of ``batch`` rows with 0..64
+        nodes a row, the longest row at ``context_len``: one row's own curve, or the batched
+        forwards' curve by query positions (``batch * (n + 1)``), whatever row count measured them,
+        with the context counted over every row's keys; extended linearly past its largest bucket."""
         if batch == 1:
-            return self.cost
-        return self._batch_costs.setdefault(batch, CostModel(batch))
+            return self.cost.curve(context_len)
+        cost, error = self.batch_cost.curve(batch * context_len)
+        index = batch * np.arange(SIZE_BUCKETS[-1] + 1) + batch - 1  # [65] positions - 1
+        last = len(cost) - 1
+        step = cost[last] - cost[last - 1]
+        beyond = np.maximum(index - last, 0)
+        index = np.minimum(index, last)
+        return cost[index] + step * beyond, error[index] + (error[last] / cost[last]) * step * beyond
 
-    def _probe(self, keep: np.ndarray, order: np.ndarray, sources: np.ndarray) -> None:
-        """Add the best nodes of every drafter left out for `probe_every` steps (`select` adds their ancestors)."""
-        for source in np.unique(sources):
-            mine = sources == source
-            if keep[mine].any():
+    def _probe(self, trees: list[TokenTree], keeps: list[np.ndarray], orders: list[np.ndarray]) -> None:
+        """Once per step: a drafter none of whose nodes was kept in any row for `probe_every` steps
+        gets its best `probe_nodes` verified, in the first row that has some (one row: in a batched
+        forward every row pays for the largest tree); `_closed` adds their ancestors."""
+        kept: dict[int, bool] = {}
+        for tree, keep in zip(trees, keeps):
+            sources = tree.sources.numpy()
+            for source in np.unique(sources):
+                kept[int(source)] = kept.get(int(source), False) or bool(keep[sources == source].any())
+        for source, was_kept in kept.items():
+            if was_kept:
                 self._idle[source] = 0
                 continue
             self._idle[source] += 1
-            if self._idle[source] >= self.probe_every:
-                best = [i for i in order if mine[i]][: self.probe_nodes]
-                keep[best] = True
-                self._idle[source] = 0
-                self.probes += 1
+            if self._idle[source] < self.probe_every:
+                continue
+            for tree, keep, order in zip(trees, keeps, orders):
+                mine = tree.sources.numpy() == source
+                if mine.any():
+                    keep[[i for i in order if mine[i]][: self.probe_nodes]] = True
+                    break
+            self._idle[source] = 0
+            self.probes += 1
 
     def record(self, tree: TokenTree, context_len: int, verify_seconds: float, overhead_seconds: float,
                accepted_nodes) -> None:
@@ -161,7 +187,11 @@ class Scheduler:
         batch = len(trees)
         with self._lock:
             self.steps += 1
-            self._cost(batch).record(max(len(tree) for tree in trees), context_len, verify_seconds)
+            nodes = max(len(tree) for tree in trees)
+            if batch == 1:
+                self.cost.record(nodes, context_len, verify_seconds)
+            else:
+                self.batch_cost.record(batch * (nodes + 1) - 1, batch * context_len, verify_seconds)
             last = self._overhead.get(batch)
             self._overhead[batch] = overhead_seconds if last is None else 0.9 * last + 0.1 * overhead_seconds
             for tree, nodes in zip(trees, accepted_nodes):
