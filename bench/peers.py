@@ -66,7 +66,8 @@ def export_model(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -106,7 +107,7 @@ class PeerServer:
 
 def _start(python: Path, model_dir: Path, config: str, speculative: dict | None, max_num_seqs: int, dtype: str,
            served_name: str, log_dir: Path) -> PeerServer:
-    port = _free_port()
+    port = free_port()
     log = log_dir / f"{config}.log"
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype",

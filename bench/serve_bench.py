@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import statistics
 import threading
 import time
@@ -51,12 +50,6 @@ class RunFigures:
     mat: float | None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _Server:
     """`specdec serve`'s app for ``decoder`` on a loopback port, in a thread."""
 
@@ -66,7 +59,7 @@ class _Server:
         from specdec.serving.server import build_app
 
         self.decoder = decoder
-        self.port = _free_port()
+        self.port = peers.free_port()
         self.server = uvicorn.Server(uvicorn.Config(build_app(decoder, name), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -131,3 +131,19 @@ def test_the_view_does_not_keep_the_model_alive():
     del model, decoder
     gc.collect()
     assert ref() is None
+
+
+def test_a_model_converted_after_packing_is_followed():
+    """``model.to(...)`` after the view was made: fp32 runs eager (exactly the model's own forward,
+    as lossless fp32 decoding needs), and back in bf16 the new weights are packed again."""
+    model = bf16_llama()
+    view = packed_view(model)
+    ids = torch.tensor([[4, 9, 17, 33]])
+    model.to(torch.float32)
+    with torch.inference_mode():
+        assert torch.equal(view(ids).logits, model(ids).logits)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(view(ids).logits.float(), model(ids).logits.float(), atol=2e-2, rtol=2e-2)

@@ -3,14 +3,16 @@
 On CPU, a bf16 ``F.linear`` re-lays its weight out for oneDNN on every call; a weight packed once
 into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) skips that and reads
 memory in the kernel's order: on SmolLM2-135M (2-core AVX-512 host) the 211 linear layers of one
-forward took 17 ms packed against 29-35 ms eager at 2 to 8 rows, the same logits bit for bit.
+forward took 17-19 ms packed against 23-35 ms eager at 2 to 8 rows (the layers alone, weights
+streamed from memory), and whole forwards gave the same logits bit for bit.
 A single row keeps the eager call: oneDNN's packed path for it is pathologically slow (2.5 s a
 forward), and padding it to two rows measured no faster than eager in a whole forward.
 
 The user's model is never changed: `packed_view` returns a *view* of it, a tree of shallow module
 copies sharing every parameter, buffer and hook dictionary with the model, in which each
 ``nn.Linear`` also holds its packed weight. A weight changed in place after packing (fine-tuning
-between calls) is packed again at its next call, so the view never computes with stale weights.
+between calls) or replaced (``model.to(...)``) is packed again at its next call, and a weight no
+longer in a packed dtype runs eager, so the view never computes with stale weights.
 The packed copy costs the linear weights' bytes once more: the view is only made when they fit
 in a quarter of the memory available.
 """
@@ -31,19 +33,20 @@ class PackedLinear(nn.Linear):
     inputs of two or more rows with its weight prepacked for oneDNN."""
 
     packed: torch.Tensor  # the weight in oneDNN's blocked layout
-    packed_version: int  # ``weight._version`` when it was packed
+    packed_from: tuple[int, int]  # the weight's (data_ptr, _version) when it was packed
 
     def pack(self) -> None:
         """(Re)pack the weight as it is now."""
         with torch.inference_mode(False), torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-        self.packed_version = self.weight._version
+        self.packed_from = (self.weight.data_ptr(), self.weight._version)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows < 2 or x.dtype != self.weight.dtype or x.device.type != "cpu":
+        weight = self.weight
+        if rows < 2 or weight.dtype not in PACKED_DTYPES or x.dtype != weight.dtype or weight.device.type != "cpu":
             return super().forward(x)
-        if self.weight._version != self.packed_version:
+        if (weight.data_ptr(), weight._version) != self.packed_from:
             self.pack()
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed, self.bias, "none",
                                                  [], "")  # [rows, out_features]
