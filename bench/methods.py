@@ -113,6 +113,7 @@ def make_method(
     *,
     draft_model=None,
     draft_head=None,
+    compile: bool = False,
     pld_tokens: int = 4,
     tree_budget: int | None = None,
     scheduler=None,
@@ -123,6 +124,7 @@ def make_method(
     ``sampling`` (e.g. ``{"do_sample": True, "temperature": 0.7}``) makes every method sample with
     those ``generate`` settings; ``None`` is greedy. ``draft_head`` (a path) is the trained head of
     the ``head`` drafter (and of ``auto``); None: the one `specdec distill` saved for the model.
+    ``compile``: specdec methods verify through the compiled forward (`specdec.device.compiled`).
     """
     if name == "baseline":
         return _hf_method(name, model, sampling)
@@ -140,7 +142,8 @@ def make_method(
         options = {} if budget is None else {"tree_budget": budget}
         try:
             decoder = SpeculativeDecoder(model, tokenizer, drafter=drafter, draft_model=draft_model,
-                                         draft_head=draft_head, scheduler=scheduler, **options)
+                                         draft_head=draft_head, scheduler=scheduler, compile=compile,
+                                         **options)
         except FileNotFoundError as err:
             raise MethodError(f"method {name}: {err}") from None
 

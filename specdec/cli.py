@@ -262,11 +262,13 @@ def chat(model_path, dtype, device, system_prompt, max_new_tokens, drafter, temp
               help="The most messages of a chat request.")
 @click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
               help="The longest prompt after the chat template.")
+@click.option("--compile", "compile_step", is_flag=True,
+              help="Verify through torch.compile: faster steps once the first requests have compiled them.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take, queueing included.")
 def serve(model_path, dtype, device, host, port, drafter, tree_budget, api_key, max_tokens_limit,
           served_model_name, max_batch, max_queued, max_body_bytes, max_messages, max_prompt_tokens,
-          request_timeout) -> None:
+          request_timeout, compile_step) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions
     (streamed or not), /v1/models, /health and /metrics; concurrent requests are batched. The server
     listens at once and answers 503 until the model has loaded."""
@@ -292,7 +294,7 @@ def serve(model_path, dtype, device, host, port, drafter, tree_budget, api_key, 
             model, tokenizer = _load(model_path, dtype, device)
             options = {} if tree_budget is None else {"tree_budget": tree_budget}
             app.state.served.set(SpeculativeDecoder(model, tokenizer, drafter=drafter, max_batch=max_batch,
-                                                    max_queued=max_queued, **options))
+                                                    max_queued=max_queued, compile=compile_step, **options))
             click.echo(f"specdec serve: {name} loaded, ready", err=True)
         except click.ClickException as err:
             failures.append(err)

@@ -124,6 +124,35 @@ def test_tree_attention_rows_matches_the_reference_row_by_row(group, dtype):
         assert torch.equal(through_wrapper, ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_rows_reads_only_its_rows_of_whole_cache_buffers(dtype):
+    """A compiled forward passes the cache's whole buffers: more rows than queries and keys past
+    every row's slots, all poisoned here; the result is that of the exact-size call."""
+    rng = np.random.default_rng(5)
+    lengths, n, dim = [12, 40, 3], 7, 32
+    q, k, v, anc = ragged_rows(rng, lengths, 4, 2, n, dim, dtype)
+    exact = torch.ops.specdec.tree_attention_rows(q, k[:, :, : max(lengths) + n], v[:, :, : max(lengths) + n], anc,
+                                                  torch.tensor(lengths), dim ** -0.5)
+    poison = torch.full((2, *k.shape[1:]), 1e4, dtype=dtype)
+    whole_k, whole_v = torch.cat([k, poison]), torch.cat([v, poison])  # [B + 2, Hkv, S, D]
+    ours = torch.ops.specdec.tree_attention_rows(q, whole_k, whole_v, anc, torch.tensor(lengths), dim ** -0.5)
+    assert torch.equal(ours, exact)
+    with pytest.raises(RuntimeError, match="at least 3 rows"):
+        torch.ops.specdec.tree_attention_rows(q, k[:2], v[:2], anc, torch.tensor(lengths), dim ** -0.5)
+
+
+def test_kv_write_into_a_cache_with_more_rows_leaves_the_others():
+    torch.manual_seed(1)
+    keys, values = torch.randn(5, 2, 30, 8), torch.randn(5, 2, 30, 8)
+    key_states, value_states = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)
+    expected_k, expected_v = keys.clone(), values.clone()
+    for r, offset in enumerate([3, 0, 26]):
+        expected_k[r, :, offset : offset + 4] = key_states[r]
+        expected_v[r, :, offset : offset + 4] = value_states[r]
+    torch.ops.specdec.kv_write(keys, values, key_states, value_states, torch.tensor([3, 0, 26]))
+    assert torch.equal(keys, expected_k) and torch.equal(values, expected_v)
+
+
 def test_tree_attention_rows_rejects_bad_lengths():
     q, k, v, anc = ragged_rows(np.random.default_rng(0), [3, 4], 4, 2, 5, 16, torch.float32, spare=0)
     with pytest.raises(RuntimeError, match="row 1's length 5 plus 5 slots"):

@@ -27,6 +27,10 @@ class SpeculativeDecoder(Engine):
         tree_kernel: run verify attention through the csrc ``tree_attention`` operator: ``None``
             (default) where the extension builds and the probe proves it exact for this model,
             ``True`` to require it, ``False`` for the model's own attention with an additive mask.
+        compile: run verify forwards through ``torch.compile`` (`specdec.device.compiled`; CPU
+            with the tree kernel; each of up to four graphs compiles once per process, which takes
+            tens of seconds on a small CPU): faster steps once warm. Where it cannot apply, or
+            compilation fails, the forward runs eager, said once in a warning.
         max_batch: the most sequences decoding together (each holds a row of the KV cache).
         max_queued: the most requests waiting for a row; `submit` refuses one more at once with
             `specdec.Overloaded` (``generate`` with a batch of prompts submits as rows free up).

@@ -15,20 +15,20 @@ from specdec.step.per_model import entry_for
 __all__ = ["SpeculativeGenerateOutput", "decoder_for", "generate"]
 
 
-def decoder_for(model, drafter: str, draft_model=None, draft_head=None) -> SpeculativeDecoder:
-    """The decoder cached for ``model`` and drafter name: drafter state persists between calls."""
+def decoder_for(model, drafter: str, draft_model=None, draft_head=None, compile: bool = False) -> SpeculativeDecoder:
+    """The decoder cached for ``model``, drafter name and ``compile``: drafter state persists between calls."""
     entry = entry_for(model)
     head_key = id(draft_head) if isinstance(draft_head, HeadFile) else (None if draft_head is None else str(draft_head))
-    key = (drafter, None if draft_model is None else id(draft_model), head_key)
+    key = (drafter, None if draft_model is None else id(draft_model), head_key, compile)
     with entry.guard:
         if key not in entry.decoders:
             entry.decoders[key] = SpeculativeDecoder(model, drafter=drafter, draft_model=draft_model,
-                                                     draft_head=draft_head)
+                                                     draft_head=draft_head, compile=compile)
         return entry.decoders[key]
 
 
 def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_model=None, draft_head=None,
-             **kwargs):
+             compile: bool = False, **kwargs):
     """Speculative generation; takes and returns what ``model.generate`` does (one prompt or
     a padded batch).
 
@@ -49,6 +49,8 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
         draft_model: the small same-vocabulary causal LM for the ``model`` drafter.
         draft_head: the ``head`` drafter's trained head (path or `drafters.HeadFile`); default: the
             one ``specdec distill`` saved for this model, which ``auto`` then includes.
+        compile: verify through ``torch.compile`` (see `SpeculativeDecoder`); the first calls
+            compile (tens of seconds on a small CPU), later ones run faster.
         **kwargs: any ``model.generate`` keyword of greedy decoding or sampling: ``generation_config``,
             ``max_new_tokens``, ``max_length``, ``min_new_tokens``, ``min_length``, ``do_sample``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
@@ -70,7 +72,7 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
             assistant model, guidance or other modes that are not greedy decoding or sampling.
     """
     if isinstance(drafter, Drafter):
-        decoder = SpeculativeDecoder(model, drafter=drafter)
+        decoder = SpeculativeDecoder(model, drafter=drafter, compile=compile)
     else:
-        decoder = decoder_for(model, drafter, draft_model, draft_head)
+        decoder = decoder_for(model, drafter, draft_model, draft_head, compile)
     return run_generate(decoder, inputs, *args, **kwargs)

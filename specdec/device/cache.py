@@ -83,6 +83,8 @@ class RowLayer(CacheLayerMixin):
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
         forward = self.owner.forward
+        if torch.compiler.is_compiling():  # `specdec.device.compiled`: no host integer of this step in the graph
+            return self._update_compiled(forward, key_states, value_states)
         rows = slice(forward.start, forward.start + forward.rows)
         keys, values = self.keys[rows], self.values[rows]
         if forward.rows == 1:  # one row (a single sequence, a prefill chunk): a plain slice
@@ -93,6 +95,14 @@ class RowLayer(CacheLayerMixin):
             ops.kv_write(keys, values, key_states, value_states, forward.offsets, self.owner.write_index)
         end = forward.end
         return keys[:, :, :end], values[:, :, :end]
+
+    def _update_compiled(self, forward: "Forward", key_states: torch.Tensor, value_states: torch.Tensor):
+        """`update` for a compiled verify forward of rows ``0 .. B-1``: writes through the
+        ``kv_write`` operator at the device offsets and returns the whole buffers (``[R, H,
+        capacity, D]``, R >= B: no slice, so no size relation to guard); the tree kernel reads row
+        b < B up to its own slots."""
+        torch.ops.specdec.kv_write(self.keys, self.values, key_states, value_states, forward.offsets)
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.forward.end, 0

@@ -48,6 +48,8 @@ def build_directory(sources: list[Path]) -> Path:
 
 def load() -> bool:
     """Build (once) and load the extension; True when ``torch.ops.specdec`` is usable."""
+    if _state["tried"]:  # decided: no lock (torch.compile traces through here)
+        return _state["loaded"]
     with _lock:
         if _state["tried"]:
             return _state["loaded"]
@@ -133,11 +135,14 @@ def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ances
                         lengths: list[int], scale: float, lengths_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """`tree_attention` for rows of their own prefix lengths: row b's queries ``q[b]`` (``[B, Hq, n,
     D]``) see its first ``lengths[b]`` keys and, under ``ancestors[b]`` (``[B, n, W]``), its tree
-    slots at ``lengths[b] .. lengths[b] + n - 1`` of ``k, v [B, Hkv, S, D]``; nothing past them.
+    slots at ``lengths[b] .. lengths[b] + n - 1`` of ``k, v [B, Hkv, S, D]``; nothing past them
+    (the CPU operator also takes the cache's whole buffers, ``[R >= B, Hkv, S, D]``).
     Returns ``[B, n, Hq, D]``. One operator call on CPU (``lengths_tensor``: the same lengths as
     an int64 tensor, when the caller holds one); on other devices (and without the extension) the
     rows one by one."""
     if q.device.type == "cpu" and load():
+        if torch.compiler.is_compiling():
+            return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, lengths_tensor, scale)
         if lengths_tensor is None or lengths_tensor.device.type != "cpu":
             lengths_tensor = torch.tensor(lengths, dtype=torch.long)
         return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, lengths_tensor, scale)
@@ -149,7 +154,8 @@ def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ances
 def kv_write(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor,
              offsets: torch.Tensor, index: Callable[[], torch.Tensor]) -> None:
     """Write row r's new slots ``key_states[r], value_states[r]`` (``[R, H, q, D]``) into ``keys,
-    values`` (``[R, H, C, D]``) at positions ``offsets[r] ..`` (``[R]`` int64, on the cache's
+    values`` (``[R, H, C, D]``; on CPU also more rows, the rest untouched) at positions
+    ``offsets[r] ..`` (``[R]`` int64, on the cache's
     device) in place: one memcpy per slot and head on CPU; elsewhere (and without the extension)
     a scatter along ``index()``, the ``[R, 1, q, 1]`` int64 device positions."""
     if keys.device.type == "cpu" and load():

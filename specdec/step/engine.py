@@ -10,6 +10,7 @@ import copy
 import itertools
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,13 +19,14 @@ from drafters import Drafter, HybridDrafter, default_head_path, make_drafter
 from drafters.modeling import position_limit
 from drafters.state import StateError, check_vocab_size, field, read_state_file
 from specdec.device.cache import RowCache
+from specdec.device.compiled import CompiledForward, compile_unsupported
 from specdec.device.tree import HostBuffer
 from specdec.models import distributed
 from specdec.schedule.scheduler import Scheduler
 from specdec.step.features import FeatureTap
 from specdec.step.loop import Loop
 from specdec.step.metrics import EngineMetrics
-from specdec.step.per_model import entry_for, forward_module
+from specdec.step.per_model import compiled_forward, entry_for, forward_module
 from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_tree_budget
 from specdec.step.sequence import Sequence
 from specdec.step.stream import End, Outbox, Overloaded, Stream, Ticket
@@ -71,12 +73,15 @@ class Engine:
         scheduler: Scheduler | None = None,
         clock=time.perf_counter,
         tree_kernel: bool | None = None,
+        compile: bool = False,
         max_batch: int = 8,
         max_queued: int = 64,
         prefill_chunk: int = 256,
     ) -> None:
         if tree_kernel not in (None, True, False):
             raise TypeError(f"tree_kernel must be None, True or False, got {tree_kernel!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
         for name, value in (("max_batch", max_batch), ("max_queued", max_queued), ("prefill_chunk", prefill_chunk)):
             _positive_int(name, value)
         self.model = model
@@ -99,13 +104,15 @@ class Engine:
         self.context_length = self.position_limit or declared  # what servers hold requests to (None: unknown)
         self.forward_model = forward_module(model, self.sharded)  # verify and prefill forwards run this
         self.features = FeatureTap(model, self.drafter.needs_features)
+        self.compile = compile
+        self._compiled: CompiledForward | None | bool = None  # False: not compiled (said once)
         self.cache = RowCache.for_model(model)
         self.buffer = HostBuffer(model.device)
         self.metrics = EngineMetrics()
         self.loop = Loop(self, 1 if self.sharded else max_batch, max_queued, prefill_chunk)
         self._options = dict(drafter=drafter, tree_budget=tree_budget, draft_model=draft_model,
-                             draft_head=draft_head, clock=clock, tree_kernel=tree_kernel, max_batch=max_batch,
-                             max_queued=max_queued, prefill_chunk=prefill_chunk)
+                             draft_head=draft_head, clock=clock, tree_kernel=tree_kernel, compile=compile,
+                             max_batch=max_batch, max_queued=max_queued, prefill_chunk=prefill_chunk)
         self.last_stats: SpecStats | list[SpecStats] | None = None
         self._sequences = itertools.count()
 
@@ -128,6 +135,22 @@ class Engine:
     def kernel(self):
         """The tree-attention kernel verify forwards use (None: the model's attention with a mask)."""
         return support_for(self.model, self.tree_kernel).kernel
+
+    @property
+    def compiled(self) -> "CompiledForward | None":
+        """The compiled verify forward (`specdec.device.compiled`) when ``compile=True`` and this
+        model allows it (else None; why not is warned once)."""
+        if self._compiled is None:
+            reason = compile_unsupported(self.model, self.kernel, self.sharded, self.drafter.needs_features) \
+                if self.compile else "compile=False"
+            if reason is None:
+                self._compiled = compiled_forward(self.model)
+            else:
+                self._compiled = False
+                if self.compile:
+                    warnings.warn(f"specdec: compile=True but the verify forward runs eager: {reason}",
+                                  RuntimeWarning, stacklevel=2)
+        return self._compiled or None
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: DecodeRequest, on_tokens: Callable[[list[int]], None] | None = None) -> Stream:

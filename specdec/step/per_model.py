@@ -22,12 +22,15 @@ class ModelEntry:
         decoders: `specdec.generate`'s decoders by (drafter, draft model, head), under ``guard``.
         forward: what verify and prefill forwards call (`forward_module`), made once, under
             ``forward_guard`` (``guard`` is held while `specdec.generate` builds a decoder).
+        compiled: ``forward`` compiled for verify steps (`compiled_forward`), made once, under
+            ``forward_guard``.
     """
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     support: dict = field(default_factory=dict)
     decoders: dict = field(default_factory=dict)
     forward: object = None
+    compiled: object = None
     guard: threading.Lock = field(default_factory=threading.Lock)
     forward_guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -56,3 +59,16 @@ def forward_module(model, sharded: bool = False):
         if entry.forward is None:
             entry.forward = model if sharded or can_pack(model) is not None else packed_view(model)
         return entry.forward
+
+
+def compiled_forward(model):
+    """`specdec.device.compiled.CompiledForward` of ``model``'s `forward_module` (one per model,
+    shared by its decoders, so each graph is compiled once)."""
+    from specdec.device.compiled import CompiledForward
+
+    module = forward_module(model)
+    entry = entry_for(model)
+    with entry.forward_guard:
+        if entry.compiled is None:
+            entry.compiled = CompiledForward(module)
+        return entry.compiled

@@ -54,7 +54,8 @@ class Step:
         context_len = max(engine.cache.lengths[seq.slot] for seq in rows)  # the longest row's, before this step
         timer.verify_begins()
         with engine.features.capture():
-            logits = verify_rows(engine.forward_model, engine.cache, batch, engine.kernel)  # [B, q, V] device
+            logits = verify_rows(engine.forward_model, engine.cache, batch, engine.kernel,
+                                 engine.compiled)  # [B, q, V] device
         timer.verify_ends()
         accepted, scores = self.accept(rows, batch, logits, out)  # device
         rows = [seq for seq in rows if seq not in out]

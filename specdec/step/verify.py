@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from drafters.modeling import forward_with_cache
@@ -10,13 +12,15 @@ from specdec.device.tree import BatchTree
 from trees.masks import batch_tree_attention_mask, masks_by_layer_type
 
 
-def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None) -> torch.Tensor:
+def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=None) -> torch.Tensor:
     """Run the target on ``batch`` (``B`` rows of ``q`` slots) over ``cache``'s rows ``0..B-1``.
 
     Each row's slots are written right after its own prefix (compact each row afterwards). With
-    ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through the tree kernel row
-    by row; otherwise through the model's attention with one additive mask ``[B, 1, q, K]`` built on
-    the device. Returns logits ``[B, q, V]`` on the model's device, in slot order.
+    ``kernel`` (a `specdec.device.attention.TreeKernel`) attention runs through the tree kernel,
+    all rows in one operator call on CPU, and ``compiled`` (a `specdec.device.compiled.CompiledForward`
+    of ``model``), when given, runs the forward; otherwise through the model's attention with one
+    additive mask ``[B, 1, q, K]`` built on the device. Returns logits ``[B, q, V]`` on the
+    model's device, in slot order.
     """
     cache.begin_forward(0, batch.lengths_host, batch.queries, batch.lengths)
     try:
@@ -25,8 +29,10 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None) -> torch.
             from specdec.device.attention import TREE_KWARG, BatchTreeMeta
 
             meta = BatchTreeMeta(batch.packed_ancestors, batch.lengths_host, batch.lengths)
+            unused_mask = batch.tokens.new_zeros(1, 1, 1, 1)  # 4-D: transformers takes it as built, builds none
+            forward = compiled if compiled is not None else partial(forward_with_cache, model)
             with kernel.active():
-                out = forward_with_cache(model, cache, **kwargs, **{TREE_KWARG: meta})
+                out = forward(cache, attention_mask=unused_mask, **kwargs, **{TREE_KWARG: meta})
         else:
             out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end), **kwargs)
     finally:
