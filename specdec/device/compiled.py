@@ -3,12 +3,13 @@
 What compiles: the target's whole forward as the tree kernel runs it on CPU (the engine's packed
 view of the model, `specdec.device.packed`): the KV write is the ``specdec::kv_write`` operator at
 the rows' offsets (a device tensor), attention the ``specdec::tree_attention_rows`` operator over
-the rows' full buffers with per-row lengths (a device tensor), the packed linear layers the
+the cache's whole buffers with per-row lengths (a device tensor), the packed linear layers the
 ``specdec::packed_linear`` operator, and a prepared 4-D mask stops transformers from building one.
 No host integer that changes from step to step reaches the graph, so steps do not recompile:
-rows, query slots and the cache's rows and capacity are marked dynamic, and torch's own 0/1
-specialisation leaves at most four graphs (one row or several, one slot or several), each traced
-once per process (inductor caches the generated code on disk across processes).
+rows and query slots are dynamic sizes, the cache's rows and capacity unbacked ones (only the
+operators read them: no guard, no 0/1 specialisation), and torch's 0/1 specialisation of rows
+and slots leaves at most four graphs (one row or several, one slot or several), each traced once
+per process (inductor caches the generated code on disk across processes).
 
 Falls back to the eager forward for good, with one warning naming the error, when tracing or
 compiling fails (``fullgraph``: a graph break is a failure too). ``compile_seconds`` is the time
