@@ -141,9 +141,8 @@ def tree_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ances
     an int64 tensor, when the caller holds one); on other devices (and without the extension) the
     rows one by one."""
     if q.device.type == "cpu" and load():
-        if torch.compiler.is_compiling():
-            return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, lengths_tensor, scale)
-        if lengths_tensor is None or lengths_tensor.device.type != "cpu":
+        # a compiled forward always passes the CPU tensor: no host list may enter its graph
+        if not torch.compiler.is_compiling() and (lengths_tensor is None or lengths_tensor.device.type != "cpu"):
             lengths_tensor = torch.tensor(lengths, dtype=torch.long)
         return torch.ops.specdec.tree_attention_rows(q, k, v, ancestors, lengths_tensor, scale)
     n = q.shape[2]
@@ -155,9 +154,9 @@ def kv_write(keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor,
              offsets: torch.Tensor, index: Callable[[], torch.Tensor]) -> None:
     """Write row r's new slots ``key_states[r], value_states[r]`` (``[R, H, q, D]``) into ``keys,
     values`` (``[R, H, C, D]``; on CPU also more rows, the rest untouched) at positions
-    ``offsets[r] ..`` (``[R]`` int64, on the cache's
-    device) in place: one memcpy per slot and head on CPU; elsewhere (and without the extension)
-    a scatter along ``index()``, the ``[R, 1, q, 1]`` int64 device positions."""
+    ``offsets[r] ..`` (``[R]`` int64, on the cache's device) in place: one memcpy per slot and
+    head on CPU; elsewhere (and without the extension) a scatter along ``index()``, the ``[R, 1,
+    q, 1]`` int64 device positions."""
     if keys.device.type == "cpu" and load():
         torch.ops.specdec.kv_write(keys, values, key_states, value_states, offsets)
         return
