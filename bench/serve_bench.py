@@ -5,7 +5,8 @@ with ``--flood``, a flood of concurrent streamed, non-streamed and abandoned req
 request ended and what the server holds after.
 
 Both servers run in this process (uvicorn threads on 127.0.0.1, free ports) over ONE loaded model;
-clients are threads streaming chat completions (SSE) with httpx. Each configuration answers the
+the clients are threads streaming chat completions (SSE) with httpx in a process of their own
+(`bench.load`), for every engine alike, so they never hold the engine's interpreter lock. Each configuration answers the
 same first-turn questions (greedy, ``max_tokens`` each); configurations run one after another,
 interleaved per concurrency level, after one warm-up pass each; every run starts with cold drafter
 state (the scheduler's cost measurements are kept), so no run reuses answers an earlier run of the
@@ -32,6 +33,7 @@ import click
 from bench import peers
 from bench.cli import BenchError, compile_report, load_target
 from bench.datasets import BUILTIN_QUESTIONS, read_spec_bench, select
+from bench.load import Figures, run_clients
 
 
 @dataclass
@@ -76,63 +78,14 @@ class _Server:
         self.thread.join(30)
 
 
-def _stream_one(client, url: str, model: str, question: str, max_tokens: int) -> tuple[float, float, int, float]:
-    """One streamed chat completion: ``(latency, time to first token, completion tokens, MAT)``."""
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    started, first, tokens, mat = time.perf_counter(), None, 0, float("nan")
-    with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            raise BenchError(f"the server answered {response.status_code}: {response.read()[:200]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - started
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("specdec"):
-                mat = chunk["specdec"].get("mean_accepted_tokens", mat)
-    latency = time.perf_counter() - started
-    return latency, latency if first is None else first, tokens, mat
-
-
-def _run_clients(url: str, model: str, questions: list[str], max_tokens: int, concurrency: int):
-    """``questions`` answered by ``concurrency`` client threads taking the next question in turn."""
-    import httpx
-
+def _clients(url: str, model: str, questions: list[str], max_tokens: int,
+             concurrency: int) -> tuple[list[Figures], float]:
+    """`bench.load.run_clients`, after this thread lets its OpenMP workers go: its own compute
+    (loading, HF generate) must not slow the engine's (`specdec.device.openmp`)."""
     from specdec.device.openmp import release_thread_team
 
-    release_thread_team()  # this thread's compute (HF generate, loading) must not slow the engine's
-    results, queue, lock = [], list(enumerate(questions)), threading.Lock()
-    errors: list[BaseException] = []
-
-    def client_loop():
-        with httpx.Client(timeout=600) as client:
-            while True:
-                with lock:
-                    if not queue or errors:
-                        return
-                    _, question = queue.pop(0)
-                try:
-                    figures = _stream_one(client, url, model, question, max_tokens)
-                except BaseException as err:  # reported after the run
-                    with lock:
-                        errors.append(err)
-                    return
-                with lock:
-                    results.append(figures)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results, time.perf_counter() - started
+    release_thread_team()
+    return run_clients(url, model, questions, max_tokens, concurrency)
 
 
 def _figures(config: str, concurrency: int, results, seconds: float, mat: float | None = None) -> RunFigures:
@@ -156,7 +109,7 @@ class _Target:
     def run(self, config: str, name: str, prompts: list[str], max_tokens: int, level: int) -> RunFigures:
         self.reset()
         before = self.speculation() if self.speculation else None
-        results, seconds = _run_clients(self.url, name, prompts, max_tokens, level)
+        results, seconds = _clients(self.url, name, prompts, max_tokens, level)
         mat = None
         if before is not None:
             drafts, accepted = (now - then for now, then in zip(self.speculation(), before))
@@ -254,7 +207,7 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
                                             else None) for config, server in started.items()})
         for target in targets.values():  # warm-up: the cost curves (and compiled graphs) of one row and of many
             for level in sorted({1, batch}):
-                _run_clients(target.url, name, prompts[:level], 16, level)
+                _clients(target.url, name, prompts[:level], 16, level)
         if compile_step:
             click.echo(compile_report(model), err=True)
         rows.append(_hf_sequential(model, tokenizer, prompts, max_tokens))

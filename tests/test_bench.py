@@ -301,3 +301,13 @@ def test_bench_serve_peer_reports_vllm_rows_with_their_mat(tmp_path, tiny_model_
             assert row["requests"] == 3 and row["tokens"] == 12
             assert row["mat"] == (3.0 if row["config"] == "vllm-ngram" else None)  # 1 + accepted / drafts
     assert "vLLM's MAT is 1 + accepted / drafts" in result.output
+
+
+def test_bench_clients_failure_is_a_bench_error_naming_the_server():
+    from bench.errors import BenchError
+    from bench.load import run_clients
+    from bench.peers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1/chat/completions"  # nothing listens there
+    with pytest.raises(BenchError, match=f"clients failed against {url}: ConnectError"):
+        run_clients(url, "m", ["hello"], 4, 1)
