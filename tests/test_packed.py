@@ -91,7 +91,8 @@ def test_hooks_on_the_model_fire_in_the_view():
 
 
 def test_what_is_not_packed_says_why(monkeypatch):
-    assert "float32" in can_pack(tiny_llama())
+    assert "float16" in can_pack(tiny_llama().to(torch.float16))
+    assert can_pack(tiny_llama()) is None  # fp32 packs too
     model = bf16_llama()
     monkeypatch.setattr(packed, "_available_bytes", lambda: 1000)
     assert "memory" in can_pack(model)
@@ -99,13 +100,15 @@ def test_what_is_not_packed_says_why(monkeypatch):
     assert can_pack(model) is not None
 
 
-def test_decoders_share_one_view_and_fp32_runs_the_model_itself():
+def test_decoders_share_one_view_and_fp16_runs_the_model_itself():
     model = bf16_llama()
     first, second = SpeculativeDecoder(model), SpeculativeDecoder(model, drafter="ngram")
     assert first.forward_model is second.forward_model
     assert isinstance(first.forward_model.lm_head, PackedLinear)
     fp32 = tiny_llama()
-    assert SpeculativeDecoder(fp32).forward_model is fp32
+    assert isinstance(SpeculativeDecoder(fp32).forward_model.lm_head, PackedLinear)
+    fp16 = tiny_llama().to(torch.float16)
+    assert SpeculativeDecoder(fp16).forward_model is fp16
 
 
 def test_packed_decoding_equals_the_targets_greedy_output():
@@ -134,14 +137,18 @@ def test_the_view_does_not_keep_the_model_alive():
 
 
 def test_a_model_converted_after_packing_is_followed():
-    """``model.to(...)`` after the view was made: fp32 runs eager (exactly the model's own forward,
-    as lossless fp32 decoding needs), and back in bf16 the new weights are packed again."""
+    """``model.to(...)`` after the view was made: a dtype that is not packed (fp16) runs eager
+    (exactly the model's own forward), fp32 and bf16 weights are packed again."""
     model = bf16_llama()
     view = packed_view(model)
     ids = torch.tensor([[4, 9, 17, 33]])
-    model.to(torch.float32)
+    model.to(torch.float16)
     with torch.inference_mode():
         assert torch.equal(view(ids).logits, model(ids).logits)
+    model.to(torch.float32)
+    with torch.inference_mode():
+        torch.testing.assert_close(view(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert view.lm_head.packed.dtype == torch.float32
     model.to(torch.bfloat16)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
