@@ -132,6 +132,13 @@ def print_explanation(methods, records: list[Record]) -> None:
             f"{size}: {ms}±{beliefs['verify_ms_error'].get(size, 0)}" for size, ms in beliefs["verify_ms"].items()
             if ms is not None))
         console.print(f"  measured sizes (steps kept): {beliefs['measured']}")
+        for drafter, worth in beliefs["drafters"].items():
+            console.print(f"  drafter {drafter}: {'running' if worth['running'] else 'skipped'}; per step it ran "
+                          f"({worth['steps']} steps): its own accepted tokens worth {worth['value_ms']} ms, drafting "
+                          f"{worth['propose_ms']} ms, merging {worth['merge_ms']} ms, its own verified nodes "
+                          f"{worth['verify_ms']} ms: net {worth['net_ms']} ms")
+        if beliefs["drafters"]:
+            console.print(f"  drafter steps skipped: {beliefs['drafter_skips']}")
         for drafter, cal in beliefs["calibration"].items():
             console.print(f"  calibration {drafter}: {cal['accepted_per_value']} accepted per unit of value; "
                           f"prediction error raw {100 * cal['error_raw']:.0f}% -> calibrated "

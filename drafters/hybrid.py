@@ -1,11 +1,49 @@
-"""Several drafters proposing one tree: trie union of their trees, pruned to one budget."""
+"""Several drafters proposing one tree: trie union of their trees, pruned to one budget.
+
+Only the members in ``running`` propose (the engine's scheduler decides each step which drafters
+pay for themselves); every member keeps learning from every verified forward. The hybrid measures
+what each member costs and brings (`DrafterUsage`): the host seconds of its ``propose``, the
+seconds spent merging, and, from the verified tree, the nodes and accepted tokens that member alone
+proposed (a node is a path from the root, so it is a member's own when no other member's tree
+holds the same path): what the step would have lost without it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from drafters.base import DraftContext, Drafter, VerifyFeedback
-from trees import TokenTree, merge
+from trees import ROOT, TokenTree, merge
+
+
+@dataclass
+class DrafterUsage:
+    """What a hybrid's members cost and brought since the last `HybridDrafter.take_usage`.
+
+    Attributes:
+        propose_seconds: by ``source_id``: host seconds its ``propose`` took (every row summed).
+        merge_seconds: host seconds spent merging the members' trees.
+        own_verified: by ``source_id``: verified nodes no other member proposed.
+        own_accepted: by ``source_id``: accepted nodes no other member proposed.
+        verified: verified nodes in all.
+    """
+
+    propose_seconds: dict[int, float] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    own_verified: dict[int, int] = field(default_factory=dict)
+    own_accepted: dict[int, int] = field(default_factory=dict)
+    verified: int = 0
+
+
+def _paths(tree: TokenTree) -> list[tuple[int, ...]]:
+    """Each node's tokens from the root down to it, by ``node_idx``."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(tree.tokens.tolist(), tree.parents.tolist()):
+        paths.append((paths[parent] if parent != ROOT else ()) + (token,))
+    return paths
 
 
 class HybridDrafter(Drafter):
@@ -27,26 +65,74 @@ class HybridDrafter(Drafter):
         self.name = "+".join(names)
         self.feedback_topk = max(m.feedback_topk for m in members)
         self.needs_features = max(m.needs_features for m in members)
+        self.running: frozenset[int] | None = None  # source_ids that propose (None: every member)
+        self.clock = time.perf_counter  # host seconds (tests inject a fake one)
+        self._usage = DrafterUsage()
+        self._proposed: dict[int, dict[int, TokenTree]] = {}  # sequence_id -> its last proposal, by member
 
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:
             return TokenTree.empty()
         ctx = replace(ctx, sampling=None)  # merged trees are verified by the delta rule: no draws
-        trees = [tree for tree in (member.propose(ctx, budget) for member in self.members) if len(tree)]
+        usage, proposed = self._usage, {}
+        for member in self.members:
+            if self.running is not None and member.source_id not in self.running:
+                continue
+            began = self.clock()
+            tree = member.propose(ctx, budget)
+            usage.propose_seconds[member.source_id] = usage.propose_seconds.get(member.source_id, 0.0) + \
+                self.clock() - began
+            if len(tree):
+                proposed[member.source_id] = tree
+        self._proposed[ctx.sequence_id] = proposed
+        trees = list(proposed.values())
         if len(trees) <= 1:  # nothing to merge: one tree is verified as its drafter made it (duplicate
             # siblings included, as for a single drafter: only the first of them can be accepted)
             return trees[0].prune(budget) if trees else TokenTree.empty()
-        return merge(trees).prune(budget)
+        began = self.clock()
+        merged = merge(trees).prune(budget)
+        usage.merge_seconds += self.clock() - began
+        return merged
 
     def observe(self, feedback: VerifyFeedback) -> None:
+        proposed = self._proposed.pop(feedback.sequence_id, None)
+        if feedback.tree is not None and proposed:
+            self._credit(feedback.tree, feedback.accepted_nodes, proposed)
         for member in self.members:
             member.observe(feedback)
 
+    def _credit(self, tree: TokenTree, accepted_nodes, proposed: dict[int, TokenTree]) -> None:
+        """Count the verified and accepted nodes of ``tree`` that one member alone proposed."""
+        usage = self._usage
+        usage.verified += len(tree)
+        if not len(tree):
+            return
+        held = {source: set(_paths(member_tree)) for source, member_tree in proposed.items()}
+        owner = np.full(len(tree), -1, dtype=np.int64)  # node_idx -> the one member holding it, or -1
+        for node_idx, path in enumerate(_paths(tree)):
+            holders = [source for source, paths in held.items() if path in paths]
+            if len(holders) == 1:
+                owner[node_idx] = holders[0]
+        accepted = np.zeros(len(tree), dtype=bool)
+        accepted[list(accepted_nodes)] = True
+        for source in held:
+            mine = owner == source
+            usage.own_verified[source] = usage.own_verified.get(source, 0) + int(mine.sum())
+            usage.own_accepted[source] = usage.own_accepted.get(source, 0) + int((mine & accepted).sum())
+
+    def take_usage(self) -> DrafterUsage:
+        """What the members cost and brought since the last call (then counted afresh)."""
+        usage, self._usage = self._usage, DrafterUsage()
+        return usage
+
     def end_sequence(self, sequence_id: int) -> None:
+        self._proposed.pop(sequence_id, None)
         for member in self.members:
             member.end_sequence(sequence_id)
 
     def reset(self) -> None:
+        self._proposed.clear()
+        self._usage = DrafterUsage()
         for member in self.members:
             member.reset()
 

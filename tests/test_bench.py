@@ -147,6 +147,19 @@ def test_bench_json_schema_on_tiny_model(tmp_path, tiny_model_dir):
     assert "| recycling |" in (tmp_path / "out.md").read_text()
 
 
+def test_bench_explain_reports_each_drafter_of_auto(tmp_path, tiny_model_dir):
+    dataset = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "category": "qa", "turns": ["what is this"]}])
+    result = CliRunner().invoke(main, [
+        "bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--dataset", str(dataset),
+        "--max-new-tokens", "24", "--methods", "auto", "--explain"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console wraps long lines
+    for drafter in ("recycling", "ngram"):
+        said = text.split(f"drafter {drafter}: ", 1)[1].split(" ms: net ", 1)
+        assert said[0].split(";")[0] in ("running", "skipped") and "drafting" in said[0] and len(said) == 2
+    assert "drafter steps skipped:" in text
+
+
 def assert_figures_follow_records(payload: dict, method: str) -> None:
     """The summary's MAT and speedup are what the per-question records add up to, and every
     record is a possible decode (at least one token per step, new tokens counted per turn)."""

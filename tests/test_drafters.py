@@ -9,7 +9,7 @@ import torch
 from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
 from drafters.ngram import NGramIndex
 from drafters.stats import AcceptanceStats
-from tests.conftest import tiny_llama
+from tests.conftest import ScriptedDrafter, tiny_llama
 from trees import TokenTree
 
 
@@ -136,6 +136,44 @@ def test_hybrid_merges_and_names():
         HybridDrafter([NGramDrafter(), NGramDrafter()])
     with pytest.raises(ValueError, match="drafter must be one of"):
         make_drafter("recycling+warp", 32)
+
+
+class _Fixed(ScriptedDrafter):
+    """Proposes the same tree every step and counts its proposals."""
+
+    def __init__(self, name: str, tree: TokenTree) -> None:
+        super().__init__(None)
+        self.name, self.tree, self.calls = name, tree, 0
+
+    def propose(self, ctx, budget):
+        self.calls += 1
+        return self.tree
+
+
+def test_hybrid_counts_what_each_member_alone_brought_and_runs_only_the_chosen():
+    from drafters import VerifyFeedback
+
+    # a: 5 -> 6 -> 7 ; b: 5 -> 6 -> 8 and 9. Shared: the path (5,); (5,6) too. a alone: (5,6,7).
+    a = _Fixed("a", TokenTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1])))
+    b = _Fixed("b", TokenTree(torch.tensor([5, 6, 8, 9]), torch.tensor([-1, 0, 1, -1])))
+    hybrid = HybridDrafter([a, b])
+    ticks = iter(range(100))
+    hybrid.clock = lambda: float(next(ticks))  # every clock read one second later
+    tree = hybrid.propose(ctx([1, 2], sequence_id=3), budget=16)
+    paths = {tuple(tree.path_to(i)): i for i in range(len(tree))}
+    path_tokens = {tuple(tree.tokens[list(p)].tolist()): i for p, i in paths.items()}
+    accepted = (path_tokens[(5,)], path_tokens[(5, 6)], path_tokens[(5, 6, 7)])
+    hybrid.observe(VerifyFeedback(tokens=np.zeros(1, np.int64), topk_ids=np.zeros((1, 0), np.int64),
+                                  committed=np.ones(1, bool), tree=tree, accepted_nodes=accepted, sequence_id=3))
+    usage = hybrid.take_usage()
+    assert usage.propose_seconds == {0: 1.0, 1: 1.0} and usage.merge_seconds == 1.0
+    assert usage.verified == 5
+    assert usage.own_verified == {0: 1, 1: 2} and usage.own_accepted == {0: 1, 1: 0}
+    assert hybrid.take_usage().verified == 0  # counted afresh
+    hybrid.running = frozenset({1})
+    alone = hybrid.propose(ctx([1, 2, 5], sequence_id=3), budget=16)
+    assert (a.calls, b.calls) == (1, 2) and len(alone) == 4  # b's tree as it made it, no merge
+    assert hybrid.take_usage().merge_seconds == 0.0
 
 
 def test_model_drafter_vocab_check(model):

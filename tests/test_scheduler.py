@@ -354,3 +354,88 @@ def test_probes_count_steps_not_rows_and_probe_one_row():
     assert sizes[3] == [2] + [0] * 7 and sizes[7] == [2] + [0] * 7
     assert all(s == [0] * 8 for i, s in enumerate(sizes) if i not in (3, 7))
     assert scheduler.probes == 2
+
+
+# ---------------------------------------------------------------- which drafters run
+def _usage(own_accepted: dict, propose_seconds: dict, verified: int = 4, own_verified: dict | None = None,
+           merge_seconds: float = 0.0):
+    from drafters.hybrid import DrafterUsage
+
+    return DrafterUsage(propose_seconds=dict(propose_seconds), merge_seconds=merge_seconds,
+                        own_verified=dict(own_verified or {}), own_accepted=dict(own_accepted), verified=verified)
+
+
+def test_drafter_choice_skips_a_drafter_that_costs_more_than_it_brings_and_readmits_it_when_it_pays():
+    from specdec.schedule.drafter_choice import MIN_STEPS, DrafterChoice
+
+    choice = DrafterChoice(decay=0.9, probe_every=4)
+    # 10 ms a token; member 0 brings a token a step for 1 ms; member 1 brings nothing for 3 ms.
+    runs = []
+    for _ in range(40):
+        running = choice.running([0, 1])
+        runs.append(running)
+        usage = _usage({s: 1 if s == 0 else 0 for s in running}, {s: 0.001 if s == 0 else 0.003 for s in running})
+        choice.record(usage, step_seconds=0.02, tokens=2, rows=1, node_seconds=0.001)
+    assert all(0 in r for r in runs)  # the one that pays always runs
+    assert all(1 in r for r in runs[:MIN_STEPS])  # measured before it can be judged
+    later = [1 in r for r in runs[MIN_STEPS:]]
+    assert later.count(True) == len(later) // 4  # skipped, probed every 4th step
+    assert choice.explain({0: "a", 1: "b"})["b"]["running"] is False and choice.skips > 0
+    # the text changes: member 1's probes now bring three tokens a step; a probe or two readmits it
+    steps_to_return = None
+    for step in range(40):
+        running = choice.running([0, 1])
+        if steps_to_return is None and 1 in running and step and all(1 in r for r in runs[-1:]):
+            steps_to_return = step
+        runs.append(running)
+        usage = _usage({s: 1 if s == 0 else 3 for s in running}, {s: 0.001 if s == 0 else 0.003 for s in running})
+        choice.record(usage, step_seconds=0.02, tokens=4, rows=1, node_seconds=0.001)
+    assert all(1 in r for r in runs[-20:])
+    assert steps_to_return is not None and steps_to_return <= 8
+    report = choice.explain({0: "a", 1: "b"})["b"]
+    assert report["running"] is True and report["net_ms"] > 0 and report["value_ms"] == pytest.approx(15.0, rel=0.05)
+
+
+def test_drafter_choice_charges_verified_nodes_and_the_merge():
+    from specdec.schedule.drafter_choice import MIN_STEPS, DrafterChoice
+
+    choice = DrafterChoice()
+    for _ in range(1 + MIN_STEPS):  # the first step of each is not counted
+        # two rows; member 1: one accepted token (10 ms a token) for 0.5 ms of drafting, its 6 own nodes (3 a
+        # row) at 2 ms a node a row, and the whole 2 ms merge (two members: none without it)
+        choice.record(_usage({0: 0, 1: 1}, {0: 0.0005, 1: 0.0005}, verified=8, own_verified={1: 6},
+                             merge_seconds=0.002), step_seconds=0.02, tokens=2, rows=2, node_seconds=0.002)
+    report = choice.explain({0: "a", 1: "b"})["b"]
+    assert report["value_ms"] == pytest.approx(10.0) and report["verify_ms"] == pytest.approx(6.0)
+    assert report["merge_ms"] == pytest.approx(2.0) and report["net_ms"] == pytest.approx(1.5)
+    assert choice.running([0, 1]) == frozenset({1})  # a brought nothing of its own, for its cost
+    with pytest.raises(ValueError, match="decay"):
+        DrafterChoice(decay=1.0)
+    with pytest.raises(ValueError, match="probe_every"):
+        DrafterChoice(probe_every=0)
+
+
+def test_auto_skips_a_member_that_never_pays_and_stays_lossless(model):
+    from drafters import HybridDrafter, NGramDrafter
+    from tests.conftest import ScriptedDrafter
+
+    class Costly(ScriptedDrafter):
+        """Random tokens (never accepted), and a clock that says each proposal took a second."""
+
+        name = "costly"
+
+        def propose(self, ctx, budget):
+            hybrid.clock_offset += 1.0
+            return super().propose(ctx, budget)
+
+    costly = Costly(None, depth=3)
+    hybrid = HybridDrafter([NGramDrafter(), costly])
+    hybrid.clock_offset = 0.0
+    hybrid.clock = lambda: hybrid.clock_offset
+    decoder = SpeculativeDecoder(model, drafter=hybrid)
+    prompt = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    out = decoder.generate(prompt, max_new_tokens=60, do_sample=False)
+    assert torch.equal(out, hf_greedy(model, prompt, 60))
+    steps = decoder.last_stats.steps
+    assert decoder.scheduler.drafters.skips > 0 and costly.step < steps
+    assert decoder.scheduler.explain(names=decoder.source_names)["drafters"]["costly"]["running"] is False

@@ -11,8 +11,10 @@ driven by uncertainty: the size chosen maximises the rate with each cost lowered
 standard errors (optimism in the face of uncertainty), so a size whose cost is unknown or noisy is
 measured while it could be the best one, and not once its cost is known to lose. No drafter is
 starved: a drafter whose nodes were left out for `probe_every` steps gets its best `probe_nodes`
-verified, so its acceptance keeps being measured at a bounded cost. Decisions are a pure function
-of the recorded history, so they are deterministic.
+verified, so its acceptance keeps being measured at a bounded cost. Which drafters of a hybrid run
+at all is chosen too (`drafters`, a `specdec.schedule.drafter_choice.DrafterChoice`): a drafter whose
+accepted nodes do not pay for its drafting, merging and verification is skipped, probed now and
+then. Decisions are a pure function of the recorded history, so they are deterministic.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from specdec.schedule.calibration import MAX_SOURCES, Calibration
 from specdec.schedule.costs import POSITION_BUCKETS, SIZE_BUCKETS, CostModel
+from specdec.schedule.drafter_choice import DrafterChoice
 from trees import TokenTree
 
 __all__ = ["Scheduler", "SIZE_BUCKETS"]
@@ -61,6 +64,7 @@ class Scheduler:
         self.probes = 0
         self.last_size = 0
         self._idle = np.zeros(MAX_SOURCES, dtype=np.int64)  # per drafter: steps since one of its nodes was verified
+        self.drafters = DrafterChoice()
         self._lock = threading.Lock()
 
     def draft_budget(self) -> int:
@@ -201,6 +205,21 @@ class Scheduler:
                     self.calibration.record(np.exp(tree.scores.numpy().astype(np.float64)), tree.sources.numpy(),
                                             tree.depths.numpy(), accepted)
 
+    def running_drafters(self, sources: list[int]) -> frozenset[int]:
+        """The ``source_id`` s of a hybrid's members that propose this step (`DrafterChoice.running`)."""
+        with self._lock:
+            return self.drafters.running(sources)
+
+    def record_drafters(self, usage, rows: int, nodes: int, context_len: int, step_seconds: float,
+                        tokens: int) -> None:
+        """What a hybrid's members cost and brought in one step of ``rows`` rows with trees of up
+        to ``nodes`` nodes (the longest row at ``context_len``) that took ``step_seconds`` and
+        emitted ``tokens``; a node is priced from the fitted cost curve between one node and ``nodes``."""
+        with self._lock:
+            cost = self._curve(rows, context_len)[0]
+            node_seconds = float(cost[nodes] - cost[1]) / (nodes - 1) if nodes >= 2 else 0.0
+            self.drafters.record(usage, step_seconds, tokens, rows, node_seconds if node_seconds > 0 else 0.0)
+
     @property
     def overhead(self) -> float:
         """EMA of per-step seconds outside the verify forward (one-sequence steps)."""
@@ -241,4 +260,6 @@ class Scheduler:
             "measured": {int(b): int(c) for b, c in zip(SIZE_BUCKETS, counts) if c},
             "calibration": self.calibration.report(names),
             "probes": self.probes,
+            "drafters": self.drafters.explain(names),
+            "drafter_skips": self.drafters.skips,
         }

@@ -15,10 +15,12 @@ still consistent, since nothing is committed before the read.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
-from drafters import DraftContext, DraftSampling, VerifyFeedback
+from drafters import DraftContext, DraftSampling, HybridDrafter, VerifyFeedback
 from specdec.device.reductions import row_argmax, row_topk_ids
 from specdec.device.tree import BatchTree, RowTree, upload_rows
 from specdec.models import distributed
@@ -38,6 +40,7 @@ class Step:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self.choosing = False  # whether this step's drafters were the scheduler's choice
 
     @torch.inference_mode()
     def __call__(self, sequences: list[Sequence]) -> Stepped:
@@ -71,6 +74,8 @@ class Step:
         if verified:
             engine.scheduler.record_batch([trees[seq] for seq in verified], context_len, times.verify, times.overhead,
                                           [outcomes[seq.slot].accepted_nodes for seq in verified])
+        self.record_drafters([trees[seq] for seq in verified], context_len, times,
+                             sum(len(out[seq]) for seq in verified))
         for seq in verified:
             self._count(seq, trees[seq], outcomes[seq.slot], out[seq], times)
         return out
@@ -78,14 +83,17 @@ class Step:
     # ------------------------------------------------------------------ propose
     def propose(self, sequences: list[Sequence], out: Stepped) -> dict[Sequence, TokenTree]:
         """Each sequence's tree: its fixed budget's, or the scheduler's choice for the scheduled
-        ones together (one node count for the batch, from the cost of forwards of this many rows)."""
+        ones together (one node count for the batch, from the cost of forwards of this many rows),
+        drafted by the drafters the scheduler runs this step."""
         engine, trees = self.engine, {}
-        for seq in sequences:
-            try:
-                trees[seq] = self.draft(seq)
-            except Exception as err:  # this row alone fails
-                out[seq] = err
-        scheduled = [seq for seq in trees if seq.request.tree_budget is None]
+        scheduled = [seq for seq in sequences if seq.request.tree_budget is None]
+        with self.chosen_drafters(bool(scheduled)):
+            for seq in sequences:
+                try:
+                    trees[seq] = self.draft(seq)
+                except Exception as err:  # this row alone fails
+                    out[seq] = err
+        scheduled = [seq for seq in scheduled if seq in trees]
         if scheduled:
             context_len = max(engine.cache.lengths[seq.slot] for seq in scheduled)
             chosen = engine.scheduler.select_batch([trees[seq] for seq in scheduled], context_len)
@@ -93,6 +101,21 @@ class Step:
                 chosen = distributed.agree_on_selections(chosen)
             trees.update(zip(scheduled, chosen))
         return trees
+
+    @contextlib.contextmanager
+    def chosen_drafters(self, scheduled: bool):
+        """While drafting: a hybrid drafter runs the members the scheduler chooses when it
+        schedules a row (every member when every row has a fixed budget)."""
+        drafter = self.engine.drafter
+        self.choosing = isinstance(drafter, HybridDrafter) and scheduled
+        if not self.choosing:
+            yield
+            return
+        drafter.running = self.engine.scheduler.running_drafters([m.source_id for m in drafter.members])
+        try:
+            yield
+        finally:
+            drafter.running = None
 
     def draft(self, seq: Sequence) -> TokenTree:
         """The drafter's tree for ``seq`` (its fixed budget, or the scheduler's draft budget),
@@ -173,6 +196,15 @@ class Step:
             accepted.block[seq.slot, :width] = row.block
             accepted.count[seq.slot] = row.count
         return accepted, scores
+
+    def record_drafters(self, verified: list[TokenTree], context_len: int, times, emitted: int) -> None:
+        """Tell the scheduler what a hybrid's members cost and brought this step (when it chose them)."""
+        drafter = self.engine.drafter
+        if isinstance(drafter, HybridDrafter):
+            usage = drafter.take_usage()
+            if verified and self.choosing:
+                self.engine.scheduler.record_drafters(usage, len(verified), max(map(len, verified)), context_len,
+                                                      times.verify + times.overhead, emitted)
 
     def _topk(self, logits: torch.Tensor) -> torch.Tensor | None:
         """``[m, k]`` the target's top-k ids at every slot, when the drafter learns from them."""

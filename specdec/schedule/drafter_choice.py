@@ -1,0 +1,112 @@
+"""Which drafters of a hybrid run at all: each must save more time than it costs.
+
+Drafting and merging cost host time every step, and a drafter's nodes cost verify time, whether
+or not they are accepted. Per step the hybrid reports, for each member that proposed
+(`drafters.hybrid.DrafterUsage`), its ``propose`` seconds and the verified and accepted nodes that
+member alone proposed (what the step would not have had without it). A member's net worth per
+step, in seconds::
+
+    own accepted tokens x seconds per token          (the time those tokens would take otherwise)
+    - its propose seconds - its share of the merge   (host time)
+    - own verified nodes a row x seconds per node     (the verify forward's marginal cost)
+
+with seconds per token the step's wall time over the tokens it emitted (keeping a member is worth
+it exactly when the step's rate with it beats the rate without: its tokens and its seconds taken
+away), and the seconds per node the scheduler's fitted cost curve (the same measurements) adds
+between a one-node tree and this step's size: the price of a tree at all is not charged to
+whichever member filled it, since without it the others' nodes would fill it. Each is an
+exponentially decayed average over the steps the member ran (its first step, which may compile,
+not counted). A member whose average is below zero is skipped; every `probe_every` steps a
+skipped member runs once, its figures from before aged by the steps it sat out, so they stay
+current and it comes back when it pays again (a drafter's worth moves with the text: an n-gram
+drafter pays on a repetitive document, not on a poem). Figures are per machine and dtype, since
+they are measured on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_STEPS = 8  # steps a member runs before its average may skip it
+
+
+@dataclass
+class _Worth:
+    """One member's decayed figures (per step it ran), in seconds."""
+
+    value: float = 0.0
+    propose: float = 0.0
+    merge: float = 0.0
+    verify: float = 0.0
+    steps: int = 0
+    warm: bool = False  # its first step is not counted: a drafter's first call may compile (numba) or load
+    skipped_for: int = 0  # steps since it last ran, while skipped
+    gap: int = 0  # steps it had been skipped before it ran this step
+
+    @property
+    def net(self) -> float:
+        return self.value - self.propose - self.merge - self.verify
+
+
+class DrafterChoice:
+    """Decides, step by step, which members of a hybrid drafter propose (`running`), from what
+    each cost and brought (`record`).
+
+    Args:
+        decay: weight of the past per recorded step (0.98: about the last fifty steps count).
+        probe_every: a skipped member runs once after this many steps.
+    """
+
+    def __init__(self, decay: float = 0.98, probe_every: int = 16) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {probe_every}")
+        self.decay, self.probe_every = decay, probe_every
+        self._worth: dict[int, _Worth] = {}
+        self.skips = 0  # member-steps skipped, in all
+
+    def running(self, sources: list[int]) -> frozenset[int]:
+        """The members of ``sources`` that propose this step: those that pay (or are still being
+        measured), and a skipped one whose probe is due."""
+        chosen = []
+        for source in sources:
+            worth = self._worth.setdefault(source, _Worth())
+            if worth.steps < MIN_STEPS or worth.net >= 0.0 or worth.skipped_for + 1 >= self.probe_every:
+                chosen.append(source)
+                worth.gap, worth.skipped_for = worth.skipped_for, 0
+            else:
+                worth.skipped_for += 1
+                self.skips += 1
+        return frozenset(chosen)
+
+    def record(self, usage, step_seconds: float, tokens: int, rows: int, node_seconds: float) -> None:
+        """One step: ``usage`` (a `drafters.hybrid.DrafterUsage`), the step's wall seconds and the
+        tokens it emitted over its ``rows`` rows, and the fitted seconds one more node a row adds
+        to a forward of this step's tree size."""
+        if not usage.propose_seconds or tokens <= 0:
+            return
+        per_token = step_seconds / tokens
+        merge_share = usage.merge_seconds / max(len(usage.propose_seconds) - 1, 1)
+        for source, seconds in usage.propose_seconds.items():
+            worth = self._worth.setdefault(source, _Worth())
+            if not worth.warm:
+                worth.warm = True
+                continue
+            step = {"value": usage.own_accepted.get(source, 0) * per_token, "propose": seconds,
+                    "merge": merge_share if len(usage.propose_seconds) > 1 else 0.0,
+                    "verify": usage.own_verified.get(source, 0) / rows * node_seconds}
+            weight = 1.0 - self.decay ** (1 + worth.gap) if worth.steps else 1.0  # skipped steps age the past
+            worth.gap = 0
+            for name, figure in step.items():
+                setattr(worth, name, getattr(worth, name) + weight * (figure - getattr(worth, name)))
+            worth.steps += 1
+
+    def explain(self, names: dict[int, str] | None = None) -> dict:
+        """Per member (by name): its figures in ms per step it ran, and whether it runs now."""
+        names = names or {}
+        return {names.get(source, str(source)): {
+            "value_ms": round(1e3 * w.value, 3), "propose_ms": round(1e3 * w.propose, 3),
+            "merge_ms": round(1e3 * w.merge, 3), "verify_ms": round(1e3 * w.verify, 3),
+            "net_ms": round(1e3 * w.net, 3), "steps": w.steps,
+            "running": w.steps < MIN_STEPS or w.net >= 0.0} for source, w in sorted(self._worth.items())}
