@@ -38,12 +38,17 @@ class DrafterUsage:
     verified: int = 0
 
 
-def _paths(tree: TokenTree) -> list[tuple[int, ...]]:
-    """Each node's tokens from the root down to it, by ``node_idx``."""
-    paths: list[tuple[int, ...]] = []
-    for token, parent in zip(tree.tokens.tolist(), tree.parents.tolist()):
-        paths.append((paths[parent] if parent != ROOT else ()) + (token,))
-    return paths
+def _held(tree: TokenTree, other: TokenTree) -> np.ndarray:
+    """``[n]`` bool: which nodes of ``tree`` (by ``node_idx``) ``other`` holds too, as the same
+    path of tokens from the root."""
+    children = {(parent, token): node for node, (token, parent)
+                in enumerate(zip(other.tokens.tolist(), other.parents.tolist()))}
+    match = [-2] * len(tree)  # node_idx in other, or -2 (a node below an unmatched one is unmatched)
+    for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
+        above = ROOT if parent == ROOT else match[parent]
+        if above != -2:
+            match[node] = children.get((above, token), -2)
+    return np.asarray(match) != -2
 
 
 class HybridDrafter(Drafter):
@@ -107,16 +112,12 @@ class HybridDrafter(Drafter):
         usage.verified += len(tree)
         if not len(tree):
             return
-        held = {source: set(_paths(member_tree)) for source, member_tree in proposed.items()}
-        owner = np.full(len(tree), -1, dtype=np.int64)  # node_idx -> the one member holding it, or -1
-        for node_idx, path in enumerate(_paths(tree)):
-            holders = [source for source, paths in held.items() if path in paths]
-            if len(holders) == 1:
-                owner[node_idx] = holders[0]
+        held = {source: _held(tree, member_tree) for source, member_tree in proposed.items()}  # [n] each
+        holders = np.sum(list(held.values()), axis=0)  # [n] how many members hold each node
         accepted = np.zeros(len(tree), dtype=bool)
         accepted[list(accepted_nodes)] = True
-        for source in held:
-            mine = owner == source
+        for source, holds in held.items():
+            mine = holds & (holders == 1)
             usage.own_verified[source] = usage.own_verified.get(source, 0) + int(mine.sum())
             usage.own_accepted[source] = usage.own_accepted.get(source, 0) + int((mine & accepted).sum())
 

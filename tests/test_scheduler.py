@@ -439,3 +439,21 @@ def test_auto_skips_a_member_that_never_pays_and_stays_lossless(model):
     steps = decoder.last_stats.steps
     assert decoder.scheduler.drafters.skips > 0 and costly.step < steps
     assert decoder.scheduler.explain(names=decoder.source_names)["drafters"]["costly"]["running"] is False
+
+
+def test_drafter_choice_keeps_a_drafter_whose_worth_comes_in_bursts():
+    from specdec.schedule.drafter_choice import DrafterChoice
+
+    choice = DrafterChoice()
+    for step in range(30):  # a match every third step brings 4 tokens (40 ms); otherwise 0.5 ms for nothing
+        assert 0 in choice.running([0])
+        choice.record(_usage({0: 4 if step % 3 == 0 else 0}, {0: 0.0005}), step_seconds=0.05, tokens=5, rows=1,
+                      node_seconds=0.0)
+    below_zero_and_kept = 0
+    for _ in range(300):  # then no match at all: its average sinks below zero, its spread keeps it a while
+        running = 0 in choice.running([0])
+        below_zero_and_kept += running and choice.explain()["0"]["net_ms"] < 0
+        if running:
+            choice.record(_usage({0: 0}, {0: 0.0005}), step_seconds=0.05, tokens=5, rows=1, node_seconds=0.0)
+    assert below_zero_and_kept > 0
+    assert choice.explain()["0"]["running"] is False  # sure to lose at last: skipped

@@ -16,11 +16,11 @@ away), and the seconds per node the scheduler's fitted cost curve (the same meas
 between a one-node tree and this step's size: the price of a tree at all is not charged to
 whichever member filled it, since without it the others' nodes would fill it. Each is an
 exponentially decayed average over the steps the member ran (its first step, which may compile,
-not counted). A member whose average is below zero is skipped; every `probe_every` steps a
-skipped member runs once, its figures from before aged by the steps it sat out, so they stay
-current and it comes back when it pays again (a drafter's worth moves with the text: an n-gram
-drafter pays on a repetitive document, not on a poem). Figures are per machine and dtype, since
-they are measured on them.
+not counted). A member whose average is below zero by two standard errors is skipped; every
+`probe_every` steps a skipped member runs once, its figures from before aged by the steps it sat
+out, so they stay current and it comes back when it pays again (a drafter's worth moves with the
+text: an n-gram drafter pays on a repetitive document, not on a poem). Figures are per machine
+and dtype, since they are measured on them.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class _Worth:
     propose: float = 0.0
     merge: float = 0.0
     verify: float = 0.0
+    net_squared: float = 0.0  # of the per-step net: its spread says how sure the average is
     steps: int = 0
     warm: bool = False  # its first step is not counted: a drafter's first call may compile (numba) or load
     skipped_for: int = 0  # steps since it last ran, while skipped
@@ -46,6 +47,13 @@ class _Worth:
     @property
     def net(self) -> float:
         return self.value - self.propose - self.merge - self.verify
+
+    def loses(self, decay: float) -> bool:
+        """Whether it is measured and its average net is below zero by two standard errors (a
+        decayed average weighs about (1 + decay) / (1 - decay) steps): a drafter whose worth comes
+        in bursts (the n-gram drafter on a document it copies from) is not skipped between them."""
+        error = (max(self.net_squared - self.net ** 2, 0.0) * (1.0 - decay) / (1.0 + decay)) ** 0.5
+        return self.steps >= MIN_STEPS and self.net + 2.0 * error < 0.0
 
 
 class DrafterChoice:
@@ -72,7 +80,7 @@ class DrafterChoice:
         chosen = []
         for source in sources:
             worth = self._worth.setdefault(source, _Worth())
-            if worth.steps < MIN_STEPS or worth.net >= 0.0 or worth.skipped_for + 1 >= self.probe_every:
+            if not worth.loses(self.decay) or worth.skipped_for + 1 >= self.probe_every:
                 chosen.append(source)
                 worth.gap, worth.skipped_for = worth.skipped_for, 0
             else:
@@ -98,6 +106,7 @@ class DrafterChoice:
                     "verify": usage.own_verified.get(source, 0) / rows * node_seconds}
             weight = 1.0 - self.decay ** (1 + worth.gap) if worth.steps else 1.0  # skipped steps age the past
             worth.gap = 0
+            step["net_squared"] = (step["value"] - step["propose"] - step["merge"] - step["verify"]) ** 2
             for name, figure in step.items():
                 setattr(worth, name, getattr(worth, name) + weight * (figure - getattr(worth, name)))
             worth.steps += 1
@@ -109,4 +118,4 @@ class DrafterChoice:
             "value_ms": round(1e3 * w.value, 3), "propose_ms": round(1e3 * w.propose, 3),
             "merge_ms": round(1e3 * w.merge, 3), "verify_ms": round(1e3 * w.verify, 3),
             "net_ms": round(1e3 * w.net, 3), "steps": w.steps,
-            "running": w.steps < MIN_STEPS or w.net >= 0.0} for source, w in sorted(self._worth.items())}
+            "running": not w.loses(self.decay)} for source, w in sorted(self._worth.items())}
