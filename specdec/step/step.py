@@ -111,6 +111,7 @@ class Step:
         if not self.choosing:
             yield
             return
+        drafter.take_usage()  # what an earlier step that failed before its record left behind
         drafter.running = self.engine.scheduler.running_drafters([m.source_id for m in drafter.members])
         try:
             yield
