@@ -106,6 +106,13 @@ class Drafter(ABC):
     def observe(self, feedback: VerifyFeedback) -> None:
         """Learn from a verified forward (default: nothing to learn)."""
 
+    def wants_prompt_topk(self, tokens: np.ndarray) -> np.ndarray:
+        """``[m]`` bool: at which of a prompt's ``tokens`` (``[m]`` int64, in order) this drafter
+        wants the target's top-k successors in `observe` (asked only when ``feedback_topk`` > 0;
+        each position costs the prefill an LM-head row and a top-k over the vocabulary). Default:
+        every one."""
+        return np.ones(len(tokens), dtype=bool)
+
     def reset(self) -> None:
         """Forget everything learned."""
 

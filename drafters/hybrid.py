@@ -106,6 +106,14 @@ class HybridDrafter(Drafter):
         for member in self.members:
             member.observe(feedback)
 
+    def wants_prompt_topk(self, tokens: np.ndarray) -> np.ndarray:
+        """Where any member that learns from the target's top-k wants it."""
+        wanted = np.zeros(len(tokens), dtype=bool)
+        for member in self.members:
+            if member.feedback_topk:
+                wanted |= member.wants_prompt_topk(tokens)
+        return wanted
+
     def _credit(self, tree: TokenTree, accepted_nodes, proposed: dict[int, TokenTree]) -> None:
         """Count the verified and accepted nodes of ``tree`` that one member alone proposed."""
         usage = self._usage

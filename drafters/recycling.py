@@ -3,7 +3,9 @@
 An adjacency matrix ``succ[V, k]`` holds, for each token id, the top-k next tokens the target
 predicted the last time that token was verified (accepted or not: rejected branches are
 "recycled"). Drafting expands a tree shape breadth-first: node = the ``rank``-th successor of its
-parent's token. Rows are seeded from the prompt's logits and kept across calls (hot start).
+parent's token. The rows of tokens never seen before are seeded from the prompt's logits (the
+prefill computes the LM head only where a drafter asks: refreshing known rows from every prompt
+position cost long prompts more than it brought), and rows are kept across calls (hot start).
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ class TokenRecycling(Drafter):
         _, first_from_end = np.unique(tokens[::-1], return_index=True)
         rows = tokens.size - 1 - first_from_end
         self.succ[tokens[rows], : topk.shape[1]] = topk[rows]
+
+    def wants_prompt_topk(self, tokens: np.ndarray) -> np.ndarray:
+        """The prompt positions whose token has no successor row yet (all of them when cold)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        inside = (tokens >= 0) & (tokens < self.vocab_size)
+        return inside & (self.succ[np.where(inside, tokens, 0), 0] == UNKNOWN)
 
     def reset(self) -> None:
         self.succ.fill(UNKNOWN)

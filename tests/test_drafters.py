@@ -216,3 +216,12 @@ def test_model_drafter_drafts_deeper_only_while_it_pays():
     costly.depths.depth_seconds[:] = 1.0  # a second per depth against 10 ms steps
     costly.depths.step_seconds = 0.01
     assert costly.propose(context, 12).max_depth == 1
+
+
+def test_hybrid_asks_for_the_prompt_topk_its_learning_members_want():
+    recycling = TokenRecycling(20, k=2)
+    recycling.succ[4] = [5, 6]
+    hybrid = HybridDrafter([recycling, NGramDrafter()])
+    tokens = np.array([4, 7, 4, 8])
+    assert hybrid.wants_prompt_topk(tokens).tolist() == [False, True, False, True]
+    assert hybrid.feedback_topk == 2

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from drafters import Drafter
 from drafters.modeling import SlotCache, forward_with_cache
 from specdec.device import ops
 from specdec.device.cache import RowCache
@@ -300,3 +301,44 @@ def test_specdec_calls_do_not_use_deprecated_cache_names(capsys):
     finally:
         hf_logging.get_logger("transformers").removeHandler(handler)
     assert not [r for r in records if "deprecated" in r], records
+
+
+class PromptRecorder(Drafter):
+    """Proposes nothing; asks for the prompt's top-k at chosen positions and for the last two
+    positions' features, and keeps what the prefill shows it."""
+
+    name = "prompt-recorder"
+    feedback_topk = 3
+    needs_features = 2
+
+    def __init__(self, wanted: list[int]) -> None:
+        self.wanted, self.shown = wanted, []
+
+    def propose(self, ctx, budget):
+        return TokenTree.empty()
+
+    def wants_prompt_topk(self, tokens):
+        asked = np.zeros(len(tokens), dtype=bool)
+        asked[self.wanted] = True
+        return asked
+
+    def observe(self, feedback):
+        if feedback.tree is None:
+            self.shown.append(feedback)
+
+
+@pytest.mark.parametrize("wanted", [[], [0, 3], [4, 5, 6], [0, 1, 2, 3, 4, 5, 6]])
+def test_prefill_shows_the_topk_where_asked_and_the_last_features(model, wanted):
+    from specdec import SpeculativeDecoder
+
+    prompt = torch.tensor([[5, 9, 5, 17, 30, 9, 41, 3]])  # cached: positions 0-6 (3 is the root)
+    drafter = PromptRecorder(wanted)
+    SpeculativeDecoder(model, drafter=drafter, tree_budget=0).generate(prompt, max_new_tokens=1)
+    with torch.no_grad():
+        logits = model(prompt).logits[0]  # [8, V]
+        features = model.model(prompt).last_hidden_state[0]  # [8, h]: what the LM head reads
+    (shown,) = drafter.shown
+    assert shown.tokens.tolist() == prompt[0, wanted].tolist()
+    assert shown.topk_ids.tolist() == logits[wanted].topk(3).indices.tolist()
+    assert shown.committed.all() and len(shown.committed) == len(wanted)
+    torch.testing.assert_close(shown.features, features[5:7])
