@@ -133,7 +133,7 @@ def print_explanation(methods, records: list[Record]) -> None:
             if ms is not None))
         console.print(f"  measured sizes (steps kept): {beliefs['measured']}")
         for drafter, worth in beliefs["drafters"].items():
-            console.print(f"  drafter {drafter}: {'running' if worth['running'] else 'skipped'}; per step it ran "
+            console.print(f"  drafter {drafter}: {'running' if worth['running'] else 'skipped'}; per step it drafted "
                           f"({worth['steps']} steps): its own accepted tokens worth {worth['value_ms']} ms, drafting "
                           f"{worth['propose_ms']} ms, merging {worth['merge_ms']} ms, its own verified nodes "
                           f"{worth['verify_ms']} ms: net {worth['net_ms']} ms")

@@ -1,11 +1,15 @@
 """Several drafters proposing one tree: trie union of their trees, pruned to one budget.
 
-Only the members in ``running`` propose (the engine's scheduler decides each step which drafters
-pay for themselves); every member keeps learning from every verified forward. The hybrid measures
-what each member costs and brings (`DrafterUsage`): the host seconds of its ``propose``, the
-seconds spent merging, and, from the verified tree, the nodes and accepted tokens that member alone
-proposed (a node is a path from the root, so it is a member's own when no other member's tree
-holds the same path): what the step would have lost without it.
+Only the members in ``running`` propose into the tree (the engine's scheduler decides each step
+which drafters pay for themselves); a member in ``shadowed`` proposes beside it, its tree neither
+merged nor verified, so what it would have brought is still measured; every member keeps learning
+from every verified forward. The hybrid measures what each member costs and brings
+(`DrafterUsage`): the host seconds of its ``propose``, the seconds spent merging, and the nodes and
+accepted tokens that member alone proposed (a node is a path from the root, so it is a member's own
+when no other member's tree holds the same path): what the step would have lost without it. A
+shadow, cut to the verified tree's size (its best nodes), is charged its nodes that tree lacked and
+credited the tokens of its longest root path that the sequence then committed beyond what the
+verified tree accepted (greedy: exactly what verifying it too would have added).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ class DrafterUsage:
         propose_seconds: by ``source_id``: host seconds its ``propose`` took (every row summed).
         merge_seconds: host seconds spent merging the members' trees.
         own_verified: by ``source_id``: verified nodes no other member proposed.
-        own_accepted: by ``source_id``: accepted nodes no other member proposed.
+        own_accepted: by ``source_id``: accepted nodes no other member proposed (for a shadow:
+            the tokens its tree would have added, counted once the sequence has committed them).
         verified: verified nodes in all.
+        shadowed: the ``source_id`` s that proposed in shadow (not merged, not verified).
     """
 
     propose_seconds: dict[int, float] = field(default_factory=dict)
@@ -36,6 +42,31 @@ class DrafterUsage:
     own_verified: dict[int, int] = field(default_factory=dict)
     own_accepted: dict[int, int] = field(default_factory=dict)
     verified: int = 0
+    shadowed: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Shadow:
+    """A tree proposed in shadow, waiting for the tokens the sequence commits after its root."""
+
+    source: int
+    tree: TokenTree
+    start: int  # the committed length when it was proposed: its depth-0 nodes guess token ``start``
+    verified: bool = False  # whether its step's feedback came
+    accepted: int = 0  # tokens the verified tree accepted that step
+
+
+def _matched(tree: TokenTree, continuation: np.ndarray) -> int:
+    """How many tokens of ``continuation`` a root path of ``tree`` spells, from its first."""
+    children = {(parent, token): node for node, (token, parent)
+                in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist()))}
+    node, depth = ROOT, 0
+    for token in continuation.tolist():
+        node = children.get((node, token))
+        if node is None:
+            break
+        depth += 1
+    return depth
 
 
 def _held(tree: TokenTree, other: TokenTree) -> np.ndarray:
@@ -71,24 +102,31 @@ class HybridDrafter(Drafter):
         self.feedback_topk = max(m.feedback_topk for m in members)
         self.needs_features = max(m.needs_features for m in members)
         self.running: frozenset[int] | None = None  # source_ids that propose (None: every member)
+        self.shadowed: frozenset[int] = frozenset()  # source_ids that propose in shadow
         self.clock = time.perf_counter  # host seconds (tests inject a fake one)
         self._usage = DrafterUsage()
         self._proposed: dict[int, dict[int, TokenTree]] = {}  # sequence_id -> its last proposal, by member
+        self._shadows: dict[int, list[_Shadow]] = {}  # sequence_id -> shadow trees, oldest first
 
     def propose(self, ctx: DraftContext, budget: int) -> TokenTree:
         if budget <= 0:
             return TokenTree.empty()
         ctx = replace(ctx, sampling=None)  # merged trees are verified by the delta rule: no draws
         usage, proposed = self._usage, {}
+        shadows = self._credit_shadows(ctx)
         for member in self.members:
-            if self.running is not None and member.source_id not in self.running:
+            source = member.source_id
+            shadow = source in self.shadowed
+            if self.running is not None and source not in self.running and not shadow:
                 continue
             began = self.clock()
             tree = member.propose(ctx, budget)
-            usage.propose_seconds[member.source_id] = usage.propose_seconds.get(member.source_id, 0.0) + \
-                self.clock() - began
-            if len(tree):
-                proposed[member.source_id] = tree
+            usage.propose_seconds[source] = usage.propose_seconds.get(source, 0.0) + self.clock() - began
+            if shadow:
+                usage.shadowed.add(source)
+                shadows.append(_Shadow(source, tree, len(ctx.token_ids)))
+            elif len(tree):
+                proposed[source] = tree
         self._proposed[ctx.sequence_id] = proposed
         trees = list(proposed.values())
         if len(trees) <= 1:  # nothing to merge: one tree is verified as its drafter made it (duplicate
@@ -103,8 +141,34 @@ class HybridDrafter(Drafter):
         proposed = self._proposed.pop(feedback.sequence_id, None)
         if feedback.tree is not None and proposed:
             self._credit(feedback.tree, feedback.accepted_nodes, proposed)
+        if feedback.tree is not None:
+            for shadow in self._shadows.get(feedback.sequence_id, ()):
+                if not shadow.verified:  # proposed this step: given the verified tree's room (one node at
+                    # least), charge the nodes it would have added
+                    shadow.tree = shadow.tree.prune(max(len(feedback.tree), 1))
+                    shadow.verified, shadow.accepted = True, len(feedback.accepted_nodes)
+                    own = int((~_held(shadow.tree, feedback.tree)).sum()) if len(shadow.tree) else 0
+                    self._usage.own_verified[shadow.source] = self._usage.own_verified.get(shadow.source, 0) + own
         for member in self.members:
             member.observe(feedback)
+
+    def _credit_shadows(self, ctx: DraftContext) -> list[_Shadow]:
+        """Credit the shadows of ``ctx``'s sequence whose guesses its committed tokens now settle
+        (each: its root path's tokens beyond those the verified tree accepted); the rest wait.
+        Returns the sequence's list of waiting shadows."""
+        waiting = []
+        for shadow in self._shadows.get(ctx.sequence_id, ()):
+            if not shadow.verified:  # its step failed before the feedback: nothing to compare with
+                continue
+            continuation = np.asarray(ctx.token_ids[shadow.start :])  # [c] committed after its root
+            matched = _matched(shadow.tree, continuation)
+            if matched == continuation.size and matched < shadow.tree.max_depth:
+                waiting.append(shadow)  # every committed token guessed, deeper guesses not settled yet
+                continue
+            gain = max(0, matched - shadow.accepted)
+            self._usage.own_accepted[shadow.source] = self._usage.own_accepted.get(shadow.source, 0) + gain
+        self._shadows[ctx.sequence_id] = waiting
+        return waiting
 
     def wants_prompt_topk(self, tokens: np.ndarray) -> np.ndarray:
         """Where any member that learns from the target's top-k wants it."""
@@ -136,11 +200,13 @@ class HybridDrafter(Drafter):
 
     def end_sequence(self, sequence_id: int) -> None:
         self._proposed.pop(sequence_id, None)
+        self._shadows.pop(sequence_id, None)  # guesses past its end are never settled
         for member in self.members:
             member.end_sequence(sequence_id)
 
     def reset(self) -> None:
         self._proposed.clear()
+        self._shadows.clear()
         self._usage = DrafterUsage()
         for member in self.members:
             member.reset()

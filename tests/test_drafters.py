@@ -176,6 +176,55 @@ def test_hybrid_counts_what_each_member_alone_brought_and_runs_only_the_chosen()
     assert hybrid.take_usage().merge_seconds == 0.0
 
 
+def _feedback(tree: TokenTree, accepted_tokens: list[int], sequence_id: int):
+    """The feedback of a verified ``tree`` whose path of ``accepted_tokens`` was accepted."""
+    from drafters import VerifyFeedback
+
+    nodes, parent = [], -1
+    for token in accepted_tokens:
+        parent = next(i for i in range(len(tree)) if int(tree.parents[i]) == parent and int(tree.tokens[i]) == token)
+        nodes.append(parent)
+    return VerifyFeedback(tokens=np.zeros(1, np.int64), topk_ids=np.zeros((1, 0), np.int64), committed=np.ones(1, bool),
+                          tree=tree, accepted_nodes=tuple(nodes), sequence_id=sequence_id)
+
+
+def test_a_shadowed_member_is_charged_and_credited_what_verifying_its_tree_would_have_added():
+    # a (in the tree): 5 -> 6 -> 7. b (in shadow): 5 -> 6 -> 8 -> 4, and 9 (its worst node, cut: the
+    # verified tree has 3 nodes, so b's best 3 are kept: 5, 6, 8).
+    a = _Fixed("a", TokenTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1])))
+    b = _Fixed("b", TokenTree(torch.tensor([5, 6, 8, 4, 9]), torch.tensor([-1, 0, 1, 2, -1]),
+                              torch.tensor([-0.1, -0.2, -0.3, -0.4, -2.0])))
+    hybrid = HybridDrafter([a, b])
+    hybrid.running, hybrid.shadowed = frozenset({0}), frozenset({1})
+    tree = hybrid.propose(ctx([1, 2], sequence_id=3), budget=16)
+    assert tree.tokens.tolist() == [5, 6, 7] and b.calls == 1  # b drafted, its tree not merged
+    hybrid.observe(_feedback(tree, [5, 6], sequence_id=3))  # the target: 5, 6, then 8 (the bonus)
+    usage = hybrid.take_usage()
+    assert usage.shadowed == {1} and set(usage.propose_seconds) == {0, 1} and usage.merge_seconds == 0.0
+    # a alone in the tree: all of it a's own; b's own node: 8 (4 and 9 cut), unverified so far
+    assert usage.own_verified == {0: 3, 1: 1} and usage.own_accepted == {0: 2}
+    hybrid.running, hybrid.shadowed = frozenset({0}), frozenset()
+    hybrid.propose(ctx([1, 2, 5, 6, 8], sequence_id=3), budget=16)  # committed 5, 6, 8: b's 3 nodes settled
+    assert hybrid.take_usage().own_accepted == {1: 1}  # one token beyond the two the tree accepted
+
+    # a shadow waits while every committed token matches it and its deeper guesses are unsettled
+    hybrid.running, hybrid.shadowed = frozenset({0}), frozenset({1})
+    tree = hybrid.propose(ctx([1, 2], sequence_id=4), budget=16)
+    hybrid.observe(_feedback(tree, [], sequence_id=4))  # nothing accepted; the target's bonus: 5
+    hybrid.take_usage()
+    hybrid.running, hybrid.shadowed = frozenset({0}), frozenset()
+    hybrid.propose(ctx([1, 2, 5], sequence_id=4), budget=16)
+    assert hybrid.take_usage().own_accepted == {}  # 5 matched, 6 and 8 not settled yet
+    hybrid.propose(ctx([1, 2, 5, 6, 3], sequence_id=4), budget=16)
+    assert hybrid.take_usage().own_accepted == {1: 2}  # 5, 6 matched, 8 missed: two beyond none accepted
+    hybrid.propose(ctx([1, 2, 5, 6, 3, 3], sequence_id=4), budget=16)
+    assert hybrid.take_usage().own_accepted == {}  # settled once
+    hybrid.shadowed = frozenset({1})
+    hybrid.propose(ctx([1, 2, 5, 6, 3, 3], sequence_id=4), budget=16)
+    hybrid.end_sequence(4)  # an unverified shadow of an ended sequence is dropped
+    assert 4 not in hybrid._shadows
+
+
 def test_model_drafter_vocab_check(model):
     with pytest.raises(ValueError, match="vocabulary of 50 tokens but the target has 96"):
         ModelDrafter(tiny_llama(vocab_size=50), vocab_size=96)

@@ -369,31 +369,62 @@ def test_drafter_choice_skips_a_drafter_that_costs_more_than_it_brings_and_readm
     from specdec.schedule.drafter_choice import MIN_STEPS, DrafterChoice
 
     choice = DrafterChoice(decay=0.9, probe_every=4)
-    # 10 ms a token; member 0 brings a token a step for 1 ms; member 1 brings nothing for 3 ms.
-    runs = []
+    # 10 ms a token; member 0 brings a token a step for 1 ms; member 1 brings nothing for 3 ms of drafting
+    # (15% of a step: too dear to draft in shadow every step, so its shadow drafts come every 4th step)
+    runs, shadows = [], []
     for _ in range(40):
-        running = choice.running([0, 1])
+        running, shadowed = choice.choose([0, 1])
         runs.append(running)
-        usage = _usage({s: 1 if s == 0 else 0 for s in running}, {s: 0.001 if s == 0 else 0.003 for s in running})
+        shadows.append(shadowed)
+        drafted = running | shadowed
+        usage = _usage({s: 1 if s == 0 else 0 for s in drafted}, {s: 0.001 if s == 0 else 0.003 for s in drafted})
+        usage.shadowed = set(shadowed)
         choice.record(usage, step_seconds=0.02, tokens=2, rows=1, node_seconds=0.001)
-    assert all(0 in r for r in runs)  # the one that pays always runs
+    assert all(0 in r for r in runs) and not any(0 in s for s in shadows)  # the one that pays always runs
     assert all(1 in r for r in runs[:MIN_STEPS])  # measured before it can be judged
-    later = [1 in r for r in runs[MIN_STEPS:]]
-    assert later.count(True) == len(later) // 4  # skipped, probed every 4th step
+    assert not any(1 in r for r in runs[MIN_STEPS + 1:])  # then skipped (its first step not counted)
+    later = [1 in s for s in shadows[MIN_STEPS + 1:]]
+    assert later.count(True) == len(later) // 4  # drafting in shadow every 4th step
     assert choice.explain({0: "a", 1: "b"})["b"]["running"] is False and choice.skips > 0
-    # the text changes: member 1's probes now bring three tokens a step; a probe or two readmits it
+    # the text changes: member 1's shadow drafts would now bring three tokens a step; one or two readmit it
     steps_to_return = None
     for step in range(40):
-        running = choice.running([0, 1])
-        if steps_to_return is None and 1 in running and step and all(1 in r for r in runs[-1:]):
+        running, shadowed = choice.choose([0, 1])
+        if steps_to_return is None and 1 in running:
             steps_to_return = step
         runs.append(running)
-        usage = _usage({s: 1 if s == 0 else 3 for s in running}, {s: 0.001 if s == 0 else 0.003 for s in running})
+        drafted = running | shadowed
+        usage = _usage({s: 1 if s == 0 else 3 for s in drafted}, {s: 0.001 if s == 0 else 0.003 for s in drafted})
+        usage.shadowed = set(shadowed)
         choice.record(usage, step_seconds=0.02, tokens=4, rows=1, node_seconds=0.001)
     assert all(1 in r for r in runs[-20:])
     assert steps_to_return is not None and steps_to_return <= 8
     report = choice.explain({0: "a", 1: "b"})["b"]
     assert report["running"] is True and report["net_ms"] > 0 and report["value_ms"] == pytest.approx(15.0, rel=0.05)
+
+
+def test_a_skipped_drafter_that_drafts_cheaply_is_shadowed_every_step_and_back_within_steps_once_it_pays():
+    from specdec.schedule.drafter_choice import MIN_STEPS, DrafterChoice
+
+    choice = DrafterChoice(decay=0.98, probe_every=16)
+    # 10 ms a token; member 1 drafts in 0.1 ms (0.5% of a step) and brings nothing, its 2 own nodes 1 ms each
+    for step in range(60):
+        running, shadowed = choice.choose([0, 1])
+        if step > MIN_STEPS + 2:
+            assert (running, shadowed) == (frozenset({0}), frozenset({1}))  # skipped, measured every step
+        usage = _usage({0: 1}, {0: 0.0005, 1: 0.0001}, own_verified={1: 2}, merge_seconds=0.0002)
+        usage.shadowed = set(shadowed)
+        choice.record(usage, step_seconds=0.02, tokens=2, rows=1, node_seconds=0.001)
+    merge_before = choice.explain()["1"]["merge_ms"]
+    for step in range(12):  # its shadow now would have added two tokens a step (20 ms for 2 ms)
+        running, shadowed = choice.choose([0, 1])
+        if 1 in running:
+            break
+        usage = _usage({0: 1, 1: 2}, {0: 0.0005, 1: 0.0001}, own_verified={1: 2})
+        usage.shadowed = set(shadowed)
+        choice.record(usage, step_seconds=0.02, tokens=2, rows=1, node_seconds=0.001)
+        assert choice.explain()["1"]["merge_ms"] == merge_before  # a shadow merged nothing: its merge figure stays
+    assert 1 in running and step <= 8  # its average (about fifty steps' worth) turns within 8 steps
 
 
 def test_drafter_choice_charges_verified_nodes_and_the_merge():
@@ -408,7 +439,8 @@ def test_drafter_choice_charges_verified_nodes_and_the_merge():
     report = choice.explain({0: "a", 1: "b"})["b"]
     assert report["value_ms"] == pytest.approx(10.0) and report["verify_ms"] == pytest.approx(6.0)
     assert report["merge_ms"] == pytest.approx(2.0) and report["net_ms"] == pytest.approx(1.5)
-    assert choice.running([0, 1]) == frozenset({1})  # a brought nothing of its own, for its cost
+    assert choice.choose([0, 1]) == (frozenset({1}), frozenset())  # a brought nothing of its own
+    # for its cost: skipped, drafting in shadow (0.5 ms, 2.5% of a step: its shadow drafts wait for a probe)
     with pytest.raises(ValueError, match="decay"):
         DrafterChoice(decay=1.0)
     with pytest.raises(ValueError, match="probe_every"):
@@ -446,12 +478,12 @@ def test_drafter_choice_keeps_a_drafter_whose_worth_comes_in_bursts():
 
     choice = DrafterChoice()
     for step in range(30):  # a match every third step brings 4 tokens (40 ms); otherwise 0.5 ms for nothing
-        assert 0 in choice.running([0])
+        assert 0 in choice.choose([0])[0]
         choice.record(_usage({0: 4 if step % 3 == 0 else 0}, {0: 0.0005}), step_seconds=0.05, tokens=5, rows=1,
                       node_seconds=0.0)
     below_zero_and_kept = 0
     for _ in range(300):  # then no match at all: its average sinks below zero, its spread keeps it a while
-        running = 0 in choice.running([0])
+        running = 0 in choice.choose([0])[0]
         below_zero_and_kept += running and choice.explain()["0"]["net_ms"] < 0
         if running:
             choice.record(_usage({0: 0}, {0: 0.0005}), step_seconds=0.05, tokens=5, rows=1, node_seconds=0.0)

@@ -205,10 +205,11 @@ class Scheduler:
                     self.calibration.record(np.exp(tree.scores.numpy().astype(np.float64)), tree.sources.numpy(),
                                             tree.depths.numpy(), accepted)
 
-    def running_drafters(self, sources: list[int]) -> frozenset[int]:
-        """The ``source_id`` s of a hybrid's members that propose this step (`DrafterChoice.running`)."""
+    def choose_drafters(self, sources: list[int]) -> tuple[frozenset[int], frozenset[int]]:
+        """The ``source_id`` s of a hybrid's members that propose into this step's tree, and those
+        that propose in shadow (`DrafterChoice.choose`)."""
         with self._lock:
-            return self.drafters.running(sources)
+            return self.drafters.choose(sources)
 
     def record_drafters(self, usage, rows: int, nodes: int, context_len: int, step_seconds: float,
                         tokens: int) -> None:

@@ -105,18 +105,20 @@ class Step:
     @contextlib.contextmanager
     def chosen_drafters(self, scheduled: bool):
         """While drafting: a hybrid drafter runs the members the scheduler chooses when it
-        schedules a row (every member when every row has a fixed budget)."""
+        schedules a row, and the skipped ones it measures in shadow (every member when every row
+        has a fixed budget)."""
         drafter = self.engine.drafter
         self.choosing = isinstance(drafter, HybridDrafter) and scheduled
         if not self.choosing:
             yield
             return
         drafter.take_usage()  # what an earlier step that failed before its record left behind
-        drafter.running = self.engine.scheduler.running_drafters([m.source_id for m in drafter.members])
+        drafter.running, drafter.shadowed = self.engine.scheduler.choose_drafters(
+            [m.source_id for m in drafter.members])
         try:
             yield
         finally:
-            drafter.running = None
+            drafter.running, drafter.shadowed = None, frozenset()
 
     def draft(self, seq: Sequence) -> TokenTree:
         """The drafter's tree for ``seq`` (its fixed budget, or the scheduler's draft budget),
