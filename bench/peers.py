@@ -141,6 +141,40 @@ def _wait_healthy(server: PeerServer) -> None:
     raise BenchError(f"vLLM ({server.config}) did not answer /health within {START_SECONDS} s (log: {server.log})")
 
 
+QUIET_CORES = 0.05  # a peer whose processes use less than this share of a core is idle
+QUIET_LIMIT_SECONDS = 30.0
+
+
+def wait_quiet(servers, interval: float = 0.25, limit: float = QUIET_LIMIT_SECONDS) -> float:
+    """Wait until every server's processes (the server and its children) use less than
+    `QUIET_CORES` of a core over ``interval`` seconds: vLLM's engine keeps polling a core for about a
+    second after its last request, which would slow whichever run starts next. Returns the
+    seconds waited; gives up after ``limit`` (a server that never settles is said in the figures'
+    noise, not a hang)."""
+    import psutil
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for server in servers:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(server.process.pid)
+                for process in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = process.cpu_times()
+                        total += times.user + times.system
+        return total
+
+    began = time.monotonic()
+    before = cpu_seconds()
+    while time.monotonic() - began < limit:
+        time.sleep(interval)
+        now = cpu_seconds()
+        if now - before < QUIET_CORES * interval:
+            break
+        before = now
+    return time.monotonic() - began
+
+
 def _stop(server: PeerServer) -> None:
     if server.process.poll() is None:
         server.process.terminate()

@@ -210,9 +210,12 @@ def bench_serve(dataset, limit_per_category, n_requests, concurrency, max_tokens
                 _clients(target.url, name, prompts[:level], 16, level)
         if compile_step:
             click.echo(compile_report(model), err=True)
+        settle = (lambda: peers.wait_quiet(started.values())) if python is not None else (lambda: 0.0)
+        settle()  # no run starts while a peer's engine still polls after its last requests
         rows.append(_hf_sequential(model, tokenizer, prompts, max_tokens))
         for level in levels:
             for config, target in targets.items():
+                settle()
                 rows.append(target.run(config, name, prompts, max_tokens, level))
                 click.echo(_line(rows[-1]), err=True)
     click.echo(_markdown(rows))

@@ -324,3 +324,36 @@ def test_bench_clients_failure_is_a_bench_error_naming_the_server():
     url = f"http://127.0.0.1:{free_port()}/v1/chat/completions"  # nothing listens there
     with pytest.raises(BenchError, match=f"clients failed against {url}: ConnectError"):
         run_clients(url, "m", ["hello"], 4, 1)
+
+
+def test_wait_quiet_waits_while_a_peer_process_tree_burns_a_core(tmp_path):
+    """A peer whose child process still computes is waited for (up to the limit); once it sleeps,
+    the wait ends at once."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    import psutil
+
+    from bench.peers import wait_quiet
+
+    flag = tmp_path / "burn"
+    flag.touch()
+    script = ("import os, subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', "
+              "'import os, sys, time\\nwhile os.path.exists(sys.argv[1]): pass\\ntime.sleep(60)', sys.argv[1]])\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(flag)])
+    try:
+        server = SimpleNamespace(process=parent)
+        while not psutil.Process(parent.pid).children():  # the burning child is up
+            time.sleep(0.05)
+        assert wait_quiet([server], interval=0.1, limit=1.5) >= 1.5  # its child burns: never quiet
+        flag.unlink()
+        assert wait_quiet([server], interval=0.1, limit=10.0) < 10.0  # sleeping now: quiet
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.kill()
+        parent.wait()
