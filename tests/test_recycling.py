@@ -103,34 +103,31 @@ def test_prompt_asks_for_the_rows_it_does_not_know():
     assert asked.tolist() == [False, True, False, True, True, False, False, True]  # out-of-vocabulary ids: never
 
 
-def test_prefill_seeds_only_unknown_rows_and_reads_the_lm_head_only_there(model):
+def lm_head_rows_of_one_step_generation(model, drafter, prompt: torch.Tensor) -> list[int]:
+    """The rows the LM head read in each forward of a one-token plain generation of ``prompt``."""
     from specdec import SpeculativeDecoder
 
-    k = 4
-    prompt = torch.tensor([5, 9, 5, 17, 30, 9, 41, 3])  # cached: all but the root (3)
-    drafter = TokenRecycling(model.config.vocab_size, k=k)
-    drafter.succ[17] = [1, 2, 3, 4]  # known: kept, and its position not read
-    lm_head_rows = []
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: lm_head_rows.append(args[0].shape[1]))
+    rows: list[int] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
     try:
         SpeculativeDecoder(model, drafter=drafter, tree_budget=0).generate(prompt[None], max_new_tokens=1)
     finally:
         handle.remove()
+    return rows
+
+
+def test_prefill_seeds_only_unknown_rows_and_reads_the_lm_head_only_there(model):
+    k = 4
+    prompt = torch.tensor([5, 9, 5, 17, 30, 9, 41, 3])  # cached: all but the root (3)
+    drafter = TokenRecycling(model.config.vocab_size, k=k)
+    drafter.succ[17] = [1, 2, 3, 4]  # known: kept, and its position not read
     # the last two forwards: the prefill, at positions 0, 1, 2, 4, 5, 6 (not 3, the known token 17), then
     # the one plain step (before them: the decoder's first-use probes)
-    assert lm_head_rows[-2:] == [6, 1]
+    assert lm_head_rows_of_one_step_generation(model, drafter, prompt)[-2:] == [6, 1]
     with torch.no_grad():
         topk = model(prompt[None]).logits[0].topk(k).indices  # [8, k] the target's successors by position
     for token, last_position in ((5, 2), (9, 5), (30, 4), (41, 6)):  # later occurrences win
         assert drafter.succ[token].tolist() == topk[last_position].tolist()
     assert drafter.succ[17].tolist() == [1, 2, 3, 4]
-
-    lm_head_rows.clear()  # hot: every prompt token known, the prefill reads one LM-head row
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda module, args: lm_head_rows.append(args[0].shape[1]))
-    try:
-        SpeculativeDecoder(model, drafter=drafter, tree_budget=0).generate(prompt[None], max_new_tokens=1)
-    finally:
-        handle.remove()
-    assert lm_head_rows[-2:] == [1, 1]
+    # hot: every prompt token known, the prefill reads one LM-head row
+    assert lm_head_rows_of_one_step_generation(model, drafter, prompt)[-2:] == [1, 1]
