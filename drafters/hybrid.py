@@ -33,7 +33,6 @@ class DrafterUsage:
         own_verified: by ``source_id``: verified nodes no other member proposed.
         own_accepted: by ``source_id``: accepted nodes no other member proposed (for a shadow:
             the tokens its tree would have added, counted once the sequence has committed them).
-        verified: verified nodes in all.
         shadowed: the ``source_id`` s that proposed in shadow (not merged, not verified).
     """
 
@@ -41,7 +40,6 @@ class DrafterUsage:
     merge_seconds: float = 0.0
     own_verified: dict[int, int] = field(default_factory=dict)
     own_accepted: dict[int, int] = field(default_factory=dict)
-    verified: int = 0
     shadowed: set[int] = field(default_factory=set)
 
 
@@ -56,10 +54,15 @@ class _Shadow:
     accepted: int = 0  # tokens the verified tree accepted that step
 
 
+def _children(tree: TokenTree) -> dict[tuple[int, int], int]:
+    """``(parent node_idx, token) -> node_idx`` of ``tree``: its trie, to walk by tokens."""
+    pairs = zip(tree.tokens.tolist(), tree.parents.tolist())
+    return {(parent, token): node for node, (token, parent) in enumerate(pairs)}
+
+
 def _matched(tree: TokenTree, continuation: np.ndarray) -> int:
     """How many tokens of ``continuation`` a root path of ``tree`` spells, from its first."""
-    children = {(parent, token): node for node, (token, parent)
-                in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist()))}
+    children = _children(tree)
     node, depth = ROOT, 0
     for token in continuation.tolist():
         node = children.get((node, token))
@@ -72,8 +75,7 @@ def _matched(tree: TokenTree, continuation: np.ndarray) -> int:
 def _held(tree: TokenTree, other: TokenTree) -> np.ndarray:
     """``[n]`` bool: which nodes of ``tree`` (by ``node_idx``) ``other`` holds too, as the same
     path of tokens from the root."""
-    children = {(parent, token): node for node, (token, parent)
-                in enumerate(zip(other.tokens.tolist(), other.parents.tolist()))}
+    children = _children(other)
     match = [-2] * len(tree)  # node_idx in other, or -2 (a node below an unmatched one is unmatched)
     for node, (token, parent) in enumerate(zip(tree.tokens.tolist(), tree.parents.tolist())):
         above = ROOT if parent == ROOT else match[parent]
@@ -181,7 +183,6 @@ class HybridDrafter(Drafter):
     def _credit(self, tree: TokenTree, accepted_nodes, proposed: dict[int, TokenTree]) -> None:
         """Count the verified and accepted nodes of ``tree`` that one member alone proposed."""
         usage = self._usage
-        usage.verified += len(tree)
         if not len(tree):
             return
         held = {source: _held(tree, member_tree) for source, member_tree in proposed.items()}  # [n] each

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from drafters import DraftContext, HybridDrafter, ModelDrafter, NGramDrafter, TokenRecycling, make_drafter
+from drafters.hybrid import DrafterUsage
 from drafters.ngram import NGramIndex
 from drafters.stats import AcceptanceStats
 from tests.conftest import ScriptedDrafter, tiny_llama
@@ -167,9 +168,8 @@ def test_hybrid_counts_what_each_member_alone_brought_and_runs_only_the_chosen()
                                   committed=np.ones(1, bool), tree=tree, accepted_nodes=accepted, sequence_id=3))
     usage = hybrid.take_usage()
     assert usage.propose_seconds == {0: 1.0, 1: 1.0} and usage.merge_seconds == 1.0
-    assert usage.verified == 5
-    assert usage.own_verified == {0: 1, 1: 2} and usage.own_accepted == {0: 1, 1: 0}
-    assert hybrid.take_usage().verified == 0  # counted afresh
+    assert len(tree) == 5 and usage.own_verified == {0: 1, 1: 2} and usage.own_accepted == {0: 1, 1: 0}
+    assert hybrid.take_usage() == DrafterUsage()  # counted afresh
     hybrid.running = frozenset({1})
     alone = hybrid.propose(ctx([1, 2, 5], sequence_id=3), budget=16)
     assert (a.calls, b.calls) == (1, 2) and len(alone) == 4  # b's tree as it made it, no merge

@@ -357,12 +357,11 @@ def test_probes_count_steps_not_rows_and_probe_one_row():
 
 
 # ---------------------------------------------------------------- which drafters run
-def _usage(own_accepted: dict, propose_seconds: dict, verified: int = 4, own_verified: dict | None = None,
-           merge_seconds: float = 0.0):
+def _usage(own_accepted: dict, propose_seconds: dict, own_verified: dict | None = None, merge_seconds: float = 0.0):
     from drafters.hybrid import DrafterUsage
 
     return DrafterUsage(propose_seconds=dict(propose_seconds), merge_seconds=merge_seconds,
-                        own_verified=dict(own_verified or {}), own_accepted=dict(own_accepted), verified=verified)
+                        own_verified=dict(own_verified or {}), own_accepted=dict(own_accepted))
 
 
 def test_drafter_choice_skips_a_drafter_that_costs_more_than_it_brings_and_readmits_it_when_it_pays():
@@ -434,7 +433,7 @@ def test_drafter_choice_charges_verified_nodes_and_the_merge():
     for _ in range(1 + MIN_STEPS):  # the first step of each is not counted
         # two rows; member 1: one accepted token (10 ms a token) for 0.5 ms of drafting, its 6 own nodes (3 a
         # row) at 2 ms a node a row, and the whole 2 ms merge (two members: none without it)
-        choice.record(_usage({0: 0, 1: 1}, {0: 0.0005, 1: 0.0005}, verified=8, own_verified={1: 6},
+        choice.record(_usage({0: 0, 1: 1}, {0: 0.0005, 1: 0.0005}, own_verified={1: 6},
                              merge_seconds=0.002), step_seconds=0.02, tokens=2, rows=2, node_seconds=0.002)
     report = choice.explain({0: "a", 1: "b"})["b"]
     assert report["value_ms"] == pytest.approx(10.0) and report["verify_ms"] == pytest.approx(6.0)

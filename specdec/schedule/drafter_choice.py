@@ -37,7 +37,7 @@ SHADOW_SHARE = 0.02  # a skipped member whose drafting costs at most this share 
 
 @dataclass
 class _Worth:
-    """One member's decayed figures (per step it ran), in seconds."""
+    """One member's decayed figures (per step it drafted), in seconds."""
 
     value: float = 0.0
     propose: float = 0.0
@@ -125,7 +125,7 @@ class DrafterChoice:
             worth.steps += 1
 
     def explain(self, names: dict[int, str] | None = None) -> dict:
-        """Per member (by name): its figures in ms per step it ran, and whether it runs now."""
+        """Per member (by name): its figures in ms per step it drafted, and whether it runs now."""
         names = names or {}
         return {names.get(source, str(source)): {
             "value_ms": round(1e3 * w.value, 3), "propose_ms": round(1e3 * w.propose, 3),

@@ -13,8 +13,8 @@ measured while it could be the best one, and not once its cost is known to lose.
 starved: a drafter whose nodes were left out for `probe_every` steps gets its best `probe_nodes`
 verified, so its acceptance keeps being measured at a bounded cost. Which drafters of a hybrid run
 at all is chosen too (`drafters`, a `specdec.schedule.drafter_choice.DrafterChoice`): a drafter whose
-accepted nodes do not pay for its drafting, merging and verification is skipped, probed now and
-then. Decisions are a pure function of the recorded history, so they are deterministic.
+accepted nodes do not pay for its drafting, merging and verification is skipped, and measured in
+shadow until it would pay again. Decisions are a pure function of the recorded history, so they are deterministic.
 """
 
 from __future__ import annotations

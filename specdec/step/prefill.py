@@ -36,13 +36,15 @@ def prefill_chunk(engine, seq: Sequence, limit: int) -> bool:
                                  _logits_to_keep(read_idx, ids.numel(), engine.model.device))  # [1, r, V]
         features = engine.features.rows(torch.arange(read_idx.size - featured, read_idx.size,
                                                       device=engine.model.device)) if featured else None
-        if learned.any() or features is not None:
-            learned_rows = torch.from_numpy(np.flatnonzero(learned[read_idx])).to(logits.device)  # [l] into r
+        learned_rows = np.flatnonzero(learned[read_idx])  # [l] into the r rows read
+        topk_ids = np.zeros((0, k), dtype=np.int64)  # [l, k]: once per chunk
+        if learned_rows.size:
+            rows = logits[0].index_select(0, torch.from_numpy(learned_rows).to(logits.device))  # [l, V]
+            topk_ids = row_topk_ids(rows, k).cpu().numpy()
+        if learned_rows.size or features is not None:
             drafter.observe(VerifyFeedback(
-                tokens=ids.numpy()[learned],
-                topk_ids=(row_topk_ids(logits[0].index_select(0, learned_rows), k).cpu().numpy() if learned.any()
-                          else np.zeros((0, k), dtype=np.int64)),  # [l, k]: once per chunk
-                committed=np.ones(int(learned.sum()), dtype=bool), features=features, sequence_id=seq.sequence_id,
+                tokens=ids.numpy()[learned], topk_ids=topk_ids, committed=np.ones(learned_rows.size, dtype=bool),
+                features=features, sequence_id=seq.sequence_id,
             ))
     return end == target
 
