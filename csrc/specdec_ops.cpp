@@ -12,7 +12,7 @@
 //     The same for rows of different prefix lengths in one call: row b's query i attends to keys
 //     [0, lengths[b]) and to key lengths[b] + j iff bit j of ancestors[b, i] is set; keys from
 //     lengths[b] + n on (other rows' slots, unwritten cache) are never seen. S >= lengths[b] + n.
-//     bf16 / fp16 with at most 16 query rows per kv head (G * n) on an AVX-512 build: the direct
+//     bf16 / fp16 with at most 24 query rows per kv head (G * n) on an AVX-512 build: the direct
 //     kernel (`direct::`); otherwise float32 GEMMs over every row at once.
 //
 //   kv_write(keys [R', H, C, D], values [R', H, C, D], key_states [R, H, q, D], value_states, offsets [R] int64)
@@ -33,6 +33,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -137,18 +139,16 @@ void mask_row_tree_keys(at::Tensor& scores, const at::Tensor& ancestors, const i
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// Direct kernel for batched verify steps (AVX-512): each (row, kv head) item reads only its own
-// keys and values (never padded to the longest row), once, into float32 scratch; no float32 copy
-// of the cache is made. Three stages: the scores of the G * n query rows that share the kv head
-// (16 keys at a time, their dot products reduced together), one softmax over all items (ATen's),
-// then the probability-weighted sum of V, a block of query rows in registers.
+// Direct kernel for batched verify steps (AVX-512): each (row, kv head) reads only its own keys
+// and values (never padded to the longest row), once, converted to float32 in registers; no
+// float32 copy of the cache is made, and the whole call is one parallel region (`attend_rows`).
 namespace direct {
 
-// The query rows per kv head (G * n) up to which this kernel is used: measured against the float32
-// GEMMs at 1-8 rows of 60-1,200 keys (bf16, G = 3), it was 1.1-2.6x faster at one row up to 15
-// query rows, and 1.2-6x at eight rows up to 24 (the GEMMs convert every row's keys, padded to
-// the longest row's, to float32); past that the GEMMs' register blocking wins.
-constexpr int64_t kMaxRows = 16;
+// The query rows per kv head (G * n) up to which this kernel is used. Measured against the float32
+// GEMMs (bf16, G = 3, 300-1,200 keys): one row 2.3-3.1x faster at 3 query rows, 1.1-1.2x at 24,
+// 0.8-0.96x at 48; eight rows 4.7x at 3, 4x at 24, 2.3x at 48 (the GEMMs convert every row's keys,
+// padded to the longest row's, to float32 on each call).
+constexpr int64_t kMaxRows = 24;
 
 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
@@ -237,85 +237,123 @@ void for_each_unit(int64_t units, const F& work) {
   });
 }
 
+// exp(x) lane by lane (Cephes' polynomial after a power-of-two range reduction, ~1 ulp); lanes
+// below -87.3 (masked keys: -inf) are exactly 0.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// In place over `count` scores: s <- exp(s - max); returns (max, sum) (max -inf: all masked, all 0).
+inline std::pair<float, float> exponentiate(float* s, int64_t count) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = count - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (count - j)) - 1u);
+    top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + j));
+  }
+  const float most = _mm512_reduce_max_ps(top);
+  if (most == -std::numeric_limits<float>::infinity()) {
+    std::fill(s, s + count, 0.0f);
+    return {most, 0.0f};
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = count - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (count - j)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(most)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  return {most, _mm512_reduce_add_ps(total)};
+}
+
+// Split-key attention in ONE parallel region: a work unit is (row b, kv head h, up to 128 of the
+// row's visible keys), taken dynamically by the threads (rows differ in length). A unit scores
+// its keys for the G * n query rows of its kv head, exponentiates against its own maximum and
+// weighs its values; the last unit of an item to finish rescales the item's partial sums to the
+// common maximum and writes the output.
 template <int C, typename T>
 at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ancestors,
-                       const int64_t* lengths, int64_t longest, double scale) {
+                       const int64_t* lengths, double scale) {
   const int64_t batch = q.size(0), q_heads = q.size(1), n = q.size(2), d = q.size(3), kv_heads = k.size(1);
-  const int64_t group = q_heads / kv_heads, rows = group * n, keys = longest + n, words = ancestors.size(2);
-  constexpr int64_t kWidth = C * 16, kChunk = 128;  // keys a work unit reads
-  const int64_t chunks = (keys + kChunk - 1) / kChunk, items = batch * kv_heads;
+  const int64_t group = q_heads / kv_heads, rows = group * n, words = ancestors.size(2);
+  constexpr int64_t kWidth = C * 16, kChunk = 128;
+  const int64_t items = batch * kv_heads;
+  std::vector<int64_t> first_unit(items + 1, 0);  // item i's units: [first_unit[i], first_unit[i + 1])
+  for (int64_t item = 0; item < items; ++item) {
+    first_unit[item + 1] = first_unit[item] + (lengths[item / kv_heads] + n + kChunk - 1) / kChunk;
+  }
+  const int64_t units = first_unit[items];
   auto out = at::empty({batch, n, q_heads, d}, q.options());
-  auto scores = at::empty({items, rows, keys}, q.options().dtype(at::kFloat));
-  auto partial = at::empty({items, chunks, rows, kWidth}, q.options().dtype(at::kFloat));
-  float* score_data = scores.data_ptr<float>();
-  float* partial_data = partial.data_ptr<float>();
+  std::vector<float> partial(units * rows * kWidth), top(units * rows), total(units * rows);
+  std::unique_ptr<std::atomic<int64_t>[]> finished(new std::atomic<int64_t>[items]);
+  for (int64_t item = 0; item < items; ++item) finished[item].store(0, std::memory_order_relaxed);
   const uint64_t* anc = reinterpret_cast<const uint64_t*>(ancestors.data_ptr<int64_t>());
   const T* q_data = q.data_ptr<T>();
   const T* k_data = k.data_ptr<T>();
   const T* v_data = v.data_ptr<T>();
+  T* out_data = out.data_ptr<T>();
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // Work unit u: item u / chunks (row b, kv head h), keys [j0, j1) of that row's visible ones.
-  auto span = [&](int64_t unit, int64_t& b, int64_t& h, int64_t& j0, int64_t& j1) {
-    const int64_t item = unit / chunks;
-    b = item / kv_heads;
-    h = item % kv_heads;
-    j0 = unit % chunks * kChunk;
-    j1 = std::min(j0 + kChunk, lengths[b] + n);
-  };
-  for_each_unit(items * chunks, [&](int64_t unit) {
-    thread_local std::vector<float> query, key;
-    query.resize(rows * kWidth);
-    key.resize(kChunk * kWidth);
-    int64_t b, h, j0, j1;
-    span(unit, b, h, j0, j1);
-    const int64_t length = lengths[b];
-    float* s = score_data + unit / chunks * rows * keys;
-    if (j0 == 0) {
-      for (int64_t r = 0; r < rows; ++r) std::fill(s + r * keys + length + n, s + (r + 1) * keys, kNegInf);
+  auto combine = [&](int64_t item) {
+    const int64_t b = item / kv_heads, h = item % kv_heads, u0 = first_unit[item], u1 = first_unit[item + 1];
+    for (int64_t r = 0; r < rows; ++r) {
+      float most = kNegInf;
+      for (int64_t u = u0; u < u1; ++u) most = std::max(most, top[u * rows + r]);
+      __m512 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+      float sum = 0.0f;
+      for (int64_t u = u0; u < u1; ++u) {
+        if (total[u * rows + r] == 0.0f) continue;
+        const float w = std::exp(top[u * rows + r] - most);
+        sum += w * total[u * rows + r];
+        for (int c = 0; c < C; ++c)
+          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(partial.data() + (u * rows + r) * kWidth + c * 16), acc[c]);
+      }
+      alignas(64) float row[kWidth];
+      for (int c = 0; c < C; ++c) _mm512_store_ps(row + c * 16, _mm512_div_ps(acc[c], _mm512_set1_ps(sum)));
+      T* dst = out_data + ((b * n + r % n) * q_heads + h * group + r / n) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(row[e]);
     }
-    if (j0 >= j1) return;
+  };
+  for_each_unit(units, [&](int64_t unit) {
+    thread_local std::vector<float> query, keys, scores;
+    query.resize(rows * kWidth);
+    keys.resize(kChunk * kWidth);
+    scores.resize(rows * kChunk);
+    const int64_t item = std::upper_bound(first_unit.begin(), first_unit.end(), unit) - first_unit.begin() - 1;
+    const int64_t b = item / kv_heads, h = item % kv_heads, length = lengths[b];
+    const int64_t j0 = (unit - first_unit[item]) * kChunk, j1 = std::min(j0 + kChunk, length + n), count = j1 - j0;
     for (int64_t r = 0; r < rows; ++r) {  // row r: query head h * G + r / n at slot r % n
       to_float<C>(q_data + b * q.stride(0) + (h * group + r / n) * q.stride(1) + (r % n) * q.stride(2), 0, 1, d,
                   query.data() + r * kWidth);
     }
     for (float& x : query) x *= static_cast<float>(scale);
-    to_float<C>(k_data + b * k.stride(0) + h * k.stride(1) + j0 * k.stride(2), k.stride(2), j1 - j0, d, key.data());
-    score_block<C>(query.data(), rows, key.data(), j1 - j0, s + j0, keys);
-    for (int64_t r = 0; r < rows; ++r) {  // the tree slots this chunk holds that row r may not see
+    to_float<C>(k_data + b * k.stride(0) + h * k.stride(1) + j0 * k.stride(2), k.stride(2), count, d, keys.data());
+    score_block<C>(query.data(), rows, keys.data(), count, scores.data(), kChunk);
+    for (int64_t r = 0; r < rows; ++r) {
       const uint64_t* anc_row = anc + (b * n + r % n) * words;
-      for (int64_t j = std::max(j0, length); j < j1; ++j) {
-        if (!sees_slot(anc_row, j - length)) s[r * keys + j] = kNegInf;
+      for (int64_t j = std::max(j0, length); j < j1; ++j) {  // the tree slots row r may not see
+        if (!sees_slot(anc_row, j - length)) scores[r * kChunk + j - j0] = kNegInf;
       }
+      const auto [most, sum] = exponentiate(scores.data() + r * kChunk, count);
+      top[unit * rows + r] = most;
+      total[unit * rows + r] = sum;
     }
-  });
-  const auto probs = at::_softmax(scores, -1, false);
-  const float* prob_data = probs.data_ptr<float>();
-  for_each_unit(items * chunks, [&](int64_t unit) {
-    thread_local std::vector<float> value;
-    value.resize(kChunk * kWidth);
-    int64_t b, h, j0, j1;
-    span(unit, b, h, j0, j1);
-    float* acc = partial_data + unit * rows * kWidth;
-    if (j0 >= j1) {
-      std::fill(acc, acc + rows * kWidth, 0.0f);
-      return;
-    }
-    to_float<C>(v_data + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2), v.stride(2), j1 - j0, d, value.data());
-    weigh_values<C>(prob_data + unit / chunks * rows * keys + j0, keys, rows, value.data(), j1 - j0, acc);
-  });
-  T* out_data = out.data_ptr<T>();
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv_heads, h = item % kv_heads;
-      const float* acc = partial_data + item * chunks * rows * kWidth;
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = out_data + ((b * n + r % n) * q_heads + h * group + r / n) * d;
-        for (int64_t e = 0; e < d; ++e) {
-          float sum = 0.0f;
-          for (int64_t c = 0; c < chunks; ++c) sum += acc[(c * rows + r) * kWidth + e];
-          dst[e] = static_cast<T>(sum);
-        }
-      }
+    to_float<C>(v_data + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2), v.stride(2), count, d, keys.data());
+    weigh_values<C>(scores.data(), kChunk, rows, keys.data(), count, partial.data() + unit * rows * kWidth);
+    if (finished[item].fetch_add(1, std::memory_order_acq_rel) + 1 == first_unit[item + 1] - first_unit[item]) {
+      combine(item);
     }
   });
   return out;
@@ -323,16 +361,16 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 template <typename T>
 at::Tensor attend_rows_for(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ancestors,
-                           const int64_t* lengths, int64_t longest, double scale) {
+                           const int64_t* lengths, double scale) {
   switch ((q.size(3) + 15) / 16) {
-    case 1: return attend_rows<1, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 2: return attend_rows<2, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 3: return attend_rows<3, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 4: return attend_rows<4, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 5: return attend_rows<5, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 6: return attend_rows<6, T>(q, k, v, ancestors, lengths, longest, scale);
-    case 7: return attend_rows<7, T>(q, k, v, ancestors, lengths, longest, scale);
-    default: return attend_rows<8, T>(q, k, v, ancestors, lengths, longest, scale);
+    case 1: return attend_rows<1, T>(q, k, v, ancestors, lengths, scale);
+    case 2: return attend_rows<2, T>(q, k, v, ancestors, lengths, scale);
+    case 3: return attend_rows<3, T>(q, k, v, ancestors, lengths, scale);
+    case 4: return attend_rows<4, T>(q, k, v, ancestors, lengths, scale);
+    case 5: return attend_rows<5, T>(q, k, v, ancestors, lengths, scale);
+    case 6: return attend_rows<6, T>(q, k, v, ancestors, lengths, scale);
+    case 7: return attend_rows<7, T>(q, k, v, ancestors, lengths, scale);
+    default: return attend_rows<8, T>(q, k, v, ancestors, lengths, scale);
   }
 }
 
@@ -366,8 +404,8 @@ at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, con
   if (q.scalar_type() != at::kFloat && q.size(1) / k.size(1) * n <= direct::kMaxRows && q.stride(3) == 1 &&
       k.stride(3) == 1 && v.stride(3) == 1 && q.size(3) <= 128) {
     return q.scalar_type() == at::kBFloat16
-               ? direct::attend_rows_for<c10::BFloat16>(q, k, v, ancestors_c, lengths_ptr, longest, scale)
-               : direct::attend_rows_for<c10::Half>(q, k, v, ancestors_c, lengths_ptr, longest, scale);
+               ? direct::attend_rows_for<c10::BFloat16>(q, k, v, ancestors_c, lengths_ptr, scale)
+               : direct::attend_rows_for<c10::Half>(q, k, v, ancestors_c, lengths_ptr, scale);
   }
 #endif
   // Keys past the longest row's slots are never seen: a caller may pass whole cache buffers.

@@ -125,16 +125,17 @@ def test_tree_attention_rows_matches_the_reference_row_by_row(group, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [1, 2, 5, 6, 12])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 12])
 def test_tree_attention_rows_reduced_precision_on_both_kernels(dtype, n):
-    """bf16 / fp16 rows go through the direct kernel up to 16 query rows per kv head (here G = 3:
-    n <= 5) and the float32 GEMMs past it: both against the reference, with rows of 0 to 700 keys
-    (several of the direct kernel's 128-key work units), head widths with and without a 16-lane
-    tail, a query laid out as the attention projections leave it (not contiguous), and every key
-    past a row's own slots poisoned."""
+    """bf16 / fp16 rows go through the direct kernel up to 24 query rows per kv head (here G = 3:
+    n <= 8) and the float32 GEMMs past it: both against the reference, with rows of 0 to 700 keys
+    (several of the direct kernel's 128-key work units, and rows of 124 keys whose second unit
+    holds only tree slots, some of which a query sees none of), head widths with and without a
+    16-lane tail, a query laid out as the attention projections leave it (not contiguous), and
+    every key past a row's own slots poisoned."""
     rng = np.random.default_rng(n)
     torch.manual_seed(n)
-    for lengths, dim in (([0, 700, 129, 5], 64), ([300, 1], 40)):
+    for lengths, dim in (([0, 700, 129, 124, 5], 64), ([300, 1, 124], 40)):
         q, k, v, anc = ragged_rows(rng, lengths, 9, 3, n, dim, dtype)
         q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, n, D] strides of [B, n, Hq, D]
         ours = torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor(lengths), dim ** -0.5)
