@@ -296,7 +296,9 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   const int64_t units = first_unit[items];
   auto out = at::empty({batch, n, q_heads, d}, q.options());
-  std::vector<float> partial(units * rows * kWidth), top(units * rows), total(units * rows);
+  // Every unit writes all of its rows' partial sums, maxima and totals: no zero fill needed.
+  std::unique_ptr<float[]> partial(new float[units * rows * kWidth]), top(new float[units * rows]),
+      total(new float[units * rows]);
   std::unique_ptr<std::atomic<int64_t>[]> finished(new std::atomic<int64_t>[items]);
   for (int64_t item = 0; item < items; ++item) finished[item].store(0, std::memory_order_relaxed);
   const uint64_t* anc = reinterpret_cast<const uint64_t*>(ancestors.data_ptr<int64_t>());
@@ -318,7 +320,7 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const float w = std::exp(top[u * rows + r] - most);
         sum += w * total[u * rows + r];
         for (int c = 0; c < C; ++c)
-          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(partial.data() + (u * rows + r) * kWidth + c * 16), acc[c]);
+          acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(partial.get() + (u * rows + r) * kWidth + c * 16), acc[c]);
       }
       alignas(64) float row[kWidth];
       for (int c = 0; c < C; ++c) _mm512_store_ps(row + c * 16, _mm512_div_ps(acc[c], _mm512_set1_ps(sum)));
@@ -351,7 +353,7 @@ at::Tensor attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       total[unit * rows + r] = sum;
     }
     to_float<C>(v_data + b * v.stride(0) + h * v.stride(1) + j0 * v.stride(2), v.stride(2), count, d, keys.data());
-    weigh_values<C>(scores.data(), kChunk, rows, keys.data(), count, partial.data() + unit * rows * kWidth);
+    weigh_values<C>(scores.data(), kChunk, rows, keys.data(), count, partial.get() + unit * rows * kWidth);
     if (finished[item].fetch_add(1, std::memory_order_acq_rel) + 1 == first_unit[item + 1] - first_unit[item]) {
       combine(item);
     }
