@@ -403,7 +403,8 @@ at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, con
   }
   const auto ancestors_c = ancestors.contiguous();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  if (q.scalar_type() != at::kFloat && q.size(1) / k.size(1) * n <= direct::kMaxRows && q.stride(3) == 1 &&
+  const bool reduced = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  if (reduced && q.size(1) / k.size(1) * n <= direct::kMaxRows && q.stride(3) == 1 &&
       k.stride(3) == 1 && v.stride(3) == 1 && q.size(3) <= 128) {
     return q.scalar_type() == at::kBFloat16
                ? direct::attend_rows_for<c10::BFloat16>(q, k, v, ancestors_c, lengths_ptr, scale)

@@ -146,6 +146,19 @@ def test_tree_attention_rows_reduced_precision_on_both_kernels(dtype, n):
             torch.testing.assert_close(ours[b : b + 1].float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_tree_attention_rows_in_float64_takes_the_gemms():
+    """Only bf16 / fp16 go to the direct kernel: a float64 call of a plain step's shape is exact."""
+    rng = np.random.default_rng(11)
+    lengths = [40, 3]
+    q, k, v, anc = ragged_rows(rng, lengths, 9, 3, 1, 64, torch.float64)
+    ours = torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor(lengths), 0.125)
+    assert ours.dtype == torch.float64
+    for b, length in enumerate(lengths):
+        expected = ops.tree_attention_reference(q[b : b + 1], k[b : b + 1, :, : length + 1],
+                                                v[b : b + 1, :, : length + 1], anc[b], length, 0.125)
+        torch.testing.assert_close(ours[b : b + 1], expected.to(torch.float64), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_attention_rows_reads_only_its_rows_of_whole_cache_buffers(dtype):
     """A compiled forward passes the cache's whole buffers: more rows than queries and keys past
