@@ -256,14 +256,21 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// In place over `count` scores: s <- exp(s - max); returns (max, sum) (max -inf: all masked, all 0).
+// In place over `count` scores: s <- exp(s - max); returns (max, sum) (max -inf: all masked, all 0;
+// a NaN or +inf score makes both NaN, so that the output is NaN as the softmax's would be).
 inline std::pair<float, float> exponentiate(float* s, int64_t count) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 invalid = 0;
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 m = count - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (count - j)) - 1u);
-    top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + j));
+    const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    invalid |= _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
+    top = _mm512_mask_max_ps(top, m, top, x);
   }
   const float most = _mm512_reduce_max_ps(top);
+  if (invalid || most == std::numeric_limits<float>::infinity()) {
+    return {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()};
+  }
   if (most == -std::numeric_limits<float>::infinity()) {
     std::fill(s, s + count, 0.0f);
     return {most, 0.0f};
@@ -404,7 +411,7 @@ at::Tensor tree_attention_rows_cpu(const at::Tensor& q, const at::Tensor& k, con
   const auto ancestors_c = ancestors.contiguous();
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   const bool reduced = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
-  if (reduced && q.size(1) / k.size(1) * n <= direct::kMaxRows && q.stride(3) == 1 &&
+  if (reduced && n > 0 && q.size(3) > 0 && q.size(1) / k.size(1) * n <= direct::kMaxRows && q.stride(3) == 1 &&
       k.stride(3) == 1 && v.stride(3) == 1 && q.size(3) <= 128) {
     return q.scalar_type() == at::kBFloat16
                ? direct::attend_rows_for<c10::BFloat16>(q, k, v, ancestors_c, lengths_ptr, scale)

@@ -130,12 +130,13 @@ def test_tree_attention_rows_reduced_precision_on_both_kernels(dtype, n):
     """bf16 / fp16 rows go through the direct kernel up to 24 query rows per kv head (here G = 3:
     n <= 8) and the float32 GEMMs past it: both against the reference, with rows of 0 to 700 keys
     (several of the direct kernel's 128-key work units, and rows of 124 keys whose second unit
-    holds only tree slots, some of which a query sees none of), head widths with and without a
-    16-lane tail, a query laid out as the attention projections leave it (not contiguous), and
-    every key past a row's own slots poisoned."""
+    holds only tree slots, some of which a query sees none of), head widths 40, 64, 100 and 128
+    (with and without a 16-lane tail, the widest register blocks), a query laid out as the
+    attention projections leave it (not contiguous), and every key past a row's own slots
+    poisoned."""
     rng = np.random.default_rng(n)
     torch.manual_seed(n)
-    for lengths, dim in (([0, 700, 129, 124, 5], 64), ([300, 1, 124], 40)):
+    for lengths, dim in (([0, 700, 129, 124, 5], 64), ([300, 1, 124], 40), ([130, 7], 128), ([20, 260], 100)):
         q, k, v, anc = ragged_rows(rng, lengths, 9, 3, n, dim, dtype)
         q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, n, D] strides of [B, n, Hq, D]
         ours = torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor(lengths), dim ** -0.5)
@@ -144,6 +145,19 @@ def test_tree_attention_rows_reduced_precision_on_both_kernels(dtype, n):
             expected = ops.tree_attention_reference(q[b : b + 1], k[b : b + 1, :, : length + n],
                                                     v[b : b + 1, :, : length + n], anc[b], length, dim ** -0.5)
             torch.testing.assert_close(ours[b : b + 1].float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("n", [2, 12])
+def test_tree_attention_rows_propagates_nan_like_the_reference(n):
+    """A NaN key poisons exactly the outputs whose queries see it, on either kernel (bf16)."""
+    rng = np.random.default_rng(n)
+    lengths = [40, 300]
+    q, k, v, anc = ragged_rows(rng, lengths, 9, 3, n, 64, torch.bfloat16)
+    k[1, 0, 200, 5] = float("nan")  # in row 1's prefix, kv head 0: query heads 0-2 of row 1 see it
+    ours = torch.ops.specdec.tree_attention_rows(q, k, v, anc, torch.tensor(lengths), 0.125)
+    assert ours[1, :, :3].isnan().all() and not ours[1, :, 3:].isnan().any() and not ours[0].isnan().any()
+    expected = ops.tree_attention_reference(q[1:], k[1:, :, : 300 + n], v[1:, :, : 300 + n], anc[1], 300, 0.125)
+    torch.testing.assert_close(ours[1:].float(), expected.float(), atol=2e-2, rtol=2e-2, equal_nan=True)
 
 
 def test_tree_attention_rows_in_float64_takes_the_gemms():
