@@ -34,8 +34,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -146,7 +146,7 @@ namespace direct {
 
 // The query rows per kv head (G * n) up to which this kernel is used. Measured against the float32
 // GEMMs (bf16, G = 3, 300-1,200 keys): one row 2.3-3.1x faster at 3 query rows, 1.1-1.2x at 24,
-// 0.8-0.96x at 48; eight rows 4.7x at 3, 4x at 24, 2.3x at 48 (the GEMMs convert every row's keys,
+// 0.77-0.96x at 48; eight rows 4.7x at 3, 4x at 24, 2.3x at 48 (the GEMMs convert every row's keys,
 // padded to the longest row's, to float32 on each call).
 constexpr int64_t kMaxRows = 24;
 
@@ -210,7 +210,7 @@ void score_block(const float* query, int64_t rows, const float* key, int64_t cou
 // out[r] = sum_j probs[r, j] value[j] for `rows` query rows, kBlock of them in registers at a time.
 template <int C>
 void weigh_values(const float* probs, int64_t ld, int64_t rows, const float* value, int64_t count, float* out) {
-  constexpr int kBlock = C >= 8 ? 2 : 16 / C > 4 ? 4 : 16 / C;
+  constexpr int kBlock = std::clamp(16 / C, 2, 4);  // rows whose C accumulators fit in registers
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
     const int block = static_cast<int>(std::min<int64_t>(kBlock, rows - r0));
     __m512 acc[kBlock][C];
