@@ -51,13 +51,13 @@ def test_packed_path_really_runs(monkeypatch):
     model = bf16_llama()
     view = packed_view(model)
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    real = packed.packed_linear
 
     def counting(*args):
         calls.append(args[0].shape[0])
         return real(*args)
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting, raising=False)
+    monkeypatch.setattr(packed, "packed_linear", counting)
     with torch.inference_mode():
         view(torch.tensor([[5, 6, 7]]))
         assert calls and set(calls) == {3}
@@ -154,3 +154,32 @@ def test_a_model_converted_after_packing_is_followed():
         model.lm_head.weight.mul_(-1.0)
     with torch.inference_mode():
         torch.testing.assert_close(view(ids).logits.float(), model(ids).logits.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_operator_equals_onednns_own_and_the_plain_product(dtype, rows, with_bias, monkeypatch):
+    """The csrc operator, its fallback without the extension, and ``F.linear``: one product."""
+    from specdec.device import ops
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(40, 24, generator=generator).to(dtype)
+    bias = torch.randn(40, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(rows, 24, generator=generator).to(dtype)
+    packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+    expected = torch.nn.functional.linear(x, weight, bias).float()
+    with torch.inference_mode():
+        got = ops.packed_linear(x, packed_weight, bias, 40)
+        assert ops.load() and got.shape == (rows, 40) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+        monkeypatch.setattr(ops, "load", lambda: False)
+        assert torch.equal(ops.packed_linear(x, packed_weight, bias, 40), got)
+
+
+def test_packed_operator_checks_the_output_width():
+    from specdec.device import ops
+
+    packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(40, 24).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="expected 41"):
+        ops.packed_linear(torch.randn(2, 24).to(torch.bfloat16), packed_weight, None, 41)

@@ -117,6 +117,10 @@ def _register_fakes() -> None:
     def _kv_compact_fake(keys, values, prefix_len, keep):
         return None
 
+    @torch.library.register_fake("specdec::packed_linear")
+    def _packed_linear_fake(x, packed, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
 
 # ---------------------------------------------------------------------- the operators
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ancestors: torch.Tensor, prefix_len: int,
@@ -184,6 +188,16 @@ def tree_attention_reference(q, k, v, ancestors, prefix_len: int, scale: float) 
     scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
     out = torch.softmax(scores, dim=-1) @ values  # [B, Hq, n, D]
     return out.transpose(1, 2).to(q.dtype)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x [rows, in] @ W.T + bias`` (``[rows, out_features]``) with ``W`` prepacked by
+    ``torch.ops.mkldnn._reorder_linear_weight``: the csrc operator (a C++ call, fit for compiled
+    graphs), or oneDNN's own operator without the extension (eager only: inductor cannot lower it
+    on a weight that is not a frozen constant; a compiled forward needs the extension anyway)."""
+    if load():
+        return torch.ops.specdec.packed_linear(x, packed, bias, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def kv_compact_reference(keys, values, prefix_len: int, keep: torch.Tensor) -> None:

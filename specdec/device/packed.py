@@ -11,8 +11,9 @@ verify 45% dearer than a plain step in fp32; packed, one layer took 0.043-0.09 m
 against 0.07-0.18 ms (a 1536x576 layer), and the price of a tree over a plain step vanished. Packed
 fp32 products differ from ``F.linear``'s in summation order only (about 1e-6 relative), as the
 tree attention kernel's already do: greedy output stays the target's (tested token for token).
-The packed product is the ``specdec::packed_linear`` operator, opaque to ``torch.compile``
-(`specdec.device.compiled` compiles around it).
+The packed product is the csrc ``specdec::packed_linear`` operator (`specdec.device.ops`), opaque
+to ``torch.compile`` (`specdec.device.compiled` compiles around it) and a C++ call: it was a Python
+custom operator, whose dispatch cost ~16 us a call (~3 ms of a one-row forward's 211 layers).
 
 The user's model is never changed: `packed_view` returns a *view* of it, a tree of shallow module
 copies sharing every parameter, buffer and hook dictionary with the model, in which each
@@ -29,6 +30,8 @@ import copy
 
 import torch
 from torch import nn
+
+from specdec.device.ops import packed_linear
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 MEMORY_SHARE = 0.25  # the packed copy may take at most this share of the memory available now
@@ -61,17 +64,6 @@ class PackedLinear(nn.Linear):
         """Pack again if the weight changed in place or was replaced since it was packed."""
         if (self.weight.data_ptr(), self.weight._version) != self.packed_from:
             self.pack()
-
-
-@torch.library.custom_op("specdec::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x [rows, in] @ W.T + bias`` with ``W`` prepacked (`PackedLinear.pack`): ``[rows, out_features]``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _packed_linear_fake(x, packed, bias, out_features):
-    return x.new_empty(x.shape[0], out_features)
 
 
 def can_pack(model: nn.Module) -> str | None:
