@@ -27,7 +27,7 @@
 //   packed_linear(x [rows, in], packed, bias [out]?, out_features) -> [rows, out_features]
 //     x @ W.T + bias with W prepacked by mkldnn::_reorder_linear_weight: oneDNN's own
 //     mkldnn::_linear_pointwise, called from C++ (a Python custom op around it cost ~16 us a call,
-//     ~3 ms of a one-row SmolLM2 forward of 211 linear layers).
+//     about 2.5 ms of a one-row SmolLM2 forward of 211 linear layers).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>

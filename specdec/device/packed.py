@@ -13,7 +13,7 @@ fp32 products differ from ``F.linear``'s in summation order only (about 1e-6 rel
 tree attention kernel's already do: greedy output stays the target's (tested token for token).
 The packed product is the csrc ``specdec::packed_linear`` operator (`specdec.device.ops`), opaque
 to ``torch.compile`` (`specdec.device.compiled` compiles around it) and a C++ call: it was a Python
-custom operator, whose dispatch cost ~16 us a call (~3 ms of a one-row forward's 211 layers).
+custom operator, whose dispatch cost ~16 us a call (about 2.5 ms of a one-row forward of 211 layers).
 
 The user's model is never changed: `packed_view` returns a *view* of it, a tree of shallow module
 copies sharing every parameter, buffer and hook dictionary with the model, in which each
