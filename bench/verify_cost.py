@@ -2,8 +2,11 @@
 csrc tree-attention kernel and with sdpa plus a float tree mask, and the host time a decode step
 spends outside the forward.
 
-Both attention paths run the same model on the same cached prefix and the same trees, interleaved
-repeat by repeat (median of the repeats, the device synchronised around each forward). As in the
+Both attention paths run the engine's cache and verify forward (`specdec.step.verify.verify_rows`)
+on the same cached prefix and the same trees, interleaved repeat by repeat (median of the repeats,
+the device synchronised around each forward). A model with recurrent layers (hybrids, state-space
+models) adds transformers' own forward of the same number of tokens in a row (``chain``): what its
+tree pass costs against the model's own multi-token path. As in the
 scheduler's T(n), the tree's upload is not timed, and the kernel runs only where specdec's
 equivalence probe (`specdec.step.support.support_for`) proves it exact for the model. Costs are
 reported relative to plain decoding (a one-token forward, n = 0): T(n+1 tokens) / T(1 token).
@@ -17,6 +20,8 @@ import time
 import click
 import numpy as np
 import torch
+
+PATHS = ("sdpa", "kernel", "chain")
 
 
 def best_first_tree(n: int, vocab: int, seed: int):
@@ -36,40 +41,72 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
-    """Median ms of one verify forward per tree size n, with the tree kernel (when the model family
-    allows it) and with sdpa + mask, after ``context`` cached positions."""
-    from drafters.modeling import SlotCache, forward_with_cache
-    from specdec.device.tree import TreeUploader
+    """Median ms of one verify forward per tree size n after ``context`` cached positions, through
+    the engine's own cache and verify forward: with the tree kernel (when the model family allows
+    it) and with the model's attention plus a mask (``sdpa``). For a model with recurrent layers
+    (`specdec.hybrid`) also ``chain``: transformers' own forward of n + 1 tokens in a row on its
+    own cache (its multi-token path), the price of the same tokens without a tree."""
+    import copy
+
+    from drafters.modeling import forward_with_cache
+    from specdec.device.cache import RowCache
+    from specdec.device.tree import HostBuffer, RowTree, upload_rows
     from specdec.step.support import support_for
-    from specdec.step.verify import verify_forward
+    from specdec.step.verify import prefill_row, takes_positions, verify_rows
 
     device = model.device
-    kernel = support_for(model, None).kernel  # None unless probed exact here
-    vocab = model.config.vocab_size
-    cache = SlotCache.for_model(model, context + max(sizes) + 1)
-    forward_with_cache(model, cache, input_ids=torch.randint(0, vocab, (1, context), device=device))
-    uploader = TreeUploader(device)
-    paths = {"sdpa": None} | ({"kernel": kernel} if kernel is not None else {})
+    support = support_for(model, None)
+    if support.reason is not None:
+        raise ValueError(f"specdec cannot verify trees with this model: {support.reason}")
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    prefix = torch.randint(0, vocab, (context,), device=device)
+    cache = RowCache.for_model(model)
+    cache.fit(1, context + max(sizes) + 2)
+    prefill_row(model, cache, 0, prefix[:-1], 1)  # the last prefix token is every tree's root
+    chain_cache = _hf_prefilled(model, prefix[:-1]) if cache.recurrent else None
+    paths = ["sdpa"] + (["kernel"] if support.kernel is not None else []) + (["chain"] if chain_cache else [])
     rows = []
     for n in sizes:
         tree = best_first_tree(n, vocab, seed=n)
+        chain = torch.randint(0, vocab, (1, n + 1), device=device)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for repeat in range(repeats + 1):
-            for name, use in paths.items():
-                slots = uploader.upload(tree, 1)
+            for name in paths:
+                if name == "chain":
+                    state = copy.deepcopy(chain_cache)  # not timed: the run below extends it
+                    kwargs = ({"position_ids": torch.arange(context - 1, context + n, device=device)[None]}
+                              if takes_positions(model) else {})
+                else:
+                    batch = upload_rows([RowTree(tree, int(prefix[-1]), length=context - 1)], [context - 1],
+                                        HostBuffer(device))
                 _synchronize(device)  # the upload has landed: T(n) is the forward alone
                 started = time.perf_counter()
-                verify_forward(model, cache, slots, context, use)
+                if name == "chain":
+                    forward_with_cache(model, state, input_ids=chain, **kwargs)
+                else:
+                    verify_rows(model, cache, batch, support.kernel if name == "kernel" else None)
                 _synchronize(device)
                 if repeat:  # the first round warms up
                     times[name].append(1e3 * (time.perf_counter() - started))
-                cache.truncate(context)
         rows.append({"n": n} | {f"{name}_ms": statistics.median(values) for name, values in times.items()})
     for name in paths:
         base = next((row[f"{name}_ms"] for row in rows if row["n"] == 0), None)
         for row in rows:
             row[f"{name}_ratio"] = row[f"{name}_ms"] / base if base else None
     return rows
+
+
+def _hf_prefilled(model, ids: torch.Tensor):
+    """transformers' own cache of ``model`` after ``ids`` (``[m]``)."""
+    from transformers import DynamicCache
+
+    from drafters.modeling import forward_with_cache
+    from specdec.step.verify import takes_positions
+
+    cache = DynamicCache(config=model.config)
+    kwargs = {"position_ids": torch.arange(ids.numel(), device=ids.device)[None]} if takes_positions(model) else {}
+    forward_with_cache(model, cache, input_ids=ids[None], **kwargs)
+    return cache
 
 
 @torch.inference_mode()
@@ -119,19 +156,20 @@ def bench_verify(model_path, dtype, device, context, sizes, repeats, steps, json
     if not sizes_n or min(sizes_n) < 0 or context < 1 or repeats < 1 or steps < 0:
         raise BenchError("--sizes must be >= 0, --context and --repeats >= 1, --steps >= 0")
     model, tokenizer, torch_device = load_target(model_path, dtype, device)
+    if context < 2:
+        raise BenchError("--context must be >= 2 (the last cached token is every tree's root)")
     label = model_path or "SmolLM2-135M-Instruct"
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
     rows = measure(model, context, sizes_n, repeats)
     console = Console(width=120)
     table = Table(title=f"verify forward of n draft nodes (+ root), {label}, {dtype}, {name}, context {context}, "
                         f"median of {repeats}")
-    columns = ["n"] + [c for path in ("sdpa", "kernel") if f"{path}_ms" in rows[0]
-                       for c in (f"{path} ms", f"{path} T(n+1)/T(1)")]
+    columns = ["n"] + [c for path in PATHS if f"{path}_ms" in rows[0] for c in (f"{path} ms", f"{path} T(n+1)/T(1)")]
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         cells = [str(row["n"])]
-        for path in ("sdpa", "kernel"):
+        for path in PATHS:
             if f"{path}_ms" in row:
                 ratio = row[f"{path}_ratio"]
                 cells += [f"{row[f'{path}_ms']:.2f}", "-" if ratio is None else f"{ratio:.2f}"]

@@ -41,8 +41,33 @@ SIZES = [
     ({"max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"}, 256),
     ({"kv_lora_rank"}, 16), ({"q_lora_rank"}, 32), ({"qk_rope_head_dim"}, 8), ({"qk_nope_head_dim"}, 8),
     ({"v_head_dim"}, 16), ({"sliding_window", "attention_chunk_size"}, 8), ({"rotary_dim"}, 8),
+    ({"linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"}, 16),  # linear-attention layers
+    ({"linear_num_key_heads"}, 2), ({"linear_num_value_heads", "linear_num_heads"}, 4),
 ]
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# Hybrid and state-space families whose generic tiny config does not build (no attention layer left, or
+# sizes the config validates against each other): their layouts, one layer of each kind.
+FAMILY_SIZES = {
+    "mamba": {"state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 8},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "expand": 2, "n_groups": 1, "state_size": 16, "chunk_size": 16},
+    "bamba": {"attn_layer_indices": [1], "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16,
+              "mamba_n_groups": 1, "mamba_chunk_size": 16},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"], "mamba_n_heads": 8, "mamba_d_head": 16,
+                         "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_chunk_size": 16},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+              "mamba_d_state": 16},
+    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"], "mamba_headdim": 16,
+               "n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 1, "chunk_size": 16, "num_mem_blocks": 1},
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
+    # MLA: every query head gets its own expanded key (as in the released configs); with fewer kv heads
+    # transformers' own masked attention repeats the keys past the query heads
+    "kimi_linear": {"num_key_value_heads": 4},
+    "bailing_hybrid": {"num_key_value_heads": 4},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 16},
+    "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_d_state": 16,
+                  "mamba_n_groups": 1, "mamba_chunk_size": 16},
+}
 
 
 def causal_families() -> list[str]:
@@ -55,8 +80,10 @@ def causal_families() -> list[str]:
     return families
 
 
-def tiny_model(model_type: str):
-    """A tiny random fp32 model of the family, or a skip naming why transformers cannot build one."""
+def tiny_model(model_type: str, vocab_size: int = 128, logit_scale: float = 8.0):
+    """A tiny random fp32 model of the family (output projection times ``logit_scale``: decisive
+    argmaxes by default), its prompt and ``model.generate``'s greedy continuation, or a skip naming
+    why transformers cannot build or run one."""
     model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], None)
     if model_class is None:
         pytest.skip("the model class is not importable")
@@ -74,7 +101,7 @@ def tiny_model(model_type: str):
                 overrides[name] = small
     for name, value in values.items():
         if "vocab_size" in name and isinstance(value, int):
-            overrides[name] = 128
+            overrides[name] = vocab_size
         if isinstance(value, list) and layers and len(value) == layers and layers > 2 and name != "layer_types":
             overrides[name] = value[:2]
     if isinstance(values.get("layer_types"), list) and layers:
@@ -84,6 +111,7 @@ def tiny_model(model_type: str):
             for name in names & set(values):
                 overrides[name] = len(overrides["layer_types"])
     overrides.update({k: v for k, v in TOKENS.items() if k in values})
+    overrides.update(FAMILY_SIZES.get(model_type, {}))
     if "is_decoder" in values:
         overrides["is_decoder"] = True
     try:
@@ -98,7 +126,7 @@ def tiny_model(model_type: str):
             out, inp = model.get_output_embeddings(), model.get_input_embeddings()
             if out.weight.data_ptr() == inp.weight.data_ptr():  # untie: sharpen the output only
                 out.weight = torch.nn.Parameter(out.weight.detach().clone())
-            out.weight.mul_(8.0)
+            out.weight.mul_(logit_scale)
             prompt = torch.tensor([PROMPT]) % inp.num_embeddings
             reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                        max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
@@ -119,7 +147,10 @@ class ForwardCounter:
 
 # Families that must be supported (not refused): the mainstream decoders.
 MUST_SUPPORT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "olmo2",
-                "starcoder2", "gpt_neox", "falcon", "cohere", "deepseek_v3", "smollm3"}
+                "starcoder2", "gpt_neox", "falcon", "cohere", "deepseek_v3", "smollm3",
+                # hybrids and state-space models: trees through their recurrent seams (specdec.hybrid)
+                "qwen3_5_text", "qwen3_next", "kimi_linear", "olmo_hybrid", "nemotron_h", "granitemoehybrid",
+                "falcon_h1", "bamba", "mamba2", "jamba", "mamba", "falcon_mamba", "lfm2"}
 
 
 @pytest.mark.parametrize("model_type", causal_families())

@@ -80,9 +80,13 @@ def sliding_window_of(config) -> tuple[int | None, bool]:
 
 def masks_by_layer_type(config, build: Callable[[int | None], torch.Tensor]):
     """The ``attention_mask`` argument for a model: ``build(None)`` for full attention,
-    ``build(window)`` when every layer slides, a dict by layer type for hybrid models."""
+    ``build(window)`` when every layer slides, a dict by layer type for hybrid models (None for
+    layers that do not attend: recurrent layers take trees through their seams, not masks)."""
     window, hybrid = sliding_window_of(config)
     if window is None:
         return build(None)
     sliding = build(window)
-    return {"full_attention": build(None), "sliding_attention": sliding} if hybrid else sliding
+    if not hybrid:
+        return sliding
+    others = dict.fromkeys(getattr(config.get_text_config(decoder=True), "layer_types", None) or [])
+    return others | {"full_attention": build(None), "sliding_attention": sliding}

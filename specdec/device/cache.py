@@ -15,6 +15,11 @@ reach (growing or shrinking, the live rows copied over), `free` drops them when 
 Buffers are allocated eagerly once the first forward has shown each layer's shapes, so an
 allocation failure surfaces where a row is admitted (failing that request alone), never inside a
 step. Nothing here reads the device.
+
+Recurrent layers (linear attention, state-space, convolution: hybrid models) keep their conv and
+recurrent states per row beside (``hybrid`` layers) or instead of keys and values, in
+`specdec.hybrid.states.RowStates`; such a row can only be continued from its end, so compaction
+keeps the accepted path's last node's states and a row's snapshot holds them.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from drafters.modeling import CacheFullError
 from specdec.device import ops
+from specdec.hybrid.states import RowStates
+
+RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding"})
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,12 @@ class RowLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, owner: "RowCache") -> None:
+    def __init__(self, owner: "RowCache", layer_type: str = "full_attention") -> None:
         super().__init__()
         self.owner = owner
+        self.attends = layer_type not in ("linear_attention", "conv", "dummy")  # holds keys and values
+        recurrent = layer_type in RECURRENT_LAYER_TYPES
+        self.states = RowStates() if recurrent else None  # conv / recurrent states of a recurrent layer
         self.shape: LayerShape | None = None  # known from the first forward
         self.keys: torch.Tensor | None = None  # [R, H, capacity, Dk]
         self.values: torch.Tensor | None = None  # [R, H, capacity, Dv]
@@ -122,8 +133,11 @@ class RowCache(Cache):
     `begin_forward` and `end_forward`.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[RowLayer(self) for _ in range(num_layers)])
+    holds_rows = True  # the hybrid seams' mark of a specdec cache
+
+    def __init__(self, num_layers: int, layer_types: list[str] | None = None) -> None:
+        layer_types = layer_types or ["full_attention"] * num_layers
+        super().__init__(layers=[RowLayer(self, kind) for kind in layer_types])
         self.rows = 0
         self.capacity = 0
         self.lengths: list[int] = []
@@ -132,13 +146,19 @@ class RowCache(Cache):
 
     @classmethod
     def for_model(cls, model) -> "RowCache":
-        return cls(model.config.get_text_config(decoder=True).num_hidden_layers)
+        config = model.config.get_text_config(decoder=True)
+        return cls(config.num_hidden_layers, get_layer_types_and_kwargs(config)[0])
+
+    @property
+    def recurrent(self) -> list[RowStates]:
+        """The recurrent layers' states (empty for attention-only models)."""
+        return [layer.states for layer in self.layers if layer.states is not None]
 
     @property
     def bytes(self) -> int:
         """Bytes the buffers hold now."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values)
-                   if t is not None)
+                   if t is not None) + sum(states.bytes for states in self.recurrent)
 
     # ------------------------------------------------------------------ sizing
     def allocate_layer(self, shape: LayerShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,30 +190,43 @@ class RowCache(Cache):
                 keys[:kept, :, :held] = layer.keys[:kept, :, :held]
                 values[:kept, :, :held] = layer.values[:kept, :, :held]
             layer.keys, layer.values = keys, values
+        for states in self.recurrent:
+            states.resize(rows)
         self.lengths = (self.lengths + [0] * rows)[:rows]
 
     def free(self) -> None:
         """Drop every buffer (no row is live); the layers' shapes are kept."""
         for layer in self.layers:
             layer.keys = layer.values = None
+        for states in self.recurrent:
+            states.resize(0)
         self.rows, self.capacity, self.lengths = 0, 0, []
 
     # ------------------------------------------------------------------ rows in, out and around
-    def load_row(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Row ``row`` := the positions of a saved row (`snapshot_row`: ``[H, L, D]`` a layer)."""
-        length = keys[0].shape[1] if keys else 0
-        for layer, k, v in zip(self.layers, keys, values):
+    def load_row(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 states: list[dict] | None = None, length: int | None = None) -> None:
+        """Row ``row`` := the positions of a saved row (`snapshot_row`: ``[H, L, D]`` a layer), and,
+        for recurrent layers, their ``states`` after all ``length`` positions (`snapshot_states`;
+        ``length`` defaults to the keys' length, and must be given for a model without attention)."""
+        length = length if length is not None else keys[0].shape[1] if keys else 0
+        for layer, k, v in zip([layer for layer in self.layers if layer.attends], keys, values):
             if layer.keys is None:  # no forward of this cache yet: the saved row shows the layer's shape
                 layer.lazy_initialization(k[None], v[None])
             layer.keys[row, :, :length] = k
             layer.values[row, :, :length] = v
+        for layer_states, saved in zip(self.recurrent, states or []):
+            layer_states.load_row(row, saved)
         self.lengths[row] = length
 
     def snapshot_row(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the first ``length`` positions of row ``row`` (``[H, length, D]`` a layer)."""
-        layers = [layer for layer in self.layers if layer.keys is not None]
+        layers = [layer for layer in self.layers if layer.attends and layer.keys is not None]
         return ([layer.keys[row, :, :length].clone() for layer in layers],
                 [layer.values[row, :, :length].clone() for layer in layers])
+
+    def snapshot_states(self, row: int) -> list[dict]:
+        """Copies of row ``row``'s recurrent states (after all its positions), a recurrent layer each."""
+        return [states.snapshot_row(row) for states in self.recurrent]
 
     def move_row(self, source: int, target: int) -> None:
         """Row ``target`` := row ``source``, which is then empty."""
@@ -202,6 +235,8 @@ class RowCache(Cache):
             if layer.keys is not None and length:
                 layer.keys[target, :, :length] = layer.keys[source, :, :length]
                 layer.values[target, :, :length] = layer.values[source, :, :length]
+        for states in self.recurrent:
+            states.move_row(source, target)
         self.lengths[target], self.lengths[source] = length, 0
 
     def compact_row(self, row: int, kept_slots: torch.Tensor, host_slots: list[int], queries: int) -> None:
@@ -218,6 +253,8 @@ class RowCache(Cache):
             end = length + queries
             ops.kv_compact([layer.keys[row : row + 1, :, :end] for layer in layers],
                            [layer.values[row : row + 1, :, :end] for layer in layers], length, kept_slots)
+        for states in self.recurrent:  # the verify forward covered rows 0 .. B-1: node row = row
+            states.commit(row, row, host_slots[-1])
         self.lengths[row] = length + len(host_slots)
 
     # ------------------------------------------------------------------ one forward
@@ -232,6 +269,10 @@ class RowCache(Cache):
                                  f"needs rows {start}..{start + forward.rows - 1} up to position {forward.end}")
         if forward.rows > 1 and offsets is None:
             raise ValueError("a forward of several rows needs its offsets on the device")
+        for row, length in enumerate(offsets_host, start):
+            if length == 0:  # a row starting afresh: no states left from the row's previous sequence
+                for states in self.recurrent:
+                    states.clear_row(row)
         self.forward, self._index = forward, None
 
     def write_index(self) -> torch.Tensor:
@@ -246,4 +287,44 @@ class RowCache(Cache):
         self.forward, self._index = None, None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[0].get_seq_length()
+        return self.layers[0].get_seq_length()  # any layer: every one reads the forward's lengths
+
+    # ------------------------------------------------------------------ recurrent layers (transformers' API)
+    def _states(self, layer_idx: int) -> RowStates:
+        states = self.layers[layer_idx].states
+        if states is None:
+            raise ValueError(f"layer {layer_idx} of this cache is not a recurrent layer")
+        return states
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        """Whether the forward's rows hold history (a verify forward's always do)."""
+        forward = self.forward
+        return forward is not None and (forward.rows > 1 or forward.offsets_host[0] > 0)
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        forward = self.forward
+        return self._states(layer_idx).get(self._states(layer_idx).conv, state_idx, forward.start, forward.rows,
+                                           self.has_previous_state())
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        forward = self.forward
+        return self._states(layer_idx).get(self._states(layer_idx).recurrent, state_idx, forward.start, forward.rows,
+                                           self.has_previous_state())
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        return self._states(layer_idx).update_conv(conv_states, state_idx, self.forward.start,
+                                                   self.has_previous_state(), conv_kernel_size)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        return self._states(layer_idx).update_recurrent(recurrent_states, state_idx, self.forward.start)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False  # rows are rolled back by `compact_row`, not by transformers' recorded history
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return 0
+
+    def increase_count(self, layer_idx: int, state_idx: int) -> None:
+        """Lengths are the rows' own (`lengths`): nothing to count."""

@@ -229,8 +229,10 @@ class Loop:
             kv = seq.request.kv
             if kv is not None and kv.token_ids:
                 seq.reused = common_prefix_len(kv.token_ids, seq.seen[:-1])
-                cache.load_row(seq.slot, [k[:, : seq.reused] for k in kv.keys],
-                               [v[:, : seq.reused] for v in kv.values])
+                if cache.recurrent and seq.reused < len(kv.token_ids):
+                    seq.reused = 0  # recurrent states exist only after all the kept positions
+                cache.load_row(seq.slot, [k[:, : seq.reused] for k in kv.keys], [v[:, : seq.reused] for v in kv.values],
+                               kv.states if seq.reused else None, length=seq.reused)
             seq.history_device = torch.from_numpy(seq.history).to(engine.model.device)  # the prompt, copied up once
         except BaseException:
             self.rows.pop()
@@ -305,6 +307,7 @@ class Loop:
                 if seq.consistent:
                     length = engine.cache.lengths[seq.slot]
                     kv.keys, kv.values = engine.cache.snapshot_row(seq.slot, length)
+                    kv.states = engine.cache.snapshot_states(seq.slot)
                     kv.token_ids = seq.seen[:length]
                 else:
                     kv.clear()

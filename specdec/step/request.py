@@ -78,16 +78,19 @@ class SpecStats:
 @dataclass
 class KVState:
     """Keys and values kept between generations (a conversation): ``keys`` and ``values`` (one
-    ``[H, L, D]`` tensor a layer, on the model's device) hold the ``L`` positions of ``token_ids``.
-    A prompt that starts with them is only prefilled past them. The engine reads and writes it
-    while a request that carries it is live; its owner touches it only between requests."""
+    ``[H, L, D]`` tensor a layer, on the model's device) hold the ``L`` positions of ``token_ids``;
+    for a hybrid model ``states`` hold its recurrent layers' states after all ``L`` of them, so a
+    prompt reuses them only when it starts with every one of ``token_ids``. A prompt that starts
+    with them is only prefilled past them. The engine reads and writes it while a request that
+    carries it is live; its owner touches it only between requests."""
 
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    states: list[dict] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.keys, self.values, self.token_ids = [], [], []
+        self.keys, self.values, self.token_ids, self.states = [], [], [], []
 
 
 @dataclass

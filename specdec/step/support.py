@@ -5,8 +5,9 @@ attention mask (or the csrc tree kernel), and afterwards keeps only the accepted
 attention KV cache. `support_for` decides, once per model, before any generation:
 
 1. statically, from the model's class and config, the families that cannot work (no KV cache, no
-   ``position_ids``, recurrent or other non-attention layers, ALiBi position biases computed from
-   key indices, encoder-decoders);
+   ``position_ids`` beside attention layers, chunked or compressed attention layers, recurrent
+   mixers outside the seams `specdec.hybrid.seams` knows, ALiBi position biases computed from key
+   indices, encoder-decoders); recurrent mixers it knows get their tree-aware seams installed;
 2. then by an equivalence probe on a small prompt and a branching tree, through the engine's own
    cache, upload and verify forward: the tree forward's logits (mask path, and kernel path where
    the kernel could run) must equal sequential decoding's, and the cache compacted to the second
@@ -23,13 +24,15 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from drafters.modeling import forward_with_cache, returned_cache
 from specdec.device.attention import tree_kernel_for
-from specdec.device.cache import RowCache
+from specdec.device.cache import RECURRENT_LAYER_TYPES, RowCache
 from specdec.device.tree import HostBuffer, RowTree, upload_rows
+from specdec.hybrid.seams import install, recurrent_mixers, unknown_mixers
 from specdec.step.per_model import entry_for
-from specdec.step.verify import prefill_row, verify_rows
+from specdec.step.verify import prefill_row, takes_positions, verify_rows
 from trees import TokenTree
 
 
@@ -56,17 +59,24 @@ def static_reason(model) -> str | None:
     parameters = inspect.signature(type(model).forward).parameters
     if "cache" not in parameters and "past_key_values" not in parameters:
         return f"{name} keeps no KV cache, so a verified tree cannot be kept or rolled back"
-    if "position_ids" not in parameters:
+    layer_types = set(get_layer_types_and_kwargs(config)[0]) - {"dummy"}  # dummy: mlp / moe layers, no state
+    recurrent = recurrent_mixers(model)
+    if "position_ids" not in parameters and (layer_types & ATTENTION_LAYER_TYPES or not recurrent):
         return f"{name}.forward takes no position_ids, so tree nodes cannot sit at their depth's position"
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    if layer_types - ATTENTION_LAYER_TYPES:
-        others = ", ".join(sorted(map(str, layer_types - ATTENTION_LAYER_TYPES)))
-        return (f"{name} has {others} layers (recurrent, chunked or compressed state), which a tree cannot be "
-                "verified through and rolled back to its accepted path")
+    others = layer_types - ATTENTION_LAYER_TYPES - (RECURRENT_LAYER_TYPES if recurrent else set())
+    if others:
+        return (f"{name} has {', '.join(sorted(map(str, others)))} layers (chunked, compressed or recurrent state "
+                "outside the seams specdec knows), which a tree cannot be verified through and rolled back to its "
+                "accepted path")
+    if unknown := unknown_mixers(model):
+        return (f"{name} has recurrent mixers specdec does not know ({', '.join(unknown)}): their order-dependent "
+                "work is not in transformers' shared seam functions, so a tree cannot be verified through them")
     if getattr(config, "alibi", False) or getattr(getattr(config, "attn_config", None), "alibi", False) \
             or config.model_type in ALIBI_FAMILIES:
         return (f"{name} uses ALiBi position biases computed from key indices, not from the tree's positions, "
                 "so tree attention would change its logits")
+    if recurrent:
+        install(model)
     return None
 
 
@@ -86,9 +96,13 @@ def _sequential_logits(model, prefix: torch.Tensor, path: list[int]) -> torch.Te
     """``[V]`` float32 logits after ``prefix`` then ``path``, decoded as ``model.generate`` does: the
     prefix in one forward, then one token at a time on the cache transformers builds for the model
     (its own, not specdec's `SlotCache`, so the reference shares no code with the tree path)."""
-    out = model(input_ids=prefix[None], use_cache=True)
-    for token in path:
-        out = forward_with_cache(model, returned_cache(out), input_ids=torch.tensor([[token]], device=prefix.device))
+    device = prefix.device
+    positions = takes_positions(model)  # explicit, as generate passes them: some hybrids count from 0 without
+    out = model(input_ids=prefix[None], use_cache=True,
+                **({"position_ids": torch.arange(prefix.numel(), device=device)[None]} if positions else {}))
+    for offset, token in enumerate(path, start=prefix.numel()):
+        out = forward_with_cache(model, returned_cache(out), input_ids=torch.tensor([[token]], device=device),
+                                 **({"position_ids": torch.tensor([[offset]], device=device)} if positions else {}))
     return out.logits[0, -1].float()
 
 

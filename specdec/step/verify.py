@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from functools import partial
+import inspect
+from contextlib import nullcontext
+from functools import lru_cache, partial
 
 import torch
 
 from drafters.modeling import forward_with_cache
 from specdec.device.cache import RowCache
 from specdec.device.tree import BatchTree
+from specdec.hybrid.levels import TreeLevels, tree_forward
 from trees.masks import batch_tree_attention_mask, masks_by_layer_type
+
+
+@lru_cache(maxsize=None)
+def _takes_positions(forward_type) -> bool:
+    return "position_ids" in inspect.signature(forward_type.forward).parameters
+
+
+def takes_positions(model) -> bool:
+    """Whether ``model.forward`` takes ``position_ids`` (pure state-space models have no positions)."""
+    return _takes_positions(type(model))
+
+
+def _recurrent_tree(cache: RowCache, batch: BatchTree):
+    """The tree-levels context of a verify forward through recurrent layers (`specdec.hybrid`)."""
+    if not cache.recurrent:
+        return nullcontext()
+    levels = TreeLevels.from_parents(batch.parent_slots.cpu().numpy(), batch.depths.cpu().numpy(),
+                                     batch.tokens.device)  # on a GPU: one read of the step's tree shape
+    return tree_forward(levels)
 
 
 def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=None) -> torch.Tensor:
@@ -24,7 +46,11 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=
     """
     cache.begin_forward(0, batch.lengths_host, batch.queries, batch.lengths)
     try:
-        kwargs = {"input_ids": batch.tokens, "position_ids": batch.position_ids()}  # [B, q] each
+        kwargs = {"input_ids": batch.tokens}  # [B, q]
+        if not takes_positions(model):  # a pure state-space model: the tree reaches it through its seams alone
+            with _recurrent_tree(cache, batch):
+                return forward_with_cache(model, cache, **kwargs).logits
+        kwargs["position_ids"] = batch.position_ids()  # [B, q]
         if kernel is not None:
             from specdec.device.attention import TREE_KWARG, BatchTreeMeta
 
@@ -34,7 +60,9 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=
             with kernel.active():
                 out = forward(cache, attention_mask=unused_mask, **kwargs, **{TREE_KWARG: meta})
         else:
-            out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end), **kwargs)
+            with _recurrent_tree(cache, batch):
+                out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end),
+                                         **kwargs)
     finally:
         cache.end_forward()
     return out.logits
@@ -55,8 +83,8 @@ def prefill_row(model, cache: RowCache, row: int, ids: torch.Tensor, logits_to_k
     positions = torch.arange(length, length + ids.numel(), device=ids.device)[None]  # [1, m]
     cache.begin_forward(row, [length], ids.numel())
     try:
-        out = forward_with_cache(model, cache, input_ids=ids[None], position_ids=positions,
-                                 logits_to_keep=logits_to_keep)
+        kwargs = {"position_ids": positions} if takes_positions(model) else {}
+        out = forward_with_cache(model, cache, input_ids=ids[None], logits_to_keep=logits_to_keep, **kwargs)
     finally:
         cache.end_forward()
     cache.lengths[row] = length + ids.numel()
