@@ -44,7 +44,7 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
     """Median ms of one verify forward per tree size n after ``context`` cached positions, through
     the engine's own cache and verify forward: with the tree kernel (when the model family allows
     it) and with the model's attention plus a mask (``sdpa``). For a model with recurrent layers
-    (`specdec.hybrid`) also ``chain``: transformers' own forward of n + 1 tokens in a row on its
+    (`specdec.device.hybrid`) also ``chain``: transformers' own forward of n + 1 tokens in a row on its
     own cache (its multi-token path), the price of the same tokens without a tree."""
     import copy
 
@@ -64,7 +64,9 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
     cache.fit(1, context + max(sizes) + 2)
     prefill_row(model, cache, 0, prefix[:-1], 1)  # the last prefix token is every tree's root
     chain_cache = _hf_prefilled(model, prefix[:-1]) if cache.recurrent else None
-    paths = ["sdpa"] + (["kernel"] if support.kernel is not None else []) + (["chain"] if chain_cache else [])
+    paths = ["sdpa"] + (["kernel"] if support.kernel is not None else [])
+    paths += ["chain"] if chain_cache is not None else []
+    buffer = HostBuffer(device)
     rows = []
     for n in sizes:
         tree = best_first_tree(n, vocab, seed=n)
@@ -77,8 +79,7 @@ def measure(model, context: int, sizes: list[int], repeats: int) -> list[dict]:
                     kwargs = ({"position_ids": torch.arange(context - 1, context + n, device=device)[None]}
                               if takes_positions(model) else {})
                 else:
-                    batch = upload_rows([RowTree(tree, int(prefix[-1]), length=context - 1)], [context - 1],
-                                        HostBuffer(device))
+                    batch = upload_rows([RowTree(tree, int(prefix[-1]), length=context - 1)], [context - 1], buffer)
                 _synchronize(device)  # the upload has landed: T(n) is the forward alone
                 started = time.perf_counter()
                 if name == "chain":
@@ -141,8 +142,9 @@ def host_overhead(model, tokenizer, budgets: list[int], steps: int) -> list[dict
               help="Decode steps per budget for the host-overhead table (0 skips it).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures.")
 def bench_verify(model_path, dtype, device, context, sizes, repeats, steps, json_path):
-    """Verify-forward cost T(n) relative to plain decoding (tree kernel and sdpa + mask), and the
-    host time per decode step outside the forward."""
+    """Verify-forward cost T(n) relative to plain decoding (tree kernel and sdpa + mask; for models
+    with recurrent layers also the model's own chain of n + 1 tokens), and the host time per decode
+    step outside the forward."""
     import json
 
     from rich.console import Console
@@ -153,11 +155,10 @@ def bench_verify(model_path, dtype, device, context, sizes, repeats, steps, json
         sizes_n = sorted({int(s) for s in sizes.split(",") if s.strip()})
     except ValueError:
         raise BenchError(f"--sizes must be a comma list of ints, got {sizes!r}") from None
-    if not sizes_n or min(sizes_n) < 0 or context < 1 or repeats < 1 or steps < 0:
-        raise BenchError("--sizes must be >= 0, --context and --repeats >= 1, --steps >= 0")
+    if not sizes_n or min(sizes_n) < 0 or context < 2 or repeats < 1 or steps < 0:
+        raise BenchError("--sizes must be >= 0, --context >= 2 (its last token is every tree's root), --repeats >= 1, "
+                         "--steps >= 0")
     model, tokenizer, torch_device = load_target(model_path, dtype, device)
-    if context < 2:
-        raise BenchError("--context must be >= 2 (the last cached token is every tree's root)")
     label = model_path or "SmolLM2-135M-Instruct"
     name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
     rows = measure(model, context, sizes_n, repeats)

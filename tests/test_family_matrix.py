@@ -1,6 +1,7 @@
 """Every decoder-only causal-LM family transformers can build from a config: specdec's greedy output
 equals ``model.generate``'s (a scripted drafter's wide, partly wrong trees at budget 16; the learned
-drafters adaptive and at budget 4; the tree kernel where specdec chooses it, and the mask path),
+drafters adaptive and at budget 4; the tree kernel where specdec chooses it, and the mask path; for
+models with recurrent layers also a left-padded batch of two rows verified together),
 or specdec refuses the model with `UnsupportedGeneration` before any forward. Never a different
 token, never another exception.
 
@@ -21,6 +22,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from specdec import SpeculativeDecoder, UnsupportedGeneration
+from specdec.device.hybrid.seams import recurrent_mixers
 from tests.conftest import ScriptedDrafter
 
 PROMPT = [5, 17, 33, 8, 41, 17, 33, 9, 60, 61, 5, 17, 33]
@@ -61,8 +63,10 @@ FAMILY_SIZES = {
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     # MLA: every query head gets its own expanded key (as in the released configs); with fewer kv heads
     # transformers' own masked attention repeats the keys past the query heads
-    "kimi_linear": {"num_key_value_heads": 4},
-    "bailing_hybrid": {"num_key_value_heads": 4},
+    **dict.fromkeys(["kimi_linear", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2"],
+                    {"num_key_value_heads": 4}),
+    # ... and rotary over the rope part of the head alone (head_dim is qk_rope_head_dim there)
+    **dict.fromkeys(["deepseek_v3", "longcat_flash", "axk1"], {"num_key_value_heads": 4, "head_dim": 8}),
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "n_groups": 1, "chunk_size": 16},
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128, "mamba_d_state": 16,
@@ -148,7 +152,7 @@ class ForwardCounter:
 # Families that must be supported (not refused): the mainstream decoders.
 MUST_SUPPORT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "phi3", "olmo2",
                 "starcoder2", "gpt_neox", "falcon", "cohere", "deepseek_v3", "smollm3",
-                # hybrids and state-space models: trees through their recurrent seams (specdec.hybrid)
+                # hybrids and state-space models: trees through their recurrent seams (specdec.device.hybrid)
                 "qwen3_5_text", "qwen3_next", "kimi_linear", "olmo_hybrid", "nemotron_h", "granitemoehybrid",
                 "falcon_h1", "bamba", "mamba2", "jamba", "mamba", "falcon_mamba", "lfm2"}
 
@@ -175,3 +179,14 @@ def test_every_family_is_exact_or_refused(model_type):
         assert out.tolist() == reference.tolist(), f"{model_type}: {name}, budget {budget}, kernel {kernel}"
         if kernel is None and decoder.kernel is not None:
             runs.append(("mixed", 16, False))  # the kernel was chosen: the mask path must be exact too
+    if recurrent_mixers(model):  # rows of a batch verify together, each with its own recurrent states
+        second = (prompt[0, 3:] * 3 + 1) % vocab
+        batch = torch.stack([prompt[0], torch.cat([prompt.new_zeros(3), second])])  # the second left-padded
+        mask = torch.ones_like(batch)
+        mask[1, :3] = 0
+        out = SpeculativeDecoder(model, drafter="recycling+ngram", tree_budget=8).generate(
+            batch, attention_mask=mask, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
+        alone = model.generate(second[None], attention_mask=torch.ones_like(second[None]), do_sample=False,
+                               max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
+        assert out[0].tolist() == reference[0].tolist(), f"{model_type}: batched, row 0"
+        assert out[1, batch.shape[1]:].tolist() == alone[0, second.numel():].tolist(), f"{model_type}: batched, row 1"

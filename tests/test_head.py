@@ -100,10 +100,14 @@ def test_greedy_with_a_head_equals_generate(trained_target, drafter, tmp_path):
     train_head(model, book, steps=40).save(path)
     decoder = SpeculativeDecoder(model, drafter=drafter, draft_head=path)
     assert "head" in decoder.drafter.name
+    proposed = 0
     for prompt in sentences(book, 3, 9, seed=7000):
         out = decoder.generate(prompt[None], max_new_tokens=40)
         assert torch.equal(out, hf_greedy(model, prompt[None], 40))
-    assert decoder.last_stats.per_drafter["head"]["proposed"] > 0
+        proposed += decoder.last_stats.per_drafter.get("head", {}).get("proposed", 0)
+    # the head's trees were verified (under auto, the drafter choice may rest it in a generation
+    # where its measured cost on this host did not pay: which one depends on the host's speed)
+    assert proposed > 0
 
 
 def test_auto_finds_the_head_saved_for_the_model(trained_target, tmp_path, monkeypatch):

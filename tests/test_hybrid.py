@@ -1,4 +1,4 @@
-"""Token trees through hybrid and state-space models (`specdec.hybrid`): Gated DeltaNet, Kimi Delta
+"""Token trees through hybrid and state-space models (`specdec.device.hybrid`): Gated DeltaNet, Kimi Delta
 Attention, Mamba-2, Mamba-1 and short-convolution layers.
 
 - batched verification: every row of a left-padded batch decodes exactly as ``model.generate``
@@ -174,3 +174,14 @@ def test_conversation_reuses_states_only_after_the_whole_kept_history(model_type
     third = decoder.decode(DecodeRequest(prompt=rolled_back, max_new_tokens=10, kv=kv))
     assert third.stats.reused_prefix_tokens == 0
     assert third.tokens == hf_greedy(model, rolled_back[None], 10)[0, len(rolled_back):].tolist()
+
+
+def test_bench_verify_prices_the_tree_pass_against_the_models_own_chain():
+    """`specdec bench-verify`'s measurement runs the engine's verify forward on a hybrid and adds the
+    model's own chain of the same length (figures only: no timing is asserted)."""
+    from bench.verify_cost import measure
+
+    model, _, _ = tiny_model("qwen3_5_text")
+    rows = measure(model, context=12, sizes=[0, 3], repeats=1)
+    assert [row["n"] for row in rows] == [0, 3]
+    assert all({"sdpa_ms", "chain_ms", "sdpa_ratio", "chain_ratio"} <= set(row) for row in rows)

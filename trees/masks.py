@@ -73,20 +73,22 @@ def sliding_window_of(config) -> tuple[int | None, bool]:
     if not window or getattr(config, "use_sliding_window", True) is False:
         return None, False
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
+    if layer_types is not None and not {"sliding_attention", "hybrid_sliding"} & set(layer_types):
         return None, False
-    return int(window), layer_types is not None and "full_attention" in layer_types
+    return int(window), layer_types is not None and bool({"full_attention", "hybrid"} & set(layer_types))
 
 
 def masks_by_layer_type(config, build: Callable[[int | None], torch.Tensor]):
     """The ``attention_mask`` argument for a model: ``build(None)`` for full attention,
     ``build(window)`` when every layer slides, a dict by layer type for hybrid models (None for
-    layers that do not attend: recurrent layers take trees through their seams, not masks)."""
+    layer types that do not attend, such as recurrent layers: trees reach them through their seams)."""
     window, hybrid = sliding_window_of(config)
     if window is None:
         return build(None)
     sliding = build(window)
     if not hybrid:
         return sliding
-    others = dict.fromkeys(getattr(config.get_text_config(decoder=True), "layer_types", None) or [])
-    return others | {"full_attention": build(None), "sliding_attention": sliding}
+    full = build(None)
+    masks = {"full_attention": full, "sliding_attention": sliding, "hybrid": full, "hybrid_sliding": sliding}
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
+    return {kind: None for kind in layer_types if kind not in masks} | masks

@@ -18,7 +18,7 @@ step. Nothing here reads the device.
 
 Recurrent layers (linear attention, state-space, convolution: hybrid models) keep their conv and
 recurrent states per row beside (``hybrid`` layers) or instead of keys and values, in
-`specdec.hybrid.states.RowStates`; such a row can only be continued from its end, so compaction
+`specdec.device.hybrid.states.RowStates`; such a row can only be continued from its end, so compaction
 keeps the accepted path's last node's states and a row's snapshot holds them.
 """
 
@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from drafters.modeling import CacheFullError
 from specdec.device import ops
-from specdec.hybrid.states import RowStates
+from specdec.device.hybrid.states import RowStates
 
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding"})
 
@@ -137,6 +137,8 @@ class RowCache(Cache):
 
     def __init__(self, num_layers: int, layer_types: list[str] | None = None) -> None:
         layer_types = layer_types or ["full_attention"] * num_layers
+        if len(layer_types) != num_layers:
+            raise ValueError(f"{len(layer_types)} layer types for {num_layers} layers")
         super().__init__(layers=[RowLayer(self, kind) for kind in layer_types])
         self.rows = 0
         self.capacity = 0
@@ -181,6 +183,7 @@ class RowCache(Cache):
         try:
             fresh = [self.allocate_layer(layer.shape) if layer.shape is not None else (None, None)
                      for layer in self.layers]
+            fresh_states = [states.resized(rows) for states in self.recurrent]
         except BaseException:
             self.rows, self.capacity = old_rows, old_capacity
             raise
@@ -190,8 +193,8 @@ class RowCache(Cache):
                 keys[:kept, :, :held] = layer.keys[:kept, :, :held]
                 values[:kept, :, :held] = layer.values[:kept, :, :held]
             layer.keys, layer.values = keys, values
-        for states in self.recurrent:
-            states.resize(rows)
+        for states, tables in zip(self.recurrent, fresh_states):
+            states.adopt(rows, tables)
         self.lengths = (self.lengths + [0] * rows)[:rows]
 
     def free(self) -> None:
@@ -199,7 +202,7 @@ class RowCache(Cache):
         for layer in self.layers:
             layer.keys = layer.values = None
         for states in self.recurrent:
-            states.resize(0)
+            states.adopt(0, ({}, {}))
         self.rows, self.capacity, self.lengths = 0, 0, []
 
     # ------------------------------------------------------------------ rows in, out and around
@@ -214,6 +217,9 @@ class RowCache(Cache):
                 layer.lazy_initialization(k[None], v[None])
             layer.keys[row, :, :length] = k
             layer.values[row, :, :length] = v
+        if self.recurrent and length and len(states or []) != len(self.recurrent):
+            raise ValueError(f"a row of {length} positions needs the states of all {len(self.recurrent)} recurrent "
+                             f"layers, got {len(states or [])}")
         for layer_states, saved in zip(self.recurrent, states or []):
             layer_states.load_row(row, saved)
         self.lengths[row] = length
@@ -253,8 +259,9 @@ class RowCache(Cache):
             end = length + queries
             ops.kv_compact([layer.keys[row : row + 1, :, :end] for layer in layers],
                            [layer.values[row : row + 1, :, :end] for layer in layers], length, kept_slots)
-        for states in self.recurrent:  # the verify forward covered rows 0 .. B-1: node row = row
-            states.commit(row, row, host_slots[-1])
+        if host_slots:
+            for states in self.recurrent:
+                states.commit(row, host_slots[-1])
         self.lengths[row] = length + len(host_slots)
 
     # ------------------------------------------------------------------ one forward
@@ -269,9 +276,10 @@ class RowCache(Cache):
                                  f"needs rows {start}..{start + forward.rows - 1} up to position {forward.end}")
         if forward.rows > 1 and offsets is None:
             raise ValueError("a forward of several rows needs its offsets on the device")
-        for row, length in enumerate(offsets_host, start):
-            if length == 0:  # a row starting afresh: no states left from the row's previous sequence
-                for states in self.recurrent:
+        for states in self.recurrent:
+            states.release_nodes()
+            for row, length in enumerate(offsets_host, start):
+                if length == 0:  # a row starting afresh: no states left from the row's previous sequence
                     states.clear_row(row)
         self.forward, self._index = forward, None
 
@@ -282,6 +290,11 @@ class RowCache(Cache):
             steps = torch.arange(forward.queries, device=forward.offsets.device)
             self._index = (forward.offsets[:, None] + steps[None, :])[:, None, :, None]
         return self._index
+
+    def release_tree_states(self) -> None:
+        """Forget the per-node states of the last verify forward (its rows are compacted)."""
+        for states in self.recurrent:
+            states.release_nodes()
 
     def end_forward(self) -> None:
         self.forward, self._index = None, None
@@ -297,27 +310,32 @@ class RowCache(Cache):
         return states
 
     def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
-        """Whether the forward's rows hold history (a verify forward's always do)."""
+        """Whether the forward's rows hold history: a forward of several rows (a verify) or of a row
+        that already holds positions (a verify forward of one row at offset 0 starts from zeros)."""
         forward = self.forward
         return forward is not None and (forward.rows > 1 or forward.offsets_host[0] > 0)
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The forward's rows' conv states (`RowStates.get`)."""
         forward = self.forward
         return self._states(layer_idx).get(self._states(layer_idx).conv, state_idx, forward.start, forward.rows,
                                            self.has_previous_state())
 
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """The forward's rows' recurrent states (`RowStates.get`)."""
         forward = self.forward
         return self._states(layer_idx).get(self._states(layer_idx).recurrent, state_idx, forward.start, forward.rows,
                                            self.has_previous_state())
 
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                           conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        """`RowStates.update_conv` for the forward's rows."""
         return self._states(layer_idx).update_conv(conv_states, state_idx, self.forward.start,
                                                    self.has_previous_state(), conv_kernel_size)
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
                                **kwargs) -> torch.Tensor:
+        """`RowStates.update_recurrent` for the forward's rows."""
         return self._states(layer_idx).update_recurrent(recurrent_states, state_idx, self.forward.start)
 
     def is_recording_past(self, layer_idx: int) -> bool:

@@ -97,6 +97,8 @@ class BatchTree:
         lengths: ``[B]`` int64, each row's cache length (its root's position).
         rows: per row, its `DeviceTree` (views of its own slots) or None for an idle row.
         queries: ``q``; lengths_host: the lengths as host ints.
+        parents_host, depths_host: ``[B, q]`` host copies of ``parent_slots`` and ``depths``
+            (recurrent layers walk the tree by depth: `specdec.device.hybrid.levels`).
     """
 
     tokens: torch.Tensor
@@ -110,6 +112,8 @@ class BatchTree:
     rows: list[DeviceTree | None]
     queries: int
     lengths_host: list[int]
+    parents_host: np.ndarray | None = None
+    depths_host: np.ndarray | None = None
 
     def position_ids(self) -> torch.Tensor:
         """``[B, q]`` positions: each row's length plus the slot's depth."""
@@ -274,7 +278,7 @@ def upload_rows(rows: list[RowTree | None], idle_lengths: list[int], buffer: Hos
         candidates=flag_bytes[b * q * q : b * q * q + b * q].view(b, q),
         ancestors=flag_bytes[: b * q * q].view(b, q, q), packed_ancestors=layout.view(pack, "packed").view(b, q, w),
         paths=layout.view(pack, "paths").view(b, q, d), lengths=layout.view(pack, "lengths"),
-        rows=[], queries=q, lengths_host=lengths_host,
+        rows=[], queries=q, lengths_host=lengths_host, parents_host=parents.copy(), depths_host=depths.copy(),
     )
     by_depth_device = layout.view(pack, "by_depth").view(b, q)
     uniforms_device = layout.view(pack, "uniforms").view(torch.float64).view(b, d)

@@ -254,6 +254,8 @@ class Loop:
             with entry_for(self.engine.model).lock:
                 done = prefill_chunk(self.engine, seq, limit)
         except Exception as err:
+            if self.engine.cache.recurrent:  # some layers' states may have moved on past the row's length
+                seq.consistent = False
             self._end(seq, End.FAILED, err)
             return 0
         cached = self.engine.cache.lengths[seq.slot] - before

@@ -68,6 +68,7 @@ class Step:
         outcomes = read_outcomes(accepted, self._topk(logits.flatten(0, 1)), slots)  # the step's one read
         for seq in rows:  # stop rules, then compaction next to the row's prefix
             self.commit(seq, outcomes[seq.slot], logits, scores[seq], accepted, batch, out)
+        engine.cache.release_tree_states()  # recurrent layers' per-node states: the accepted ones are kept
         self.observe([seq for seq in rows if isinstance(out[seq], list)], trees, outcomes, accepted.path, out)
         times = timer.end()
         verified = [seq for seq in rows if not isinstance(out[seq], BaseException)]

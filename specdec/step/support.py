@@ -6,8 +6,8 @@ attention KV cache. `support_for` decides, once per model, before any generation
 
 1. statically, from the model's class and config, the families that cannot work (no KV cache, no
    ``position_ids`` beside attention layers, chunked or compressed attention layers, recurrent
-   mixers outside the seams `specdec.hybrid.seams` knows, ALiBi position biases computed from key
-   indices, encoder-decoders); recurrent mixers it knows get their tree-aware seams installed;
+   mixers outside the seams `specdec.device.hybrid.seams` knows, ALiBi position biases computed from key
+   indices, encoder-decoders); the recurrent mixers it knows then get their tree-aware seams;
 2. then by an equivalence probe on a small prompt and a branching tree, through the engine's own
    cache, upload and verify forward: the tree forward's logits (mask path, and kernel path where
    the kernel could run) must equal sequential decoding's, and the cache compacted to the second
@@ -29,8 +29,8 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from drafters.modeling import forward_with_cache, returned_cache
 from specdec.device.attention import tree_kernel_for
 from specdec.device.cache import RECURRENT_LAYER_TYPES, RowCache
+from specdec.device.hybrid.seams import install, recurrent_mixers, unknown_mixers
 from specdec.device.tree import HostBuffer, RowTree, upload_rows
-from specdec.hybrid.seams import install, recurrent_mixers, unknown_mixers
 from specdec.step.per_model import entry_for
 from specdec.step.verify import prefill_row, takes_positions, verify_rows
 from trees import TokenTree
@@ -75,8 +75,6 @@ def static_reason(model) -> str | None:
             or config.model_type in ALIBI_FAMILIES:
         return (f"{name} uses ALiBi position biases computed from key indices, not from the tree's positions, "
                 "so tree attention would change its logits")
-    if recurrent:
-        install(model)
     return None
 
 
@@ -165,6 +163,8 @@ def support_for(model, tree_kernel: bool | None = None) -> Support:
         if key in entry.support:
             return entry.support[key]
         reason = static_reason(model)
+        if reason is None and recurrent_mixers(model):
+            install(model)  # tree-aware seams for its recurrent layers (specdec.device.hybrid.seams)
         kernel = None if reason else tree_kernel_for(model, tree_kernel)
         if kernel is not None and (kernel_failure := probe(model, kernel)):
             if tree_kernel:

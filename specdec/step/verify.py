@@ -10,8 +10,9 @@ import torch
 
 from drafters.modeling import forward_with_cache
 from specdec.device.cache import RowCache
+from specdec.device.hybrid import seams
+from specdec.device.hybrid.levels import TreeLevels, tree_forward
 from specdec.device.tree import BatchTree
-from specdec.hybrid.levels import TreeLevels, tree_forward
 from trees.masks import batch_tree_attention_mask, masks_by_layer_type
 
 
@@ -25,13 +26,15 @@ def takes_positions(model) -> bool:
     return _takes_positions(type(model))
 
 
-def _recurrent_tree(cache: RowCache, batch: BatchTree):
-    """The tree-levels context of a verify forward through recurrent layers (`specdec.hybrid`)."""
+def _recurrent_tree(model, cache: RowCache, batch: BatchTree):
+    """The tree-levels context of a verify forward through recurrent layers (`specdec.device.hybrid`),
+    from the batch's host copy of the tree shape."""
     if not cache.recurrent:
         return nullcontext()
-    levels = TreeLevels.from_parents(batch.parent_slots.cpu().numpy(), batch.depths.cpu().numpy(),
-                                     batch.tokens.device)  # on a GPU: one read of the step's tree shape
-    return tree_forward(levels)
+    if not seams.installed(model):  # the seams would run the tree's slots as one sequence
+        raise RuntimeError(f"{type(model).__name__} has recurrent layers but specdec's tree seams are not installed "
+                           "for it (specdec.step.support.support_for installs them)")
+    return tree_forward(TreeLevels.from_parents(batch.parents_host, batch.depths_host, batch.tokens.device))
 
 
 def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=None) -> torch.Tensor:
@@ -48,7 +51,7 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=
     try:
         kwargs = {"input_ids": batch.tokens}  # [B, q]
         if not takes_positions(model):  # a pure state-space model: the tree reaches it through its seams alone
-            with _recurrent_tree(cache, batch):
+            with _recurrent_tree(model, cache, batch):
                 return forward_with_cache(model, cache, **kwargs).logits
         kwargs["position_ids"] = batch.position_ids()  # [B, q]
         if kernel is not None:
@@ -57,10 +60,10 @@ def verify_rows(model, cache: RowCache, batch: BatchTree, kernel=None, compiled=
             meta = BatchTreeMeta(batch.packed_ancestors, batch.lengths_host, batch.lengths)
             unused_mask = batch.tokens.new_zeros(1, 1, 1, 1)  # 4-D: transformers takes it as built, builds none
             forward = compiled if compiled is not None else partial(forward_with_cache, model)
-            with kernel.active():
+            with kernel.active(), _recurrent_tree(model, cache, batch):
                 out = forward(cache, attention_mask=unused_mask, **kwargs, **{TREE_KWARG: meta})
         else:
-            with _recurrent_tree(cache, batch):
+            with _recurrent_tree(model, cache, batch):
                 out = forward_with_cache(model, cache, attention_mask=tree_masks(model, batch, cache.forward.end),
                                          **kwargs)
     finally:

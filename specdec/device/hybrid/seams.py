@@ -1,7 +1,7 @@
 """The order-dependent functions of transformers' recurrent mixers, made tree-aware.
 
 transformers 5.25 factors what these mixers do in sequence order into module-level functions,
-the same in every family that uses them (``../shared/notes/hybrid-trees.md``):
+the same in every family that uses them:
 
 - ``causal_conv1d_forward``: the short causal convolution (every hybrid, and LFM2's ``ShortConv``);
 - ``mamba2_scan_forward``: Mamba-2's SSD scan (mamba2, bamba, falcon_h1, granitemoehybrid, nemotron_h, zamba2);
@@ -12,21 +12,22 @@ the same in every family that uses them (``../shared/notes/hybrid-trees.md``):
 
 `install` wraps them in a model's modeling module (once; the module's mixers look them up there at
 call time). A wrapper hands every call to the original unchanged unless a specdec verify forward
-is running on this thread (`specdec.hybrid.levels.active`); then it steps the layer's state along
-the tree depth by depth with the model's own single-token function (`specdec.hybrid.levels.walk`)
-and hands the cache every node's state (`specdec.hybrid.states`), from which the accepted path's
+is running on this thread (`specdec.device.hybrid.levels.active`); then it steps the layer's state along
+the tree depth by depth with the model's own single-token function (`specdec.device.hybrid.levels.walk`)
+and hands the cache every node's state (`specdec.device.hybrid.states`), from which the accepted path's
 is kept. Mixer classes not listed in `MIXERS` are refused (`unknown_mixers`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
 
 import torch
 
-from specdec.hybrid.levels import TreeLevels, active, walk
+from specdec.device.hybrid.levels import TreeLevels, active, walk
 
 # Mixer classes whose order-dependent work goes through the seams below, by kind.
 GATED_DELTA = "Gated DeltaNet"
@@ -62,7 +63,7 @@ STEPPERS = {
     "mamba2_scan_forward": "mamba2_selective_state_update",
     "mamba_scan_forward": "mamba_selective_state_update",
 }
-_WRAPPED = "__specdec_tree_seam__"
+_ORIGINAL = "__specdec_original__"  # on a wrapper: the function it wraps
 _lock = threading.Lock()
 
 
@@ -103,10 +104,22 @@ def install(model) -> None:
             namespace = sys.modules[type(module).__module__]
             for name in ("causal_conv1d_forward", *SEAMS[kind]):
                 original = getattr(namespace, name)
-                if getattr(original, _WRAPPED, False):
+                if hasattr(original, _ORIGINAL):
                     continue
-                stepper = getattr(namespace, STEPPERS[name])
-                setattr(namespace, name, _wrap(name, original, stepper))
+                stepper = getattr(namespace, STEPPERS[name])  # the recurrent delta rule is a seam too
+                setattr(namespace, name, _wrap(name, original, getattr(stepper, _ORIGINAL, stepper)))
+
+
+def installed(model) -> bool:
+    """Whether every seam ``model``'s known mixers call is wrapped (`install`)."""
+    for module in model.modules():
+        kind = MIXERS.get(type(module).__name__)
+        if kind is not None:
+            namespace = sys.modules[type(module).__module__]
+            if not all(hasattr(getattr(namespace, name), _ORIGINAL) for name in ("causal_conv1d_forward",
+                                                                                 *SEAMS[kind])):
+                return False
+    return True
 
 
 def _wrap(name: str, original, stepper):
@@ -127,7 +140,7 @@ def _wrap(name: str, original, stepper):
         arguments.apply_defaults()
         return tree_version(levels, stepper, arguments.arguments)
 
-    setattr(seam, _WRAPPED, True)
+    setattr(seam, _ORIGINAL, original)
     return seam
 
 
@@ -143,7 +156,12 @@ def _chain_for(name: str, signature, args, kwargs) -> TreeLevels | None:
         return None
     if not cache.has_previous_state(arguments["module"].layer_idx, 0):
         return None
-    return TreeLevels.chain(hidden.shape[-1], hidden.device)
+    return _chain(hidden.shape[-1], hidden.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _chain(queries: int, device: torch.device) -> TreeLevels:
+    return TreeLevels.chain(queries, device)
 
 
 # ---------------------------------------------------------------------- the tree versions
@@ -208,7 +226,7 @@ def _tree_mamba1(levels: TreeLevels, update, a: dict) -> torch.Tensor:
         return states, out  # [m, I, N], [m, I]
 
     node_states, outputs = walk(levels, cached, step)  # [B, q, I, N], [B, q, I]
-    if active() is None:  # a prefill chunk walked as a chain: the cache keeps its last state
+    if active() is not levels:  # a prefill chunk walked as a chain (`_chain_for`): the cache keeps its last state
         cache.update_recurrent_state(node_states[:, -1], module.layer_idx)
     else:
         cache.update_recurrent_state(node_states, module.layer_idx)

@@ -102,6 +102,6 @@ def walk(levels: TreeLevels, cached: torch.Tensor, step: Step) -> tuple[torch.Te
         states, out = step(parents, level.rows, level.slots)
         node_states[level.rows, level.slots] = states
         if outputs is None:
-            outputs = out.new_zeros(levels.rows, levels.queries, *out.shape[1:])  # [B, q, *O]; padding stays 0
+            outputs = out.new_empty(levels.rows, levels.queries, *out.shape[1:])  # [B, q, *O]: every slot is in a level
         outputs[level.rows, level.slots] = out
     return node_states, outputs
