@@ -36,6 +36,17 @@ from specdec.device.hybrid.states import RowStates
 RECURRENT_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding"})
 
 
+def layer_types_of(config) -> list[str]:
+    """Each layer's cache type as transformers' own cache sees it (mlp / moe layers: ``dummy``);
+    a config transformers cannot read it from (a sliding layer without a window) keeps the
+    ``layer_types`` it states."""
+    config = config.get_text_config(decoder=True)
+    try:
+        return list(get_layer_types_and_kwargs(config)[0])
+    except (AttributeError, ValueError, TypeError):
+        return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What one layer's buffers hold per position: heads, key and value widths, dtype, device."""
@@ -149,7 +160,7 @@ class RowCache(Cache):
     @classmethod
     def for_model(cls, model) -> "RowCache":
         config = model.config.get_text_config(decoder=True)
-        return cls(config.num_hidden_layers, get_layer_types_and_kwargs(config)[0])
+        return cls(config.num_hidden_layers, layer_types_of(config))
 
     @property
     def recurrent(self) -> list[RowStates]:

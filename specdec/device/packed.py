@@ -27,6 +27,7 @@ in a quarter of the memory available.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -68,7 +69,8 @@ class PackedLinear(nn.Linear):
 
 def can_pack(model: nn.Module) -> str | None:
     """Why ``model``'s linear layers are not packed (None when they are): the device, the dtype,
-    a build without oneDNN, or too little memory for the packed copy."""
+    a build without oneDNN, a CPU oneDNN cannot pack that dtype on, or too little memory for the
+    packed copy."""
     weight = model.get_output_embeddings().weight
     if weight.device.type != "cpu":
         return f"the model is on {weight.device.type}"
@@ -76,10 +78,25 @@ def can_pack(model: nn.Module) -> str | None:
         return f"the model is in {weight.dtype}"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return "this torch build has no oneDNN linear"
+    if (unsupported := _unpackable(weight.dtype)) is not None:
+        return unsupported
     needed = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
     available = _available_bytes()
     if available is None or needed > MEMORY_SHARE * available:
         return f"the packed copy ({needed >> 20} MiB) does not fit in a quarter of the memory available"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _unpackable(dtype: torch.dtype) -> str | None:
+    """Why oneDNN cannot pack ``dtype`` weights on this CPU (its bf16 path needs AVX-512 or
+    AVX-NE-CONVERT; an AVX2 host has neither), or None: one small weight packed and used once."""
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.ones(16, 16, dtype=dtype)
+            packed_linear(torch.ones(1, 16, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(weight), None, 16)
+    except RuntimeError as err:
+        return f"oneDNN cannot pack {dtype} weights on this CPU ({str(err).splitlines()[0][:120]})"
     return None
 
 

@@ -24,11 +24,10 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import get_layer_types_and_kwargs
 
 from drafters.modeling import forward_with_cache, returned_cache
 from specdec.device.attention import tree_kernel_for
-from specdec.device.cache import RECURRENT_LAYER_TYPES, RowCache
+from specdec.device.cache import RECURRENT_LAYER_TYPES, RowCache, layer_types_of
 from specdec.device.hybrid.seams import install, recurrent_mixers, unknown_mixers
 from specdec.device.tree import HostBuffer, RowTree, upload_rows
 from specdec.step.per_model import entry_for
@@ -59,7 +58,7 @@ def static_reason(model) -> str | None:
     parameters = inspect.signature(type(model).forward).parameters
     if "cache" not in parameters and "past_key_values" not in parameters:
         return f"{name} keeps no KV cache, so a verified tree cannot be kept or rolled back"
-    layer_types = set(get_layer_types_and_kwargs(config)[0]) - {"dummy"}  # dummy: mlp / moe layers, no state
+    layer_types = set(layer_types_of(config)) - {"dummy"}  # dummy: mlp / moe layers, no state
     recurrent = recurrent_mixers(model)
     if "position_ids" not in parameters and (layer_types & ATTENTION_LAYER_TYPES or not recurrent):
         return f"{name}.forward takes no position_ids, so tree nodes cannot sit at their depth's position"
