@@ -61,6 +61,11 @@ FAMILY_SIZES = {
     "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"], "mamba_headdim": 16,
                "n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 1, "chunk_size": 16, "num_mem_blocks": 1},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
+    # refused (mixers outside transformers' shared seams): built so that the refusal is what is tested
+    "zamba": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "num_hidden_layers": 4,
+              "attn_layer_period": 2, "attn_layer_offset": 1, "attention_head_dim": 16, "n_mamba_heads": 2,
+              "mamba_dt_rank": 8, "use_mamba_kernels": False},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 64},
     # MLA: every query head gets its own expanded key (as in the released configs); with fewer kv heads
     # transformers' own masked attention repeats the keys past the query heads
     **dict.fromkeys(["kimi_linear", "bailing_hybrid", "deepseek_v32", "glm_moe_dsa", "axk2"],
