@@ -185,3 +185,32 @@ def test_bench_verify_prices_the_tree_pass_against_the_models_own_chain():
     rows = measure(model, context=12, sizes=[0, 3], repeats=1)
     assert [row["n"] for row in rows] == [0, 3]
     assert all({"sdpa_ms", "chain_ms", "sdpa_ratio", "chain_ratio"} <= set(row) for row in rows)
+
+
+def test_a_failure_inside_a_verify_forward_leaves_the_kept_states_exact(monkeypatch):
+    """A verify forward that fails part-way through its recurrent layers changes no row's states:
+    the conversation kept after the failed request continues exactly from where it stood."""
+    from specdec.device.hybrid import seams
+
+    model, prompt, _ = tiny_model("qwen3_5_text")
+    decoder = SpeculativeDecoder(model, tree_budget=8)
+    kv = KVState()
+    first = decoder.decode(DecodeRequest(prompt=prompt[0], max_new_tokens=6, kv=kv))
+    walk, calls = seams.walk, []
+
+    def failing(levels, cached, step):
+        calls.append(1)
+        if len(calls) == 3:  # the second verify forward, after its convolution stepped the tree
+            raise RuntimeError("injected mid-forward")
+        return walk(levels, cached, step)
+
+    monkeypatch.setattr(seams, "walk", failing)
+    history = torch.cat([prompt[0], torch.tensor(first.tokens), torch.tensor([40, 41])])
+    with pytest.raises(RuntimeError, match="injected"):
+        decoder.decode(DecodeRequest(prompt=history, max_new_tokens=6, kv=kv))
+    monkeypatch.setattr(seams, "walk", walk)
+    assert len(calls) == 3 and len(kv.token_ids) > len(history) - 1  # kept: the history and one step past it
+    extended = torch.tensor(kv.token_ids + [42])
+    again = decoder.decode(DecodeRequest(prompt=extended, max_new_tokens=8, kv=kv))
+    assert again.stats.reused_prefix_tokens == len(extended) - 1  # the kept states were used
+    assert again.tokens == hf_greedy(model, extended[None], 8)[0, len(extended):].tolist()
