@@ -207,3 +207,16 @@ def test_send_streams_its_text_to_a_callback_on_the_callers_thread(pair):
     assert session.send("hello there", on_text=on_text, max_new_tokens=24, eos_token_id=-1) == whole
     assert len(pieces) > 1 and "".join(pieces) == whole and threads == {threading.current_thread()}
     assert session.history[-1] == {"role": "assistant", "content": whole}
+
+
+def test_an_empty_answer_is_still_a_turn(pair):
+    """A model may end an answer at once: the conversation (and `specdec bench`'s multi-turn
+    questions) goes on with an empty assistant turn; an empty user message is still refused."""
+    _, tokenizer = pair
+    history = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": ""},
+               {"role": "user", "content": "and again"}]
+    ids = encode_chat(tokenizer, history)
+    assert ids.shape[1] > encode_chat(tokenizer, history[:1]).shape[1]
+    assert "and again" in tokenizer.decode(ids[0])
+    with pytest.raises(ValueError, match="non-empty content"):
+        encode_chat(tokenizer, history[:1] + [{"role": "user", "content": ""}])
