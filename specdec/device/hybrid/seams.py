@@ -24,6 +24,7 @@ import functools
 import inspect
 import sys
 import threading
+import weakref
 
 import torch
 from transformers.activations import ACT2FN
@@ -66,6 +67,7 @@ STEPPERS = {
 }
 _ORIGINAL = "__specdec_original__"  # on a wrapper: the function it wraps
 _lock = threading.Lock()
+_installed_for: "weakref.WeakSet" = weakref.WeakSet()  # models `installed` found wrapped
 
 
 def recurrent_mixers(model) -> dict[str, str]:
@@ -112,7 +114,10 @@ def install(model) -> None:
 
 
 def installed(model) -> bool:
-    """Whether every seam ``model``'s known mixers call is wrapped (`install`)."""
+    """Whether every seam ``model``'s known mixers call is wrapped (`install`; once wrapped, a seam
+    stays wrapped, so a model found so is remembered)."""
+    if model in _installed_for:
+        return True
     for module in model.modules():
         kind = MIXERS.get(type(module).__name__)
         if kind is not None:
@@ -120,6 +125,7 @@ def installed(model) -> bool:
             if not all(hasattr(getattr(namespace, name), _ORIGINAL) for name in ("causal_conv1d_forward",
                                                                                  *SEAMS[kind])):
                 return False
+    _installed_for.add(model)
     return True
 
 
