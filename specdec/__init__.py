@@ -3,6 +3,7 @@
 from specdec.api.decoder import SpeculativeDecoder
 from specdec.api.generate import SpeculativeGenerateOutput, generate
 from specdec.api.patching import is_patched, patch, patched, unpatch
+from specdec.constrain import Constraint, ConstraintError, ConstraintLogitsProcessor
 from specdec.models.loading import load_default_model, load_model
 from specdec.schedule.scheduler import Scheduler
 from specdec.serving.session import ChatSession
@@ -17,6 +18,9 @@ __all__ = [
     "AUTO",
     "Cancelled",
     "ChatSession",
+    "Constraint",
+    "ConstraintError",
+    "ConstraintLogitsProcessor",
     "Overloaded",
     "Scheduler",
     "SpecStats",

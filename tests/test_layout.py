@@ -18,7 +18,7 @@ PACKAGES = ("trees", "drafters", "specdec", "bench")
 RANKS = {
     "trees": 0,
     "drafters": 1,
-    "specdec.models": 2, "specdec.device": 2, "specdec.schedule": 2,
+    "specdec.models": 2, "specdec.device": 2, "specdec.schedule": 2, "specdec.constrain": 2,
     "specdec.step": 3,
     "specdec.api": 5,
     "specdec.serving": 6, "specdec.distill": 6,
@@ -32,7 +32,8 @@ RANKS = {
 PUBLIC_NAMES = (
     "AUTO", "ChatSession", "Scheduler", "SpecStats", "SpeculativeDecoder", "SpeculativeGenerateOutput",
     "UnsupportedGeneration", "generate", "is_patched", "load_default_model", "load_model", "patch", "patched",
-    "unpatch", "Overloaded", "Cancelled", "TimedOut", "Stream",
+    "unpatch", "Overloaded", "Cancelled", "TimedOut", "Stream", "Constraint", "ConstraintError",
+    "ConstraintLogitsProcessor",
 )
 
 

@@ -27,6 +27,7 @@ from specdec.api.validation import (
     check_max_new_tokens,
     check_sampling_values,
 )
+from specdec.constrain import Constraint, TokenConstraint
 from specdec.step.request import DecodeRequest, SpecStats, check_tree_budget
 from specdec.step.sampling import NodeRule, PositionDraws, sampling_key
 from specdec.step.support import UnsupportedGeneration
@@ -58,6 +59,7 @@ def prepare_request(decoder: Engine, inputs, generation_config, logits_processor
     prompt = check_input_ids(source, decoder.vocab_size)
     attention_mask = kwargs.pop("attention_mask", None)
     attended = check_attention_mask(attention_mask, prompt.numel())
+    constraint = bound_constraint(kwargs.pop("constraint", None), tokenizer, decoder.logits_size)
     if kwargs.get("max_new_tokens") is not None:
         check_max_new_tokens(kwargs["max_new_tokens"])
     no_new_tokens = kwargs.get("max_new_tokens") == 0
@@ -107,8 +109,20 @@ def prepare_request(decoder: Engine, inputs, generation_config, logits_processor
         stop=_any_criterion(criteria) if criteria else None,
         keep_scores=bool(config.return_dict_in_generate and config.output_scores),
         keep_logits=bool(config.return_dict_in_generate and config.output_logits),
+        constraint=constraint,
         attended=attended,
     ), config
+
+
+def bound_constraint(constraint, tokenizer, vocab_size: int) -> TokenConstraint | None:
+    """``constraint=`` (a `specdec.Constraint`, an OpenAI ``response_format`` dict, or None) bound to
+    the model's tokenizer."""
+    if constraint is None:
+        return None
+    constraint = Constraint.from_response_format(constraint, "constraint")
+    if constraint is None:
+        return None
+    return TokenConstraint(constraint, tokenizer, vocab_size)
 
 
 def attended_tokens(model, prompt: torch.Tensor, attended: torch.Tensor | None, config) -> torch.Tensor | None:

@@ -65,9 +65,6 @@ def generate_batch(decoder, input_ids, generation_config, logits_processor, stop
         request, config = prepare_request(decoder, row[None], generation_config, logits_processor, stopping_criteria,
                                           prefix_allowed_tokens_fn, tree_budget, _row_seed(generator, b), tokenizer,
                                           row_kwargs)
-        if request.keep_scores or request.keep_logits:
-            raise UnsupportedGeneration("output_scores / output_logits with a batch of prompts are not supported: "
-                                        "pass the prompts one at a time")
         requests.append(request)
     results = decoder.decode_all(requests)
     decoder.last_stats = [result.stats for result in results]
@@ -82,4 +79,19 @@ def generate_batch(decoder, input_ids, generation_config, logits_processor, stop
     sequences = torch.cat([input_ids.to("cpu", torch.long), new], dim=1).to(device)  # [B, L + new]
     if not config.return_dict_in_generate:
         return sequences
-    return SpeculativeGenerateOutput(sequences=sequences, spec_stats=[result.stats for result in results])
+    return SpeculativeGenerateOutput(
+        sequences=sequences,
+        scores=per_step([result.scores for result in results], longest) if config.output_scores else None,
+        logits=per_step([result.logits for result in results], longest) if config.output_logits else None,
+        spec_stats=[result.stats for result in results])
+
+
+def per_step(rows: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
+    """transformers' layout of a batch's scores: one ``[B, V]`` tensor per new position; a row that
+    had already ended holds -inf there (transformers would hold the scores of its padding)."""
+    template = next(row[0] for row in rows if row)
+    out = []
+    for i in range(steps):
+        out.append(torch.stack([row[i] if i < len(row) else torch.full_like(template, float("-inf"))
+                                for row in rows]))
+    return tuple(out)

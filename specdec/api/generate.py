@@ -60,8 +60,12 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
             ``prefix_allowed_tokens_fn``, ``return_dict_in_generate``, ``output_scores``,
             ``output_logits``, ``attention_mask`` (0 marks padding, left or right, which is never
             attended to); plus specdec's ``tree_budget`` (draft
-            nodes per step; default: the scheduler chooses) and ``generator`` (a
-            ``torch.Generator`` or an int seed for repeatable sampling).
+            nodes per step; default: the scheduler chooses), ``generator`` (a
+            ``torch.Generator`` or an int seed for repeatable sampling) and ``constraint`` (structured
+            output: a `specdec.Constraint`, e.g. ``Constraint.json_schema(schema)``, or an OpenAI
+            ``response_format`` dict; needs ``tokenizer=`` unless the decoder has one; the
+            constraint masks the logits before every processor, as
+            `specdec.ConstraintLogitsProcessor` first in ``logits_processor`` would).
 
     Returns:
         ``[1, L + new]`` LongTensor, or with ``return_dict_in_generate=True`` a

@@ -19,8 +19,10 @@ import anyio.to_thread
 import torch
 
 from specdec.api.arguments import prepare_request
+from specdec.constrain import Constraint, ConstraintError
 from specdec.models.prompts import encode_chat
 from specdec.serving.limits import ServerLimits
+from specdec.serving.logprobs import LogprobText
 from specdec.serving.openai_api import APIError, ChatCompletionRequest, SamplingRequest
 from specdec.serving.text_stream import StreamedText
 from specdec.step.request import DecodeRequest
@@ -41,7 +43,32 @@ class Generation:
     stream: Stream
     output: StreamedText
     prompt_tokens: int
+    logprob_text: LogprobText | None = None  # set when the request asked for log-probabilities
     finish_reason: str | None = None
+    tokens_read: int = 0  # tokens the text so far was decoded from
+    logprobs_sent: int = 0  # tokens whose log-probabilities a stream chunk carried
+
+    def logprobs(self, chat: bool, final: bool) -> dict | None:
+        """The log-probabilities not sent yet, in the endpoint's shape (None when not asked for):
+        for the tokens whose text has been shown (``final``: every token the answer kept, the
+        end-of-sequence token excepted)."""
+        if self.logprob_text is None:
+            return None
+        tokens = list(self.stream.tokens[: self.tokens_read])
+        entries = self.stream.result.logprobs[: len(tokens)]
+        if self.output.stopped or not final:  # a stop string cut the text, or more may come
+            shown = self.output.text if final else self.output.text[: self.output.shown]
+            kept = self.logprob_text.tokens_within(tokens, len(shown))
+        else:
+            kept = len(tokens)
+        while kept and tokens[kept - 1] in self.request.eos_ids:
+            kept -= 1
+        start, self.logprobs_sent = self.logprobs_sent, max(self.logprobs_sent, kept)
+        new = entries[start:kept]
+        if chat:
+            return {"content": self.logprob_text.chat(new), "refusal": None}
+        offset = len(self.logprob_text.tokenizer.decode(tokens[:start], skip_special_tokens=True))
+        return self.logprob_text.completion(new, offset)
 
     def usage(self) -> dict:
         """OpenAI's ``usage`` counts."""
@@ -103,9 +130,10 @@ class Completions:
             stream = decoder.submit(request)
         except Overloaded as full:  # filled up while this one was prepared
             raise _busy(full.running, full.queued) from None
+        logprob_text = None if request.logprobs is None else LogprobText(decoder.tokenizer, decoder.logits_size)
         return Generation(id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), request=request,
                           stream=stream, output=StreamedText(decoder.tokenizer, body.stop_strings),
-                          prompt_tokens=prompt_len)
+                          prompt_tokens=prompt_len, logprob_text=logprob_text)
 
     # ------------------------------------------------------------------ on a worker thread
     def _prepare(self, decoder, body: SamplingRequest) -> tuple[DecodeRequest, int]:
@@ -136,10 +164,16 @@ class Completions:
             if decoder.model.generation_config.top_k is None:  # OpenAI samples with no top-k cut;
                 gen_kwargs["top_k"] = 0  # transformers' default would keep 50 (a model's own top_k stays)
         try:
+            if body.response_format is not None:
+                gen_kwargs["constraint"] = Constraint.from_response_format(body.response_format)
+        except ConstraintError as err:
+            raise APIError(400, f"response_format is not usable: {err}", param="response_format") from None
+        try:
             request, _ = prepare_request(decoder, torch.tensor(prompt, dtype=torch.long), None, None, None, None,
                                          None, body.seed, decoder.tokenizer, gen_kwargs)
         except (ValueError, TypeError) as err:
             raise APIError(400, str(err)) from None
+        request.logprobs = body.logprobs_count
         return request, len(prompt)
 
     def _max_new_tokens(self, decoder, body: SamplingRequest, prompt_len: int, prompt_field: str) -> int:
@@ -172,13 +206,16 @@ class Completions:
         stream, output = generation.stream, generation.output
         try:
             async for _ in stream:
-                piece = await anyio.to_thread.run_sync(output.update, list(stream.tokens))
+                tokens = list(stream.tokens)
+                piece = await anyio.to_thread.run_sync(output.update, tokens)
+                generation.tokens_read = len(tokens)
                 if piece:
                     yield piece
                 if output.stopped:
                     break
         finally:
             stream.close()
+        generation.tokens_read = len(stream.tokens)
         piece = await anyio.to_thread.run_sync(lambda: output.update(list(stream.tokens), final=True))
         tokens, request = stream.tokens, generation.request
         ended = output.stopped or len(tokens) < request.max_new_tokens or tokens[-1] in request.eos_ids

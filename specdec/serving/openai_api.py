@@ -7,12 +7,14 @@ OpenAI error shape (`error_body`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256  # characters of one stop string
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI bounds it
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI bounds it
 
 
 class APIError(Exception):
@@ -68,7 +70,9 @@ class ChatMessage(BaseModel):
 class SamplingRequest(BaseModel):
     """The fields both endpoints share. Unset sampling fields take OpenAI's defaults (temperature
     1, top_p 1); ``temperature=0`` decodes greedily. ``max_completion_tokens`` is the newer name of
-    ``max_tokens`` (it wins when both are given)."""
+    ``max_tokens`` (it wins when both are given). ``response_format`` constrains the output
+    (`specdec.Constraint.from_response_format`: text, json_object, json_schema; regex and grammar
+    as specdec's extensions)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -82,6 +86,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -121,12 +126,31 @@ class SamplingRequest(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    """``POST /v1/chat/completions``."""
+    """``POST /v1/chat/completions``. ``logprobs=True`` returns each token's log-probability, with
+    the ``top_logprobs`` most likely tokens' (0 to 20; needs ``logprobs``)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``. ``logprobs`` (0 to 5): each token's log-probability, with that many
+    most likely tokens'."""
 
     prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs

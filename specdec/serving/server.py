@@ -107,25 +107,28 @@ async def stream_events(generation: Generation, deltas: AsyncIterator[str], mode
     if include_usage:
         base["usage"] = None
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        return base | {"choices": [choice | {"logprobs": None, "finish_reason": finish_reason}]}
+        return base | {"choices": [choice | {"logprobs": logprobs, "finish_reason": finish_reason}]}
 
     try:
         if chat:
             yield sse(chunk("", role=True))
         async for piece in deltas:
-            yield sse(chunk(piece))
+            logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, False)
+            yield sse(chunk(piece, logprobs=logprobs))
     except Exception as err:
         yield sse(_failure(generation, err)[1])
         return
     finally:
         await deltas.aclose()
-    yield sse(chunk(None, generation.finish_reason) | {"specdec": generation.spec_stats()})
+    logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True)
+    yield sse(chunk(None, generation.finish_reason, logprobs=logprobs) | {"specdec": generation.spec_stats()})
     if include_usage:
         yield sse(base | {"choices": [], "usage": generation.usage()})
     yield "data: [DONE]\n\n"
@@ -192,7 +195,9 @@ def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_l
     Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``),
     ``GET /v1/models``, ``GET /health`` (``{"status", "model", "running", "queued"}``; 503 while the
     model loads) and ``GET /metrics`` (Prometheus; neither needs the key). Responses carry
-    OpenAI's fields plus ``specdec`` (the generation's `SpecStats` figures).
+    OpenAI's fields plus ``specdec`` (the generation's `SpecStats` figures). ``response_format``
+    constrains a request's output and ``logprobs`` / ``top_logprobs`` return log-probabilities
+    (taken from the model's raw logits), streamed or not, in batches with any other requests.
 
     Args:
         decoder: a `specdec.SpeculativeDecoder` built with a tokenizer, or None to answer 503 until
@@ -237,9 +242,10 @@ def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_l
         text = generation.output.text
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0,
                                                                                                  "text": text}
+        logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True)
         return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
                 "created": generation.created, "model": model_name,
-                "choices": [choice | {"logprobs": None, "finish_reason": generation.finish_reason}],
+                "choices": [choice | {"logprobs": logprobs, "finish_reason": generation.finish_reason}],
                 "usage": generation.usage(), "specdec": generation.spec_stats()}
 
     @v1.post("/chat/completions")

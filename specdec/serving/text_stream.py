@@ -70,6 +70,11 @@ class StreamedText:
         """The text not shown yet, once generation has ended."""
         return self._show(len(self.text))
 
+    @property
+    def shown(self) -> int:
+        """Characters of ``text`` returned so far."""
+        return self._shown
+
     def _show(self, end: int) -> str:
         if end <= self._shown:
             return ""

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from specdec.step.accept import Outcome
+from specdec.step.request import TokenLogprob
 from specdec.step.sequence import Sequence
 
 
@@ -47,4 +48,24 @@ def emit(seq: Sequence, outcome: Outcome, logits: torch.Tensor, scores: torch.Te
         result.scores.extend(scores.float()[chose].unbind())
     if request.keep_logits:
         result.logits.extend(logits.float()[chose].unbind())
+    if request.logprobs is not None and emitted:
+        result.logprobs.extend(token_logprobs(logits if request.logprobs_mode == "raw" else scores, chose,
+                                              emitted, request.logprobs))
     return emitted, finished
+
+
+def token_logprobs(scores: torch.Tensor, chose: torch.Tensor, emitted: list[int], top: int) -> list[TokenLogprob]:
+    """The log-probability of each of ``emitted`` under the softmax of its slot's ``scores``
+    (``[n+1, V]``; ``chose [e]`` the slots, device), with the ``top`` most likely tokens' (tokens
+    a mask removed are left out of ``top``). One read of ``[e, 1 + 2 top]`` numbers."""
+    logprobs = torch.log_softmax(scores.float()[chose], dim=-1)  # [e, V]
+    tokens = torch.tensor(emitted, dtype=torch.long, device=logprobs.device)[:, None]  # host-built
+    chosen = logprobs.gather(1, tokens)  # [e, 1]
+    best = logprobs.topk(top, dim=-1) if top else None
+    packed = chosen if best is None else torch.cat([chosen, best.values, best.indices.to(chosen.dtype)], dim=1)
+    rows = packed.cpu().tolist()
+    out = []
+    for token, row in zip(emitted, rows):
+        pairs = [(int(i), v) for v, i in zip(row[1 : 1 + top], row[1 + top :]) if v != float("-inf")]
+        out.append(TokenLogprob(token, row[0], pairs))
+    return out

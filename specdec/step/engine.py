@@ -97,6 +97,8 @@ class Engine:
         self.scheduler = scheduler if scheduler is not None else Scheduler()
         members = self.drafter.members if isinstance(self.drafter, HybridDrafter) else [self.drafter]
         self.source_names = {m.source_id: m.name for m in members}
+        self.grammar_source = max(self.source_names) + 1  # the nodes a constraint forces
+        self.source_names[self.grammar_source] = "grammar"
         self.sharded = distributed.is_sharded(model)  # tensor parallel: ranks must verify the same nodes
         self.clock = clock
         self.position_limit = position_limit(model)

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specdec.constrain.matcher import TokenConstraint
 from specdec.step.sampling import NodeRule, PositionDraws
 
 # A fixed ``tree_budget`` bypasses the scheduler, so it is bounded only by what one verify forward
 # and its masks hold comfortably; the scheduler's own sizes end where its cost curve is measured
 # (`specdec.schedule.costs.SIZE_BUCKETS`, 64 nodes).
 MAX_TREE_BUDGET = 512
+MAX_TOP_LOGPROBS = 20
+LOGPROBS_MODES = ("raw", "processed")
 
 
 def check_tree_budget(tree_budget) -> int:
@@ -112,6 +115,14 @@ class DecodeRequest:
             boundary (its stream raises `specdec.step.stream.TimedOut`); None: no limit.
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` (on the
             model's device) that chose each new token (``output_scores`` / ``output_logits``).
+        constraint: the output constraint every token must satisfy (`specdec.constrain.TokenConstraint`:
+            checked at every tree node given its own path; the tokens it forces are drafted);
+            ``None``: unconstrained.
+        logprobs: collect, for every new token, its log-probability and the ``logprobs`` most likely
+            tokens' (`TokenLogprob`); ``None``: none.
+        logprobs_mode: ``"raw"``: from the target's logits as the model computed them (before the
+            constraint, processors and temperature); ``"processed"``: from the scores the token was
+            chosen from (after all of them).
         kv: a `KVState` to reuse and update (conversations); ``None`` = a fresh cache.
         attended: ``[L]`` bool, which prompt tokens the model attends to (transformers' attention
             mask; ``None`` = all). Masked tokens never reach the model, and later positions count
@@ -129,15 +140,29 @@ class DecodeRequest:
     timeout: float | None = None
     keep_scores: bool = False
     keep_logits: bool = False
+    constraint: TokenConstraint | None = None
+    logprobs: int | None = None
+    logprobs_mode: str = "raw"
     kv: KVState | None = None
     attended: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One new token's log-probability and the most likely tokens' at its position (host numbers)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
 @dataclass
 class DecodeResult:
-    """New tokens, statistics, and (when asked) the per-token scores and logits (float32 ``[V]``)."""
+    """New tokens, statistics, and (when asked) the per-token scores and logits (float32 ``[V]``)
+    and log-probabilities."""
 
     tokens: list[int]
     stats: SpecStats
     scores: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)

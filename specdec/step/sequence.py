@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specdec.constrain.matcher import RowMatcher
 from specdec.step.request import DecodeRequest, DecodeResult
 from specdec.step.stream import Outbox, Ticket
 
@@ -54,12 +55,15 @@ class Sequence:
     first_tokens: float | None = None  # time.monotonic() when its first tokens were emitted
     finished: bool = False
     consistent: bool = True  # False after a failure inside a forward of its row
+    matcher: RowMatcher | None = None  # its constraint's state after its committed new tokens
 
     def __post_init__(self) -> None:
         prompt = self.request.prompt
         self.history = np.empty(prompt.numel() + self.request.max_new_tokens + 1, dtype=np.int64)
         self.history[: prompt.numel()] = prompt.numpy()
         self.n_committed = prompt.numel()
+        if self.request.constraint is not None:
+            self.matcher = self.request.constraint.start()
 
     @property
     def root(self) -> int:
@@ -75,12 +79,15 @@ class Sequence:
         return len(self.seen) - 1 + self.request.max_new_tokens
 
     def advance(self, emitted: list[int], block: torch.Tensor) -> None:
-        """Commit ``emitted`` (host) whose device copy is ``block`` (``[len(emitted)]``)."""
+        """Commit ``emitted`` (host) whose device copy is ``block`` (``[len(emitted)]``); its
+        constraint's matcher consumes them last."""
         end = self.n_committed + len(emitted)
         self.history[self.n_committed : end] = emitted
         self.history_device[self.n_committed : end] = block
         self.n_committed = end
         self.seen.extend(emitted)
+        if self.matcher is not None:
+            self.matcher.advance(emitted)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from drafters import DraftContext, DraftSampling, HybridDrafter, VerifyFeedback
+from specdec.constrain.matcher import unpack_masks
 from specdec.device.reductions import row_argmax, row_topk_ids
 from specdec.device.tree import BatchTree, RowTree, upload_rows
 from specdec.models import distributed
@@ -32,6 +33,7 @@ from specdec.step.verify import verify_rows
 from trees import TokenTree
 
 Stepped = dict  # Sequence -> its new tokens (list[int]) or its failure (an exception)
+FORCED_LIMIT = 16  # grammar-forced draft nodes a constrained row's tree may gain per step
 
 
 class Step:
@@ -41,6 +43,7 @@ class Step:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.choosing = False  # whether this step's drafters were the scheduler's choice
+        self.masks: dict[Sequence, np.ndarray] = {}  # constrained rows: their slots' packed token masks
 
     @torch.inference_mode()
     def __call__(self, sequences: list[Sequence]) -> Stepped:
@@ -85,7 +88,8 @@ class Step:
     def propose(self, sequences: list[Sequence], out: Stepped) -> dict[Sequence, TokenTree]:
         """Each sequence's tree: its fixed budget's, or the scheduler's choice for the scheduled
         ones together (one node count for the batch, from the cost of forwards of this many rows),
-        drafted by the drafters the scheduler runs this step."""
+        drafted by the drafters the scheduler runs this step; a constrained row's slots' token
+        masks go to ``self.masks``."""
         engine, trees = self.engine, {}
         scheduled = [seq for seq in sequences if seq.request.tree_budget is None]
         with self.chosen_drafters(bool(scheduled)):
@@ -101,6 +105,14 @@ class Step:
             if engine.sharded:  # timings are rank-local: every rank verifies rank 0's choice
                 chosen = distributed.agree_on_selections(chosen)
             trees.update(zip(scheduled, chosen))
+        self.masks = {}
+        for seq in sequences:
+            if seq.matcher is not None and seq in trees:
+                try:
+                    self.masks[seq] = seq.matcher.masks(trees[seq])  # [n+1, W] int32, host
+                except Exception as err:  # this row alone fails
+                    del trees[seq]
+                    out[seq] = err
         return trees
 
     @contextlib.contextmanager
@@ -124,7 +136,8 @@ class Step:
     def draft(self, seq: Sequence) -> TokenTree:
         """The drafter's tree for ``seq`` (its fixed budget, or the scheduler's draft budget),
         checked against the vocabulary and cut to the model's learned positions (a node at depth
-        d sits at position ``context_len + d``)."""
+        d sits at position ``context_len + d``). Under a constraint, nodes it forbids are dropped
+        and the tokens it forces are added (the grammar drafter: `RowMatcher.shape`)."""
         engine, request = self.engine, seq.request
         context_len = engine.cache.lengths[seq.slot]
         limit = engine.position_limit
@@ -133,10 +146,13 @@ class Step:
                              "positions: prompt + max_new_tokens is too long for this model")
         budget = request.tree_budget
         ask = engine.scheduler.draft_budget() if budget is None else budget
-        sampling = None if request.draws is None else DraftSampling(request.rule.draft_warp(),
-                                                                    request.draws.draft_seed(seq.n_committed))
+        sampling = None  # a constrained row's trees are not drawn: the constraint prunes and extends them
+        if request.draws is not None and seq.matcher is None:
+            sampling = DraftSampling(request.rule.draft_warp(), request.draws.draft_seed(seq.n_committed))
         ctx = DraftContext(seq.history[: seq.n_committed], seq.sequence_id, seq.prompt_len, sampling)
         tree = engine.drafter.propose(ctx, ask) if ask else TokenTree.empty()
+        if seq.matcher is not None:  # the constraint's own nodes, and none it forbids
+            tree = seq.matcher.shape(tree, engine.grammar_source, FORCED_LIMIT)
         if len(tree) and int(tree.tokens.max()) >= engine.vocab_size:  # host-born tree: no device read
             raise ValueError(f"drafter {engine.drafter.name!r} proposed token id {int(tree.tokens.max())}, outside "
                              f"the model's vocabulary [0, {engine.vocab_size})")
@@ -168,10 +184,12 @@ class Step:
         """Every row's accepted path on the device: one argmax and one vectorised walk for all plain
         greedy rows; every other row through its rule's own acceptance (processors on its slots,
         then the argmax, the delta rule, or rejection sampling for a tree that carries draws).
+        A constrained row's logits are masked first (-inf where its slot's state forbids a token).
         Returns (``Accepted`` with ``[B, D]`` paths and blocks and ``[B]`` counts, each row's
         scores ``[n+1, V]``)."""
         n_rows, queries = batch.tokens.shape
-        plain = [seq for seq in rows if not seq.request.rule.processors and not seq.request.rule.do_sample]
+        plain = [seq for seq in rows if not seq.request.rule.processors and not seq.request.rule.do_sample
+                 and seq.matcher is None]
         if plain:
             choices = row_argmax(logits.flatten(0, 1)).view(n_rows, queries)
             accepted = accept_rows(batch.tokens, batch.parent_slots, batch.candidates, batch.ancestors,
@@ -190,6 +208,10 @@ class Step:
                 continue
             try:
                 rule = seq.request.rule
+                if seq in self.masks:  # the constraint first, on the logits as computed
+                    allowed = unpack_masks(torch.from_numpy(self.masks[seq]).to(row_logits.device),
+                                           row_logits.shape[-1])  # [n+1, V] bool
+                    row_logits = row_logits.masked_fill(~allowed, float("-inf"))
                 scores[seq] = rule.scores(row_logits, tree, seq.history_device[: seq.n_committed])
                 row = rule.accept(tree, scores[seq])
             except Exception as err:  # a processor of this row failed
@@ -235,7 +257,11 @@ class Step:
             if not isinstance(err, Exception):
                 raise
             return
-        seq.advance(new, accepted.block[seq.slot, : len(new)])
+        try:
+            seq.advance(new, accepted.block[seq.slot, : len(new)])
+        except Exception as err:  # its constraint refused a committed token
+            out[seq] = err
+            return
         out[seq] = new
 
     def observe(self, rows: list[Sequence], trees: dict, outcomes: list, paths: torch.Tensor, out: Stepped) -> None:
