@@ -348,7 +348,7 @@ SCHEMA_QUESTIONS: list[SchemaQuestion] = [
             {
                 "sensor_id": _pattern(CODE_PATTERN),
                 "value": {"anyOf": [_number(), _enum("offline", "error")]},
-                "location": _object({"lat": _number(-90, 90), "lon": _number(-180, 180)}),
+                "location": _object({"lat": _integer(-90, 90), "lon": _integer(-180, 180)}),  # a free number may run on
                 "battery_ok": _boolean(),
             }
         ),
