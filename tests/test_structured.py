@@ -129,6 +129,58 @@ def test_constrained_greedy_equals_generate_with_the_processor(tiny, kind, draft
         assert out[0, ids.shape[1]:].tolist() == expected, (kind, text)
 
 
+@pytest.mark.parametrize("pattern", [r"[0-9]+", r"(ab|a)+b?"])
+def test_grammars_that_may_end_or_go_on_equal_the_reference(tiny, pattern):
+    """After an EOS that does not end the generation (``eos_token_id`` set elsewhere), both paths
+    allow only EOS again; a grammar that may end or continue decides by the model's choice."""
+    model, tokenizer = tiny
+    constraint = Constraint.regex(pattern)
+    for text, eos in (("digits", 2), ("more", 7)):
+        ids = prompt_ids(tokenizer, text)
+        expected = hf_constrained(model, tokenizer, ids, constraint, 30, do_sample=False, eos_token_id=eos)
+        out = specdec.generate(model, ids, drafter="recycling+ngram", tree_budget=6, constraint=constraint,
+                               tokenizer=tokenizer, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+        assert out[0, ids.shape[1]:].tolist() == expected
+
+
+def test_the_processor_given_to_specdec_is_the_constraint_at_its_place(tiny):
+    """`ConstraintLogitsProcessor` in ``logits_processor`` (as for plain ``model.generate``): specdec
+    checks tree nodes against it along their own paths, after transformers' built-in processors
+    (here a repetition penalty) exactly where HF applies it; with ``constraint=`` too it is refused."""
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, "penalised")
+    constraint = Constraint.json_schema(SMALL_SCHEMA)
+    expected = hf_constrained(model, tokenizer, ids, constraint, 40, do_sample=False, repetition_penalty=1.5)
+    for given in ({"logits_processor": [ConstraintLogitsProcessor(constraint, tokenizer)]},
+                  {"constraint": constraint}):
+        out = specdec.generate(model, ids, drafter="recycling+ngram", tree_budget=6, tokenizer=tokenizer,
+                               max_new_tokens=40, repetition_penalty=1.5, pad_token_id=0, **given)
+        assert out[0, ids.shape[1]:].tolist() == expected
+    with pytest.raises(ValueError, match="one constraint"):
+        specdec.generate(model, ids, tokenizer=tokenizer, max_new_tokens=4, constraint=constraint,
+                         logits_processor=[ConstraintLogitsProcessor(constraint, tokenizer)])
+
+
+def test_logprob_requests_are_checked(tiny):
+    model, tokenizer = tiny
+    decoder = SpeculativeDecoder(model, tokenizer, drafter="ngram")
+    prompt = prompt_ids(tokenizer)[0]
+    for options, match in (({"logprobs": -1}, "logprobs"), ({"logprobs": 10**6}, "logprobs"),
+                           ({"logprobs": 2, "logprobs_mode": "cooked"}, "logprobs_mode")):
+        with pytest.raises(ValueError, match=match):
+            decoder.submit(DecodeRequest(prompt=prompt, max_new_tokens=4, **options))
+    raw = decoder.decode(DecodeRequest(prompt=prompt, max_new_tokens=6, logprobs=3, tree_budget=4,
+                                       constraint=bound_constraint(Constraint.regex("[a-c]+"), tokenizer, 259)))
+    processed = decoder.decode(DecodeRequest(prompt=prompt, max_new_tokens=6, logprobs=3, logprobs_mode="processed",
+                                             tree_budget=4,
+                                             constraint=bound_constraint(Constraint.regex("[a-c]+"), tokenizer, 259)))
+    assert raw.tokens == processed.tokens and len(raw.logprobs) == len(raw.tokens)
+    allowed = set(tokenizer("abc", add_special_tokens=False)["input_ids"]) | {2}
+    for r, p in zip(raw.logprobs, processed.logprobs):
+        assert p.logprob >= r.logprob  # renormalised over the allowed tokens
+        assert {token for token, _ in p.top} <= allowed and len(r.top) == 3
+
+
 def test_forced_tokens_are_drafted_and_accepted(tiny):
     """With only the n-gram drafter (which finds little in a random model's text), the grammar's own
     nodes make steps of several tokens: the JSON keys and separators the schema forces."""
@@ -175,6 +227,8 @@ def test_batched_generate_returns_scores_and_logits_for_every_row(tiny):
     for a, b in itertools.chain(zip(ours.scores, theirs.scores), zip(ours.logits, theirs.logits)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    none = specdec.generate(model, batch, **(options | {"max_new_tokens": 0}))
+    assert none.scores == () and none.logits == ()
 
 
 # ---------------------------------------------------------------- sampling keeps the constrained distribution

@@ -27,9 +27,9 @@ from specdec.api.validation import (
     check_max_new_tokens,
     check_sampling_values,
 )
-from specdec.constrain import Constraint, TokenConstraint
+from specdec.constrain import Constraint, ConstraintLogitsProcessor, TokenConstraint
 from specdec.step.request import DecodeRequest, SpecStats, check_tree_budget
-from specdec.step.sampling import NodeRule, PositionDraws, sampling_key
+from specdec.step.sampling import ConstraintMask, NodeRule, PositionDraws, sampling_key
 from specdec.step.support import UnsupportedGeneration
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ def prepare_request(decoder: Engine, inputs, generation_config, logits_processor
     prompt = check_input_ids(source, decoder.vocab_size)
     attention_mask = kwargs.pop("attention_mask", None)
     attended = check_attention_mask(attention_mask, prompt.numel())
-    constraint = bound_constraint(kwargs.pop("constraint", None), tokenizer, decoder.logits_size)
+    processors, constraint = constraint_position(list(logits_processor or []), kwargs.pop("constraint", None))
+    constraint = bound_constraint(constraint, tokenizer, decoder.logits_size)
     if kwargs.get("max_new_tokens") is not None:
         check_max_new_tokens(kwargs["max_new_tokens"])
     no_new_tokens = kwargs.get("max_new_tokens") == 0
@@ -94,7 +95,7 @@ def prepare_request(decoder: Engine, inputs, generation_config, logits_processor
 
     processors = model._get_logits_processor(
         generation_config=config, input_ids_seq_length=prompt_len, encoder_input_ids=prompt[None],
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, logits_processor=logits_processor or LogitsProcessorList(),
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, logits_processor=LogitsProcessorList(processors),
         device=model.device, model_kwargs={},
     )
     criteria = [c for c in model._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
@@ -114,15 +115,31 @@ def prepare_request(decoder: Engine, inputs, generation_config, logits_processor
     ), config
 
 
+def constraint_position(processors: list, constraint) -> tuple[list, object]:
+    """The request's ``logits_processor`` list with its constraint's `ConstraintMask` where the
+    constraint applies, and the constraint: ``constraint=`` masks first among the given processors;
+    a `specdec.ConstraintLogitsProcessor` among them is replaced by the mask at its own place (the
+    engine checks every tree node against it along the node's own path)."""
+    if constraint is not None:
+        constraint = Constraint.from_response_format(constraint, "constraint")  # None: {"type": "text"}
+    given = [i for i, processor in enumerate(processors) if isinstance(processor, ConstraintLogitsProcessor)]
+    if len(given) + (constraint is not None) > 1:
+        raise ValueError("one constraint per generation: pass constraint= or one ConstraintLogitsProcessor in "
+                         "logits_processor, not both")
+    if given:
+        constraint = processors[given[0]].constraint
+        processors[given[0]] = ConstraintMask()
+    elif constraint is not None:
+        processors.insert(0, ConstraintMask())
+    return processors, constraint
+
+
 def bound_constraint(constraint, tokenizer, vocab_size: int) -> TokenConstraint | None:
     """``constraint=`` (a `specdec.Constraint`, an OpenAI ``response_format`` dict, or None) bound to
     the model's tokenizer."""
-    if constraint is None:
-        return None
-    constraint = Constraint.from_response_format(constraint, "constraint")
-    if constraint is None:
-        return None
-    return TokenConstraint(constraint, tokenizer, vocab_size)
+    if constraint is not None:
+        constraint = Constraint.from_response_format(constraint, "constraint")
+    return None if constraint is None else TokenConstraint(constraint, tokenizer, vocab_size)
 
 
 def attended_tokens(model, prompt: torch.Tensor, attended: torch.Tensor | None, config) -> torch.Tensor | None:

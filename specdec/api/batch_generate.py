@@ -89,6 +89,8 @@ def generate_batch(decoder, input_ids, generation_config, logits_processor, stop
 def per_step(rows: list[list[torch.Tensor]], steps: int) -> tuple[torch.Tensor, ...]:
     """transformers' layout of a batch's scores: one ``[B, V]`` tensor per new position; a row that
     had already ended holds -inf there (transformers would hold the scores of its padding)."""
+    if not steps:
+        return ()
     template = next(row[0] for row in rows if row)
     out = []
     for i in range(steps):

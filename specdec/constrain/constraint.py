@@ -14,6 +14,7 @@ maintained by Microsoft's guidance team and used by vLLM, SGLang and llama.cpp.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class Constraint:
     @classmethod
     def json_object(cls, argument: str = "constraint") -> Constraint:
         """Output that is any JSON object (OpenAI's ``{"type": "json_object"}``)."""
-        return cls.json_schema({"type": "object"}, argument)._replace(kind="json_object", source="")
+        return dataclasses.replace(cls.json_schema({"type": "object"}, argument), kind="json_object", source="")
 
     @classmethod
     def regex(cls, pattern: str, argument: str = "constraint") -> Constraint:
@@ -116,9 +117,6 @@ class Constraint:
             return cls.grammar(response_format.get("grammar"), f"{argument}.grammar")
         raise ConstraintError(f"{argument}.type",
                               f"unknown type {kind!r}: use one of 'text', {', '.join(map(repr, KINDS))}")
-
-    def _replace(self, **changes) -> Constraint:
-        return Constraint(**{"kind": self.kind, "source": self.source, "grammar": self.grammar} | changes)
 
 
 def _check_size(argument: str, text: str) -> None:

@@ -17,7 +17,7 @@ import llguidance.hf
 import numpy as np
 import torch
 
-from specdec.constrain.constraint import Constraint
+from specdec.constrain.constraint import Constraint, ConstraintError
 from trees import TokenTree
 
 _tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF tokenizer -> {vocab size: LLTokenizer}
@@ -66,11 +66,19 @@ class TokenConstraint:
     def __init__(self, constraint: Constraint, tokenizer, vocab_size: int) -> None:
         self.constraint = constraint
         self.tokenizer = grammar_tokenizer(tokenizer, vocab_size)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(constraint.grammar, self.tokenizer)
+        if failed:
+            raise ConstraintError("constraint", f"not usable with this tokenizer: {messages[0]}")
         self.vocab_size = vocab_size
         self.eos_id = int(tokenizer.eos_token_id)
+        self._ready: RowMatcher | None = self._matcher()  # built here, where the request is prepared
 
     def start(self) -> RowMatcher:
-        """A matcher at the start of the output."""
+        """A matcher at the start of the output (the first one was built with the constraint)."""
+        matcher, self._ready = self._ready, None
+        return matcher if matcher is not None else self._matcher()
+
+    def _matcher(self) -> RowMatcher:
         return RowMatcher(self.constraint, self.tokenizer, self.vocab_size, self.eos_id)
 
 
@@ -111,10 +119,18 @@ class RowMatcher:
                 raise RuntimeError(f"constraint rejected committed token {token}: {self.matcher.get_error()}")
 
     def fill_mask(self, row: np.ndarray) -> None:
-        """Write the mask of the matcher's current state into ``row`` (``[W]`` int32, C-contiguous)."""
+        """Write the mask of the matcher's current state into ``row`` (``[W]`` int32, C-contiguous):
+        after an EOS (when EOS does not end the generation) and at a dead end, EOS alone."""
+        if self.ended:
+            self.eos_only(row)
+            return
         self.matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
         if not row.any():
-            row.view(np.uint32)[self.eos_id // 32] |= np.uint32(1 << (self.eos_id % 32))
+            self.eos_only(row)
+
+    def eos_only(self, row: np.ndarray) -> None:
+        row[:] = 0
+        row.view(np.uint32)[self.eos_id // 32] = np.uint32(1 << (self.eos_id % 32))
 
     # ------------------------------------------------------------------ trees
     def shape(self, tree: TokenTree, source: int, limit: int) -> TokenTree:
@@ -128,17 +144,18 @@ class RowMatcher:
         children = tree.children()
         keep = np.zeros(len(tree), dtype=bool)
         forced: list[tuple[int, list[int], float]] = []  # (parent node_idx, chain, score)
-        room = [limit]
+        room = limit
 
         def visit(slot: int, score: float) -> None:  # the matcher stands at ``slot``'s state
-            chain = self.forced_tokens(room[0])
+            nonlocal room
+            chain = self.forced_tokens(room)
             if chain and not any(tokens[child] == chain[0] for child in children[slot]):
                 forced.append((slot - 1, chain, score))
-                room[0] -= len(chain)
+                room -= len(chain)
             for child in children[slot]:
                 if tokens[child] == self.eos_id:  # the output's end: nothing below it is kept
                     keep[child] = self.eos_allowed()
-                elif self.matcher.try_consume_tokens([tokens[child]]) == 1:
+                elif not self.ended and self.matcher.try_consume_tokens([tokens[child]]) == 1:
                     keep[child] = True
                     visit(child + 1, scores[child])
                     self.matcher.rollback(1)
@@ -149,7 +166,7 @@ class RowMatcher:
             return kept
         index = np.cumsum(keep) - 1  # old node_idx -> kept node_idx
         tokens, parents = kept.tokens.tolist(), kept.parents.tolist()
-        scores, sources = kept.scores.tolist(), kept.sources.tolist()
+        scores, sources, ranks = kept.scores.tolist(), kept.sources.tolist(), kept.ranks.tolist()
         for parent, chain, score in forced:
             parent_idx = -1 if parent < 0 else int(index[parent])
             for token in chain:
@@ -157,14 +174,15 @@ class RowMatcher:
                 parents.append(parent_idx)
                 scores.append(score)
                 sources.append(source)
+                ranks.append(0)  # the grammar's only candidate there
                 parent_idx = len(tokens) - 1
         return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(scores),
-                         torch.tensor(sources, dtype=torch.int8))
+                         torch.tensor(sources, dtype=torch.int8), torch.tensor(ranks))
 
     def eos_allowed(self) -> bool:
         """Whether the output may end at the matcher's state (the grammar is satisfied, or nothing
         else is allowed)."""
-        if self.matcher.is_accepting() or self.matcher.is_stopped():
+        if self.ended or self.matcher.is_accepting() or self.matcher.is_stopped():
             return True
         row = np.zeros(self.words, dtype=np.int32)
         self.fill_mask(row)
@@ -174,7 +192,7 @@ class RowMatcher:
         """Up to ``limit`` tokens the grammar forces from the matcher's state."""
         if limit <= 0:
             return []
-        if self.matcher.is_stopped():
+        if self.ended or self.matcher.is_stopped():
             return [self.eos_id]
         return self.matcher.compute_ff_tokens()[:limit]
 
@@ -187,8 +205,8 @@ class RowMatcher:
         def visit(slot: int) -> None:
             self.fill_mask(out[slot])
             for child in children[slot]:
-                if tokens[child] == self.eos_id:  # past the output's end only EOS again (never read: it ends there)
-                    out[child + 1].view(np.uint32)[self.eos_id // 32] = np.uint32(1 << (self.eos_id % 32))
+                if tokens[child] == self.eos_id:  # past the output's end: EOS alone
+                    self.eos_only(out[child + 1])
                     continue
                 if not self.matcher.consume_token(tokens[child]):
                     raise RuntimeError(f"constraint refused tree token {tokens[child]}: {self.matcher.get_error()}")

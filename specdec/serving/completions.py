@@ -46,29 +46,31 @@ class Generation:
     logprob_text: LogprobText | None = None  # set when the request asked for log-probabilities
     finish_reason: str | None = None
     tokens_read: int = 0  # tokens the text so far was decoded from
-    logprobs_sent: int = 0  # tokens whose log-probabilities a stream chunk carried
+    logprobs_sent: int = 0  # tokens whose log-probabilities a response or chunk carried
+    text_offset: int = 0  # characters of those tokens (completions' ``text_offset``)
 
-    def logprobs(self, chat: bool, final: bool) -> dict | None:
-        """The log-probabilities not sent yet, in the endpoint's shape (None when not asked for):
-        for the tokens whose text has been shown (``final``: every token the answer kept, the
-        end-of-sequence token excepted)."""
+    def logprobs(self, chat: bool, final: bool, streamed: bool) -> dict | None:
+        """The log-probabilities not sent yet, in the endpoint's shape (None when not asked for, or
+        when a stream chunk has none to carry). They cover the tokens read so far (the engine
+        records a token's log-probability before it hands the token over), cut where a stop string
+        cut the text; the end-of-sequence token gets none."""
         if self.logprob_text is None:
             return None
         tokens = list(self.stream.tokens[: self.tokens_read])
-        entries = self.stream.result.logprobs[: len(tokens)]
-        if self.output.stopped or not final:  # a stop string cut the text, or more may come
+        kept = len(tokens)
+        if self.output.stops:  # only text that is shown: never past a stop string
             shown = self.output.text if final else self.output.text[: self.output.shown]
             kept = self.logprob_text.tokens_within(tokens, len(shown))
-        else:
-            kept = len(tokens)
         while kept and tokens[kept - 1] in self.request.eos_ids:
             kept -= 1
-        start, self.logprobs_sent = self.logprobs_sent, max(self.logprobs_sent, kept)
-        new = entries[start:kept]
+        new = self.stream.result.logprobs[self.logprobs_sent : max(kept, self.logprobs_sent)]
+        self.logprobs_sent += len(new)
+        if not new and streamed:
+            return None
         if chat:
             return {"content": self.logprob_text.chat(new), "refusal": None}
-        offset = len(self.logprob_text.tokenizer.decode(tokens[:start], skip_special_tokens=True))
-        return self.logprob_text.completion(new, offset)
+        shape, self.text_offset = self.logprob_text.completion(new, self.text_offset)
+        return shape
 
     def usage(self) -> dict:
         """OpenAI's ``usage`` counts."""
@@ -124,20 +126,20 @@ class Completions:
         if not decoder.loop.room:  # refused at once, before templating and tokenising
             self.served.refused["queue_full"] += 1
             raise _busy(decoder.running, decoder.queued)
-        request, prompt_len = await anyio.to_thread.run_sync(self._prepare, decoder, body)
+        request, prompt_len, logprob_text = await anyio.to_thread.run_sync(self._prepare, decoder, body)
         request.timeout = max(self.limits.request_timeout - (time.monotonic() - arrived), 0.0)
         try:
             stream = decoder.submit(request)
         except Overloaded as full:  # filled up while this one was prepared
             raise _busy(full.running, full.queued) from None
-        logprob_text = None if request.logprobs is None else LogprobText(decoder.tokenizer, decoder.logits_size)
         return Generation(id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), request=request,
                           stream=stream, output=StreamedText(decoder.tokenizer, body.stop_strings),
                           prompt_tokens=prompt_len, logprob_text=logprob_text)
 
     # ------------------------------------------------------------------ on a worker thread
-    def _prepare(self, decoder, body: SamplingRequest) -> tuple[DecodeRequest, int]:
-        """The prompt's ids and the generation's `DecodeRequest`, every limit checked (400 naming the field)."""
+    def _prepare(self, decoder, body: SamplingRequest) -> tuple[DecodeRequest, int, LogprobText | None]:
+        """The generation's `DecodeRequest`, the prompt's length and (when log-probabilities are asked
+        for) their text view, every limit checked (400 naming the field)."""
         if isinstance(body, ChatCompletionRequest):
             if len(body.messages) > self.limits.max_messages:
                 raise APIError(400, f"messages holds {len(body.messages)} messages, above this server's limit of "
@@ -166,15 +168,15 @@ class Completions:
         try:
             if body.response_format is not None:
                 gen_kwargs["constraint"] = Constraint.from_response_format(body.response_format)
-        except ConstraintError as err:
-            raise APIError(400, f"response_format is not usable: {err}", param="response_format") from None
-        try:
             request, _ = prepare_request(decoder, torch.tensor(prompt, dtype=torch.long), None, None, None, None,
                                          None, body.seed, decoder.tokenizer, gen_kwargs)
+        except ConstraintError as err:  # the schema, or the grammar with this model's tokenizer
+            raise APIError(400, f"response_format is not usable: {err.reason}", param="response_format") from None
         except (ValueError, TypeError) as err:
             raise APIError(400, str(err)) from None
         request.logprobs = body.logprobs_count
-        return request, len(prompt)
+        logprob_text = None if request.logprobs is None else LogprobText(decoder.tokenizer, decoder.logits_size)
+        return request, len(prompt), logprob_text
 
     def _max_new_tokens(self, decoder, body: SamplingRequest, prompt_len: int, prompt_field: str) -> int:
         """The request's length limit (this server's limit when unset), checked against the limit and

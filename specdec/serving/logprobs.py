@@ -10,7 +10,7 @@ import math
 from specdec.constrain.matcher import grammar_tokenizer
 from specdec.step.request import TokenLogprob
 
-FLOOR = -9999.0  # JSON has no -inf: a token a constraint forbade is reported at this log-probability
+FLOOR = -9999.0  # JSON has no -inf: a token that processed scores rule out is reported at this log-probability
 
 
 def _finite(value: float) -> float:
@@ -30,6 +30,7 @@ class LogprobText:
         self.raw = grammar_tokenizer(tokenizer, vocab_size)
 
     def piece(self, token: int) -> tuple[str, list[int]]:
+        """A token's text (U+FFFD for a partial character) and its UTF-8 bytes."""
         data = self.raw.decode_bytes([token])
         return data.decode("utf-8", errors="replace"), list(data)
 
@@ -45,8 +46,9 @@ class LogprobText:
             out.append({"token": text, "logprob": _finite(entry.logprob), "bytes": data, "top_logprobs": top})
         return out
 
-    def completion(self, entries: list[TokenLogprob], offset: int) -> dict:
-        """Completions' ``logprobs`` object for ``entries``, whose text starts at character ``offset``."""
+    def completion(self, entries: list[TokenLogprob], offset: int) -> tuple[dict, int]:
+        """Completions' ``logprobs`` object for ``entries``, whose text starts at character ``offset``
+        (each token's offset counts the characters of the tokens before it), and the offset after them."""
         tokens, offsets, tops = [], [], []
         for entry in entries:
             text = self.piece(entry.token)[0]
@@ -55,7 +57,7 @@ class LogprobText:
             offset += len(text)
             tops.append({self.piece(token)[0]: _finite(logprob) for token, logprob in entry.top})
         return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
-                "text_offset": offsets}
+                "text_offset": offsets}, offset
 
     def tokens_within(self, tokens: list[int], length: int) -> int:
         """How many leading ``tokens`` decode to at most ``length`` characters (those whose text a

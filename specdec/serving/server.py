@@ -120,14 +120,14 @@ async def stream_events(generation: Generation, deltas: AsyncIterator[str], mode
         if chat:
             yield sse(chunk("", role=True))
         async for piece in deltas:
-            logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, False)
+            logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, False, True)
             yield sse(chunk(piece, logprobs=logprobs))
     except Exception as err:
         yield sse(_failure(generation, err)[1])
         return
     finally:
         await deltas.aclose()
-    logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True)
+    logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True, True)
     yield sse(chunk(None, generation.finish_reason, logprobs=logprobs) | {"specdec": generation.spec_stats()})
     if include_usage:
         yield sse(base | {"choices": [], "usage": generation.usage()})
@@ -242,7 +242,7 @@ def build_app(decoder, model_name: str, api_key: str | None = None, max_tokens_l
         text = generation.output.text
         choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0,
                                                                                                  "text": text}
-        logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True)
+        logprobs = await anyio.to_thread.run_sync(generation.logprobs, chat, True, False)
         return {"id": generation.id, "object": "chat.completion" if chat else "text_completion",
                 "created": generation.created, "model": model_name,
                 "choices": [choice | {"logprobs": logprobs, "finish_reason": generation.finish_reason}],

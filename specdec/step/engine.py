@@ -27,7 +27,7 @@ from specdec.step.features import FeatureTap
 from specdec.step.loop import Loop
 from specdec.step.metrics import EngineMetrics
 from specdec.step.per_model import compiled_forward, entry_for, forward_module
-from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_tree_budget
+from specdec.step.request import DecodeRequest, DecodeResult, SpecStats, check_logprobs, check_tree_budget
 from specdec.step.sequence import Sequence
 from specdec.step.stream import End, Outbox, Overloaded, Stream, Ticket
 from specdec.step.support import UnsupportedGeneration, support_for, vocab_size_of
@@ -229,6 +229,7 @@ class Engine:
             raise ValueError(f"the prompt ({len(seen)} tokens) plus max_new_tokens ({request.max_new_tokens}) would "
                              f"feed positions past the model's {limit} learned positions (transformers fails there "
                              "too): shorten one of them")
+        check_logprobs(request, self.logits_size)
         if self.sharded and (self.loop.running or self.loop.queued):
             raise UnsupportedGeneration("concurrent requests under tensor parallelism are not supported: every rank "
                                         "must run the same requests in the same order")

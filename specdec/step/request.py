@@ -14,8 +14,6 @@ from specdec.step.sampling import NodeRule, PositionDraws
 # and its masks hold comfortably; the scheduler's own sizes end where its cost curve is measured
 # (`specdec.schedule.costs.SIZE_BUCKETS`, 64 nodes).
 MAX_TREE_BUDGET = 512
-MAX_TOP_LOGPROBS = 20
-LOGPROBS_MODES = ("raw", "processed")
 
 
 def check_tree_budget(tree_budget) -> int:
@@ -24,6 +22,18 @@ def check_tree_budget(tree_budget) -> int:
     if not 0 <= tree_budget <= MAX_TREE_BUDGET:
         raise ValueError(f"tree_budget must be between 0 and {MAX_TREE_BUDGET}, got {tree_budget}")
     return tree_budget
+
+
+LOGPROBS_MODES = ("raw", "processed")
+
+
+def check_logprobs(request, vocab_size: int) -> None:
+    """A request's ``logprobs`` (None or an int from 0 to ``vocab_size``) and ``logprobs_mode``."""
+    count = request.logprobs
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= vocab_size):
+        raise ValueError(f"logprobs must be None or an int from 0 to {vocab_size}, got {count!r}")
+    if request.logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {request.logprobs_mode!r}")
 
 
 @dataclass
@@ -116,8 +126,9 @@ class DecodeRequest:
         keep_scores / keep_logits: collect the processed scores / raw logits ``[V]`` (on the
             model's device) that chose each new token (``output_scores`` / ``output_logits``).
         constraint: the output constraint every token must satisfy (`specdec.constrain.TokenConstraint`:
-            checked at every tree node given its own path; the tokens it forces are drafted);
-            ``None``: unconstrained.
+            checked at every tree node given its own path; the tokens it forces are drafted). Its
+            mask applies where ``rule.processors`` holds a `specdec.step.sampling.ConstraintMask`,
+            else before every processor. ``None``: unconstrained.
         logprobs: collect, for every new token, its log-probability and the ``logprobs`` most likely
             tokens' (`TokenLogprob`); ``None``: none.
         logprobs_mode: ``"raw"``: from the target's logits as the model computed them (before the

@@ -59,8 +59,18 @@ ROW_WISE = _classes(
 )
 
 
+class ConstraintMask:
+    """Where a request's output constraint masks the scores among its processors (the position
+    of a logits processor given first in ``logits_processor``: after transformers' built-in
+    processors, before temperature and the other warpers). The masks are the tree's own, one per
+    slot from the state after the slot's root path (`specdec.constrain.RowMatcher.masks`)."""
+
+
 def _call_mode(processor) -> str:
-    """How a processor can be batched over tree slots: "all", "depth" or "slot" (one call each)."""
+    """How a processor can be batched over tree slots: "all", "depth", "slot" (one call each) or
+    "mask" (the constraint's per-slot masks)."""
+    if isinstance(processor, ConstraintMask):
+        return "mask"
     if isinstance(processor, HISTORY_FREE):
         return "all"
     if isinstance(processor, ROW_WISE) and getattr(processor, "prompt_ignore_length", None) is None:
@@ -76,13 +86,18 @@ class NodeRule:
     processors: list = field(default_factory=list)
     do_sample: bool = False
 
-    def scores(self, logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor) -> torch.Tensor:
+    def scores(self, logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor,
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
         """``[n+1, V]`` scores the choice is made from: ``logits`` itself when no processor runs,
         else float32 processed scores, each slot with its own history (``history [L]`` on the
-        device, root last)."""
-        if not self.processors:
+        device, root last) and, at the `ConstraintMask`, its own constraint mask (``allowed
+        [n+1, V]`` bool on the device)."""
+        processors = self.processors
+        if allowed is not None and not any(isinstance(p, ConstraintMask) for p in processors):
+            processors = [ConstraintMask(), *processors]  # a request built without one: the mask first
+        if not processors:
             return logits
-        return processed_scores(logits, tree, history, self.processors)
+        return processed_scores(logits, tree, history, processors, allowed)
 
     def accept(self, tree: DeviceTree, scores: torch.Tensor) -> Accepted:
         """The accepted path: following the argmax (greedy), rejection sampling against the draft
@@ -235,12 +250,17 @@ def slot_histories(tree: DeviceTree, history: torch.Tensor) -> list[tuple[torch.
     return groups
 
 
-def processed_scores(logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor, processors) -> torch.Tensor:
-    """``[n+1, V]`` float32 scores at every slot after ``processors``, each slot with its own history."""
+def processed_scores(logits: torch.Tensor, tree: DeviceTree, history: torch.Tensor, processors,
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """``[n+1, V]`` float32 scores at every slot after ``processors``, each slot with its own history
+    (and its own ``allowed`` tokens at a `ConstraintMask`)."""
     scores = logits.to(torch.float32, copy=True)
     groups = None
     for processor in processors:
         mode = _call_mode(processor)
+        if mode == "mask":
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            continue
         if mode == "all":
             scores = processor(history[None].expand(scores.shape[0], -1), scores)
             continue

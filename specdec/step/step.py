@@ -184,8 +184,8 @@ class Step:
         """Every row's accepted path on the device: one argmax and one vectorised walk for all plain
         greedy rows; every other row through its rule's own acceptance (processors on its slots,
         then the argmax, the delta rule, or rejection sampling for a tree that carries draws).
-        A constrained row's logits are masked first (-inf where its slot's state forbids a token).
-        Returns (``Accepted`` with ``[B, D]`` paths and blocks and ``[B]`` counts, each row's
+        A constrained row's scores are masked (-inf where its slot's state forbids a token) at its
+        rule's `ConstraintMask`. Returns (``Accepted`` with ``[B, D]`` paths and blocks and ``[B]`` counts, each row's
         scores ``[n+1, V]``)."""
         n_rows, queries = batch.tokens.shape
         plain = [seq for seq in rows if not seq.request.rule.processors and not seq.request.rule.do_sample
@@ -208,11 +208,11 @@ class Step:
                 continue
             try:
                 rule = seq.request.rule
-                if seq in self.masks:  # the constraint first, on the logits as computed
+                allowed = None
+                if seq in self.masks:  # host -> device: the constrained row's [n+1, W] packed masks
                     allowed = unpack_masks(torch.from_numpy(self.masks[seq]).to(row_logits.device),
                                            row_logits.shape[-1])  # [n+1, V] bool
-                    row_logits = row_logits.masked_fill(~allowed, float("-inf"))
-                scores[seq] = rule.scores(row_logits, tree, seq.history_device[: seq.n_committed])
+                scores[seq] = rule.scores(row_logits, tree, seq.history_device[: seq.n_committed], allowed)
                 row = rule.accept(tree, scores[seq])
             except Exception as err:  # a processor of this row failed
                 out[seq] = err
