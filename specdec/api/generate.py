@@ -63,9 +63,9 @@ def generate(model, inputs=None, *args, drafter: str | Drafter = "auto", draft_m
             nodes per step; default: the scheduler chooses), ``generator`` (a
             ``torch.Generator`` or an int seed for repeatable sampling) and ``constraint`` (structured
             output: a `specdec.Constraint`, e.g. ``Constraint.json_schema(schema)``, or an OpenAI
-            ``response_format`` dict; needs ``tokenizer=`` unless the decoder has one; the
-            constraint masks the logits before every processor, as
-            `specdec.ConstraintLogitsProcessor` first in ``logits_processor`` would).
+            ``response_format`` dict; needs ``tokenizer=`` unless the decoder has one; it masks
+            where `specdec.ConstraintLogitsProcessor` first in ``logits_processor`` would: after
+            transformers' built-in processors, before temperature, top-k and top-p).
 
     Returns:
         ``[1, L + new]`` LongTensor, or with ``return_dict_in_generate=True`` a

@@ -185,8 +185,8 @@ class Step:
         greedy rows; every other row through its rule's own acceptance (processors on its slots,
         then the argmax, the delta rule, or rejection sampling for a tree that carries draws).
         A constrained row's scores are masked (-inf where its slot's state forbids a token) at its
-        rule's `ConstraintMask`. Returns (``Accepted`` with ``[B, D]`` paths and blocks and ``[B]`` counts, each row's
-        scores ``[n+1, V]``)."""
+        rule's `ConstraintMask`. Returns (``Accepted`` with ``[B, D]`` paths and blocks and ``[B]``
+        counts, each row's scores ``[n+1, V]``)."""
         n_rows, queries = batch.tokens.shape
         plain = [seq for seq in rows if not seq.request.rule.processors and not seq.request.rule.do_sample
                  and seq.matcher is None]
